@@ -1,0 +1,448 @@
+"""Emit the Triton source of one attention site's kernels, with its score program inlined.
+
+    emit(program) -> source text of four kernels:
+      _attn_fwd        O = softmax(f(Q Kᵀ)) V, saves LSE                 grid (Nq/BM, B·H)
+      _attn_bwd_delta  Δ = rowsum(dO ∘ O)                                grid (Nq/BM, B·H)
+      _attn_bwd_dkdv   dK, dV: holds a K/V block, streams Q blocks       grid (Nk/BN, B·Hk)
+      _attn_bwd_dq     dQ: holds a Q block, streams K/V blocks           grid (Nq/BM, B·H)
+
+FLOPs: fwd 4·Nq·Nk·D per head; bwd 2.5× fwd (dV, dP, dK, dQ: 4 matmuls, + QKᵀ recompute
+twice, once in each backward kernel) — no N×N tensor is ever written to memory.
+
+Scores live in log2 units inside the kernels (exp2 is one instruction, exp is two): the
+program's output is multiplied by log2(e), folded into the leading scale when the rest of the
+program is made of masks only. The saved LSE is in natural-log units, as the CPU path's.
+
+Key blocks come in two loops: blocks every query row of the tile sees whole (no masks at all)
+and the rest (the causal diagonal, the ragged end of N), where bounds and causal masks apply.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import importlib.util
+import os
+import sys
+import tempfile
+import textwrap
+from functools import lru_cache
+
+from flashfx import scoreops
+from flashfx.ir import ScoreProgram
+
+LOG2E = 1.4426950408889634
+_MASK_ONLY = {"keep", "drop"}  # ops invariant under a positive scaling of the scores
+
+
+def _fold_log2e(program: ScoreProgram) -> tuple[list[tuple], bool]:
+    """The program's ops as (name, operand, const) with log2(e) folded where exact.
+
+    Returns (ops, folded): when not folded the kernel multiplies the result by log2(e).
+    """
+    ops = [(op.name, op.operand, op.const) for op in program.ops]
+    if ops and ops[0][0] == "scale" and all(o[0] in _MASK_ONLY for o in ops[1:]):
+        ops[0] = ("scale", None, ops[0][2] * LOG2E)
+        return ops, True
+    return ops, False
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces of source that depend on the program
+# ---------------------------------------------------------------------------------------------
+
+
+def _operand_params(n: int) -> tuple[str, str]:
+    """Kernel parameters for n broadcast operands: pointers, then their 4 strides each."""
+    ptrs = "".join(f"X{i}, " for i in range(n))
+    strides = "".join(f"sx{i}_b, sx{i}_h, sx{i}_m, sx{i}_n, " for i in range(n))
+    return ptrs, strides
+
+
+def _load_operand(i: int, operand: int, kind: str) -> list[str]:
+    """Load operand tile x{i} at (offs_m, offs_n), broadcast by its strides (0 on broadcast dims)."""
+    other = "0.0" if kind == "float" else "0"
+    return [
+        f"x{i} = tl.load(X{operand} + b * sx{operand}_b + h * sx{operand}_h"
+        f" + offs_m[:, None] * sx{operand}_m + offs_n[None, :] * sx{operand}_n,"
+        f" mask=in_tile, other={other})",
+        f"x{i} = x{i}.to(tl.float32)" if kind == "float" else f"x{i} = x{i} != 0",
+    ]
+
+
+def _program_lines(ops: list[tuple], var: str) -> list[str]:
+    """Lines that apply the program's ops to the fp32 scores in `var`."""
+    lines = []
+    for i, (name, operand, const) in enumerate(ops):
+        d = scoreops.get(name)
+        if operand is not None:
+            lines += _load_operand(i, operand, d.operand)
+        lines.append(f"{var} = " + _subst(d.triton, s=var, x=f"x{i}", c=const))
+    return lines
+
+
+def _mask_lines(prog: ScoreProgram, var: str, masked: bool) -> list[str]:
+    if not masked:
+        return []
+    lines = ["visible = in_tile"]
+    if prog.causal:
+        lines.append("visible = visible & (offs_n[None, :] <= offs_m[:, None] + DIAG)")
+    lines.append(f"{var} = tl.where(visible, {var}, float('-inf'))")
+    return lines
+
+
+def _grad_lines(ops: list[tuple], folded: bool) -> list[str]:
+    """Lines that turn g = dL/d(program output, natural units) into dL/d(raw scores) `g`.
+
+    The value each op saw is recomputed forward (s0 = raw scores, s1, ...), then the ops'
+    derivatives chain in reverse. Values a derivative does not use are dead code to Triton.
+    """
+    lines, chain = ["s0 = qk"], []
+    for i, (name, operand, const) in enumerate(ops):
+        d = scoreops.get(name)
+        c = const / LOG2E if (folded and i == 0) else const  # undo the log2(e) fold
+        if operand is not None:
+            lines += _load_operand(i, operand, d.operand)
+        lines.append(f"s{i + 1} = " + _subst(d.triton, s=f"s{i}", x=f"x{i}", c=c))
+        chain.append((d, i, c))
+    for d, i, c in reversed(chain):
+        lines.append("g = " + _subst(d.triton_grad, g="g", s=f"s{i}", x=f"x{i}", c=c))
+    return lines
+
+
+def _subst(expr: str, c=None, **names: str) -> str:
+    """Put kernel variables for a registry expression's one-letter names s, x, g, c."""
+    if c is not None:
+        names["c"] = repr(float(c))
+    return re.sub(r"\b([sxgc])\b", lambda m: names.get(m.group(1), m.group(1)), expr)
+
+
+def _block(lines: list[str], indent: int) -> str:
+    return textwrap.indent("\n".join(lines), " " * indent)
+
+
+# ---------------------------------------------------------------------------------------------
+# The template
+# ---------------------------------------------------------------------------------------------
+
+_HEADER = '''\
+# Generated by flashfx.codegen.attention for the score program:
+#     {program}
+# Do not edit: regenerated from the program on every cache miss.
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr({log2e!r})
+LN2 = tl.constexpr(0.6931471805599453)
+'''
+
+
+def _fwd_step(prog, ops, folded, masked: bool) -> str:
+    head = "# ---- key block {} (bounds{} masks) ----".format(
+        "n..n+BN, diagonal or ragged" if masked else "n..n+BN, fully visible",
+        " and causal" if (masked and prog.causal) else "" if masked else ": no",
+    )
+    lines = [head, "offs_n = n + offs_n0"]
+    if masked:
+        lines += ["n_ok = offs_n < N_K", "in_tile = m_ok[:, None] & n_ok[None, :]",
+                  "k = tl.load(k_ptrs + n * stride_kn, mask=n_ok[:, None] & d_ok[None, :], other=0.0)",
+                  "v = tl.load(v_ptrs + n * stride_vn, mask=n_ok[:, None] & d_ok[None, :], other=0.0)"]
+    else:
+        lines += ["in_tile = m_ok[:, None] & (offs_n0 >= 0)[None, :]",
+                  "k = tl.load(k_ptrs + n * stride_kn, mask=d_ok[None, :], other=0.0)",
+                  "v = tl.load(v_ptrs + n * stride_vn, mask=d_ok[None, :], other=0.0)"]
+    lines.append("s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BM, BN] fp32")
+    lines += _program_lines(ops, "s")
+    if not folded:
+        lines.append("s = s * LOG2E")
+    lines += _mask_lines(prog, "s", masked)
+    lines += [
+        "# online softmax: rescale what came before by exp2(m_old - m_new)",
+        "m_new = tl.maximum(m_i, tl.max(s, 1))",
+        "m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # a row masked so far stays 0",
+        "alpha = tl.exp2(m_i - m_use)",
+        "p = tl.exp2(s - m_use[:, None])",
+        "l_i = l_i * alpha + tl.sum(p, 1)",
+        "acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)",
+        "m_i = m_new",
+    ]
+    return _block(lines, 8)
+
+
+def _bwd_step(prog, ops, folded, masked: bool, want: str) -> str:
+    """One (Q block, K block) tile of the backward; want = "dkdv" or "dq"."""
+    lines = ["qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BM, BN] fp32",
+             "in_tile = m_ok[:, None] & n_ok[None, :]"]
+    lines.append("s = qk")
+    lines += _program_lines(ops, "s")
+    if not folded:
+        lines.append("s = s * LOG2E")
+    lines += _mask_lines(prog, "s", masked)
+    lines += [
+        "p = tl.exp2(s - lse[:, None])  # recomputed probabilities; lse in log2 units here",
+        "dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BM, BN]",
+        "g = p * (dp - delta[:, None])  # dL/d(softmax input), natural units",
+    ]
+    lines += _grad_lines(ops, folded)
+    if want == "dkdv":
+        lines += [
+            "dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)",
+            "dk += tl.dot(tl.trans(g.to(q.dtype)), q, input_precision=PRECISION)",
+        ]
+    else:
+        lines += ["dq += tl.dot(g.to(k.dtype), k, input_precision=PRECISION)"]
+    return _block(lines, 12 if want == "dkdv" else 8)
+
+
+_FWD = '''
+
+@triton.jit
+def _attn_fwd(
+    Q, K, V, Out, Lse, {xptrs}                   # q: [B, H, Nq, D]; k, v: [B, Hk, Nk, D]
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,  # lse: [B, H, Nq] contiguous fp32
+    {xstrides}
+    H, N_Q, N_K,
+    GROUP: tl.constexpr,          # query heads per K/V head (GQA); 1 for plain attention
+    CAUSAL: tl.constexpr,         # 0: none, 1: top-left diagonal, 2: bottom-right diagonal
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,      # tl.dot input precision for fp32 inputs ("tf32" / "ieee")
+):
+    tl.static_assert(HEAD_DIM_PAD >= 16)
+    tl.static_assert(BLOCK_N >= 16)
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    DIAG = 0
+    if CAUSAL == 2:
+        DIAG = N_K - N_Q  # query i sees keys j <= i + DIAG
+
+    # ---- load the Q tile once; it stays in registers for the whole loop ----
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    m_ok = offs_m < N_Q
+    d_ok = offs_d < HEAD_DIM
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    k_ptrs = K + b * stride_kb + hk * stride_kh + offs_n0[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_ptrs = V + b * stride_vb + hk * stride_vh + offs_n0[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float('-inf'), tl.float32)  # running max, log2 units
+    l_i = tl.zeros([BLOCK_M], tl.float32)                # running sum of exp2(s - m_i)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+
+    # ---- key range: causal rows stop at their diagonal; whole blocks before it need no mask ----
+    hi = N_K
+    full = (N_K // BLOCK_N) * BLOCK_N
+    if CAUSAL != 0:
+        hi = tl.minimum(N_K, pid_m * BLOCK_M + BLOCK_M + DIAG)
+        hi = tl.maximum(hi, 0)
+        full = tl.minimum(full, tl.maximum(pid_m * BLOCK_M + DIAG + 1, 0) // BLOCK_N * BLOCK_N)
+
+    for n in range(0, full, BLOCK_N):
+{step_full}
+    for n in range(full, hi, BLOCK_N):
+{step_masked}
+
+    # ---- normalize; rows that saw no key at all give 0 and lse = -inf ----
+    l_use = tl.where(l_i == 0.0, 1.0, l_i)
+    acc = acc / l_use[:, None]
+    lse = (m_i + tl.log2(l_use)) * LN2
+    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(Lse + pid_bh * N_Q + offs_m, lse, mask=m_ok)
+
+
+@triton.jit
+def _attn_bwd_delta(
+    Out, dOut, Delta,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_gb, stride_gh, stride_gm, stride_gd,
+    H, N_Q,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    # Δ_i = Σ_d dO_id · O_id: the softmax backward's row term, [B, H, Nq] fp32
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    ok = (offs_m < N_Q)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = tl.load(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, mask=ok, other=0.0)
+    do = tl.load(dOut + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gm + offs_d[None, :] * stride_gd, mask=ok, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + pid_bh * N_Q + offs_m, delta, mask=offs_m < N_Q)
+
+
+@triton.jit
+def _attn_bwd_dkdv(
+    Q, K, V, dOut, Lse, Delta, dK, dV, {xptrs}
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_gb, stride_gh, stride_gm, stride_gd,   # dO
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,  # dK and dV share a layout
+    {xstrides}
+    H, N_Q, N_K,
+    GROUP: tl.constexpr, CAUSAL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    # One program owns keys n0..n0+BN of one K/V head and sums over every query head of its
+    # group and every query block: dK and dV are written once, no atomics (deterministic).
+    pid_n = tl.program_id(0)
+    pid_bhk = tl.program_id(1)
+    Hk = H // GROUP
+    b = pid_bhk // Hk
+    hk = pid_bhk % Hk
+    DIAG = 0
+    if CAUSAL == 2:
+        DIAG = N_K - N_Q
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    n_ok = offs_n < N_K
+    d_ok = offs_d < HEAD_DIM
+    kv_ok = n_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_ok, other=0.0)
+    v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_ok, other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
+
+    # causal: query blocks before the first row that sees key n0 contribute nothing
+    lo = 0
+    if CAUSAL != 0:
+        lo = tl.maximum(pid_n * BLOCK_N - DIAG, 0) // BLOCK_M * BLOCK_M
+    for g_head in range(GROUP):
+        h = hk * GROUP + g_head
+        bh = b * H + h
+        for m in range(lo, N_Q, BLOCK_M):
+            offs_m = m + offs_m0
+            m_ok = offs_m < N_Q
+            q_ok = m_ok[:, None] & d_ok[None, :]
+            q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=q_ok, other=0.0)
+            do = tl.load(dOut + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gm + offs_d[None, :] * stride_gd, mask=q_ok, other=0.0)
+            # lse = +inf on padded or fully masked rows makes their p exactly 0
+            lse = tl.load(Lse + bh * N_Q + offs_m, mask=m_ok, other=float('inf')) * LOG2E
+            lse = tl.where(lse == float('-inf'), float('inf'), lse)
+            delta = tl.load(Delta + bh * N_Q + offs_m, mask=m_ok, other=0.0)
+{step_dkdv}
+
+    dk_ptrs = dK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
+    dv_ptrs = dV + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
+    tl.store(dk_ptrs, dk.to(dK.dtype.element_ty), mask=kv_ok)
+    tl.store(dv_ptrs, dv.to(dV.dtype.element_ty), mask=kv_ok)
+
+
+@triton.jit
+def _attn_bwd_dq(
+    Q, K, V, dOut, Lse, Delta, dQ, {xptrs}
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_gb, stride_gh, stride_gm, stride_gd,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    {xstrides}
+    H, N_Q, N_K,
+    GROUP: tl.constexpr, CAUSAL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    DIAG = 0
+    if CAUSAL == 2:
+        DIAG = N_K - N_Q
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    m_ok = offs_m < N_Q
+    d_ok = offs_d < HEAD_DIM
+    q_ok = m_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=q_ok, other=0.0)
+    do = tl.load(dOut + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gm + offs_d[None, :] * stride_gd, mask=q_ok, other=0.0)
+    lse = tl.load(Lse + pid_bh * N_Q + offs_m, mask=m_ok, other=float('inf')) * LOG2E
+    lse = tl.where(lse == float('-inf'), float('inf'), lse)
+    delta = tl.load(Delta + pid_bh * N_Q + offs_m, mask=m_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+
+    hi = N_K
+    if CAUSAL != 0:
+        hi = tl.maximum(tl.minimum(N_K, pid_m * BLOCK_M + BLOCK_M + DIAG), 0)
+    for n in range(0, hi, BLOCK_N):
+        offs_n = n + offs_n0
+        n_ok = offs_n < N_K
+        kv_ok = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_ok, other=0.0)
+        v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_ok, other=0.0)
+{step_dq}
+
+    dq_ptrs = dQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
+    tl.store(dq_ptrs, dq.to(dQ.dtype.element_ty), mask=q_ok)
+'''
+
+
+def emit(program: ScoreProgram) -> str:
+    """Triton source of the four kernels for `program` (see the module docstring)."""
+    ops, folded = _fold_log2e(program)
+    xptrs, xstrides = _operand_params(program.num_operands)
+    return _HEADER.format(program=program, log2e=LOG2E) + _FWD.format(
+        xptrs=xptrs,
+        xstrides=xstrides,
+        step_full=_fwd_step(program, ops, folded, masked=False),
+        step_masked=_fwd_step(program, ops, folded, masked=True),
+        step_dkdv=_bwd_step(program, ops, folded, masked=True, want="dkdv"),
+        step_dq=_bwd_step(program, ops, folded, masked=True, want="dq"),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel cache: one module per distinct source, written to disk (Triton reads the source file)
+# ---------------------------------------------------------------------------------------------
+
+
+def cache_dir() -> str:
+    root = os.environ.get("FLASHFX_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "flashfx"
+    )
+    path = os.path.join(root, "kernels")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def load(program_text: str):
+    """The compiled-on-demand kernel module for an encoded program (cached by source hash)."""
+    # Triton decides at decoration time whether a kernel is interpreted: key on it too.
+    return _load(program_text, os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+@lru_cache(maxsize=None)
+def _load(program_text: str, interpret: bool):
+    source = emit(ScoreProgram.decode(program_text))
+    digest = hashlib.sha256(source.encode()).hexdigest()[:20]
+    name = f"flashfx_attn_{digest}" + ("_interp" if interpret else "")
+    path = os.path.join(cache_dir(), name + ".py")
+    if not os.path.exists(path):
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".py")
+        with os.fdopen(fd, "w") as f:
+            f.write(source)
+        os.replace(tmp, path)  # atomic: concurrent processes never see half a file
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

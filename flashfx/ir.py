@@ -1,0 +1,90 @@
+"""The score program: what happens to attention scores between QK^T and the softmax.
+
+This is the one record the lower layers (planner, codegen, runtime) share. The matcher builds
+it from the user's graph; the custom op carries it as a string (a schema cannot hold a Python
+object); the CPU path evaluates it with torch; codegen inlines it into Triton.
+
+    s = q @ k^T                      # raw scores, fp32
+    for op in program.ops: s = op(s) # scale, bias, masks ... (elementwise, broadcast operands)
+    s = causal(s)                    # structural mask: the kernels skip whole blocks
+    p = softmax(s, -1)
+
+Each op is named in the score-op registry (`flashfx.scoreops`), which says how to evaluate it
+with torch, how to emit it in Triton, and its derivative for the backward pass.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+CAUSAL_ALIGNMENTS = ("top_left", "bottom_right")
+
+
+@dataclass(frozen=True)
+class ScoreOp:
+    """One elementwise step on the scores.
+
+    name:    key in the score-op registry ("scale", "bias", "keep", "drop", ...)
+    operand: index into the site's tensor operands (a mask or bias), or None
+    const:   a constant argument (the scale), or None
+    """
+
+    name: str
+    operand: int | None = None
+    const: float | None = None
+
+
+@dataclass(frozen=True)
+class ScoreProgram:
+    """The elementwise program on the scores, plus the structural (block-skippable) mask.
+
+    causal: None, or the alignment of the causal diagonal: "top_left" (query i sees keys
+            0..i, as SDPA's is_causal) or "bottom_right" (the last query sees every key, as a
+            tril buffer sliced for a KV cache).
+    """
+
+    ops: tuple[ScoreOp, ...] = ()
+    causal: str | None = None
+
+    def __post_init__(self):
+        if self.causal is not None and self.causal not in CAUSAL_ALIGNMENTS:
+            raise ValueError(f"causal must be one of {CAUSAL_ALIGNMENTS} or None, got {self.causal!r}")
+
+    @property
+    def num_operands(self) -> int:
+        used = [op.operand for op in self.ops if op.operand is not None]
+        return max(used) + 1 if used else 0
+
+    def encode(self) -> str:
+        """A stable, compact string: the custom op's `program` argument and the kernel cache key."""
+        ops = [[op.name, op.operand, op.const] for op in self.ops]
+        return json.dumps({"ops": ops, "causal": self.causal}, separators=(",", ":"))
+
+    @staticmethod
+    def decode(text: str) -> "ScoreProgram":
+        try:
+            raw = json.loads(text)
+            ops = tuple(ScoreOp(name, operand, const) for name, operand, const in raw["ops"])
+            return ScoreProgram(ops=ops, causal=raw["causal"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"flashfx: malformed score program {text!r}: {e}") from None
+
+    def __str__(self) -> str:
+        parts = []
+        for op in self.ops:
+            arg = f"operand{op.operand}" if op.operand is not None else ""
+            if op.const is not None:
+                arg = (arg + ", " if arg else "") + f"{op.const:g}"
+            parts.append(f"{op.name}({arg})")
+        if self.causal:
+            parts.append(f"causal({self.causal})")
+        return " -> ".join(parts) if parts else "identity"
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """What the kernels need to know about one call, beyond the tensors themselves."""
+
+    program: ScoreProgram = field(default_factory=ScoreProgram)
+    dropout_p: float = 0.0

@@ -1,0 +1,109 @@
+"""Launch the generated Triton kernels (CUDA, or the Triton interpreter on CPU tensors)."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+import torch
+
+from flashfx.codegen import attention as codegen
+from flashfx.ir import ScoreProgram
+from flashfx.planner import hardware
+from flashfx.planner.plan import TilePlan, plan
+
+_CAUSAL_CODE = {None: 0, "top_left": 1, "bottom_right": 2}
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@lru_cache(maxsize=None)
+def _gpu(device_index: int) -> hardware.GPU:
+    return hardware.current(device_index)
+
+
+def tile_plan(q: torch.Tensor) -> TilePlan:
+    if q.device.type == "cuda" and not interpreting():
+        gpu = _gpu(q.device.index if q.device.index is not None else torch.cuda.current_device())
+        return plan(q.shape[-1], q.element_size(), gpu)
+    return plan(q.shape[-1], q.element_size(), hardware.INTERPRETER, interpret=True)
+
+
+def _precision(q: torch.Tensor) -> str:
+    if q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _operand_args(operands):
+    ptrs, strides = [], []
+    for x in operands:  # each already a 4-D view broadcast to [B, H, Nq, Nk]
+        ptrs.append(x)
+        strides += list(x.stride())
+    return ptrs, strides
+
+
+def forward(q, k, v, operands, program: ScoreProgram, tiles: TilePlan | None = None):
+    """(out [B, H, Nq, D], lse [B, H, Nq] fp32) through the generated forward kernel."""
+    B, H, Nq, D = q.shape
+    Hk, Nk = k.shape[1], k.shape[2]
+    kernels = codegen.load(program.encode())
+    p = tiles or tile_plan(q)
+    out = torch.empty_like(q)
+    lse = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
+    xptrs, xstrides = _operand_args(operands)
+    t = p.fwd
+    grid = (triton_cdiv(Nq, t.block_m), B * H)
+    kernels._attn_fwd[grid](
+        q, k, v, out, lse, *xptrs,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        *xstrides,
+        H, Nq, Nk,
+        GROUP=H // Hk, CAUSAL=_CAUSAL_CODE[program.causal],
+        HEAD_DIM=D, HEAD_DIM_PAD=p.head_dim_pad,
+        BLOCK_M=t.block_m, BLOCK_N=t.block_n, PRECISION=_precision(q),
+        num_warps=t.num_warps, num_stages=t.num_stages,
+    )
+    return out, lse
+
+
+def backward(dout, q, k, v, out, lse, operands, program: ScoreProgram, tiles: TilePlan | None = None):
+    """(dq, dk, dv): recomputes P tile by tile from Q, K and the saved LSE."""
+    B, H, Nq, D = q.shape
+    Hk, Nk = k.shape[1], k.shape[2]
+    kernels = codegen.load(program.encode())
+    p = tiles or tile_plan(q)
+    delta = torch.empty_like(lse)
+    dq = torch.empty_like(q)
+    dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)  # dk, dv share one layout
+    dv = torch.empty(k.shape, device=k.device, dtype=v.dtype)
+    xptrs, xstrides = _operand_args(operands)
+    common = dict(GROUP=H // Hk, CAUSAL=_CAUSAL_CODE[program.causal],
+                  HEAD_DIM=D, HEAD_DIM_PAD=p.head_dim_pad, PRECISION=_precision(q))
+
+    t = p.fwd
+    kernels._attn_bwd_delta[(triton_cdiv(Nq, t.block_m), B * H)](
+        out, dout, delta, *out.stride(), *dout.stride(), H, Nq,
+        HEAD_DIM=D, HEAD_DIM_PAD=p.head_dim_pad, BLOCK_M=t.block_m,
+    )
+    t = p.bwd_dkdv
+    kernels._attn_bwd_dkdv[(triton_cdiv(Nk, t.block_n), B * Hk)](
+        q, k, v, dout, lse, delta, dk, dv, *xptrs,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(),
+        *xstrides, H, Nq, Nk, **common,
+        BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps, num_stages=t.num_stages,
+    )
+    t = p.bwd_dq
+    kernels._attn_bwd_dq[(triton_cdiv(Nq, t.block_m), B * H)](
+        q, k, v, dout, lse, delta, dq, *xptrs,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
+        *xstrides, H, Nq, Nk, **common,
+        BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps, num_stages=t.num_stages,
+    )
+    return dq, dk, dv
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b

@@ -1,0 +1,116 @@
+"""The flashfx custom op: one fused attention call, forward and backward.
+
+    out, lse = torch.ops.flashfx.attention(q, k, v, operands, program)
+      q: [B, H, Nq, D]; k, v: [B, Hk, Nk, D] with H % Hk == 0 (GQA without copies)
+      operands: tensors the score program reads, each broadcastable to [B, H, Nq, Nk]
+      program: ScoreProgram.encode() — what happens to the scores before the softmax
+      out: [B, H, Nq, D] in q's dtype; lse: [B, H, Nq] fp32 log-sum-exp of the final scores
+
+Autograd saves q, k, v, out and lse — O(N) — and the backward op recomputes the
+probabilities from them. CUDA tensors run the generated Triton kernels; CPU tensors the
+chunked path (or, for tests, the Triton kernels under the interpreter).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from flashfx import config
+from flashfx.ir import ScoreProgram
+from flashfx.runtime import cpu, gpu
+
+
+def check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
+    """Shapes the op accepts, checked before any kernel runs."""
+    if not (q.dim() == k.dim() == v.dim() == 4):
+        raise ValueError(f"flashfx: q, k, v must be 4-D [B, H, N, D], got ranks {q.dim()}, {k.dim()}, {v.dim()}")
+    B, H, Nq, D = q.shape
+    Bk, Hk, Nk, Dk = k.shape
+    if Dk != D or v.shape[-1] != D:
+        raise ValueError(f"flashfx: head dims of q, k, v differ: {D}, {Dk}, {v.shape[-1]}")
+    if v.shape != k.shape or Bk != B:
+        raise ValueError(f"flashfx: shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"flashfx: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if H % Hk:
+        raise ValueError(f"flashfx: {H} query heads cannot share {Hk} K/V heads")
+
+
+def _broadcast_operands(operands, q, k) -> list[Tensor]:
+    """Views of each operand broadcast to [B, H, Nq, Nk] (stride 0 on broadcast dims)."""
+    B, H, Nq, _ = q.shape
+    Nk = k.shape[2]
+    views = []
+    for x in operands:
+        if x.dim() > 4:
+            raise ValueError(f"flashfx: a score operand has {x.dim()} dims; at most 4 broadcast to [B, H, Nq, Nk]")
+        x4 = x.reshape((1,) * (4 - x.dim()) + tuple(x.shape))
+        try:
+            views.append(x4.expand(B, H, Nq, Nk))
+        except RuntimeError:
+            raise ValueError(
+                f"flashfx: score operand of shape {tuple(x.shape)} does not broadcast to "
+                f"[B, H, Nq, Nk] = {[B, H, Nq, Nk]}"
+            ) from None
+    return views
+
+
+def uses_triton(q: Tensor) -> bool:
+    """Whether calls on tensors like `q` run the generated Triton kernels."""
+    return q.device.type == "cuda" or (config.cpu_kernel == "triton" and gpu.interpreting())
+
+
+@torch.library.custom_op("flashfx::attention", mutates_args=())
+def attention(q: Tensor, k: Tensor, v: Tensor, operands: list[Tensor], program: str) -> tuple[Tensor, Tensor]:
+    check_inputs(q, k, v)
+    prog = ScoreProgram.decode(program)
+    xs = _broadcast_operands(operands, q, k)
+    if uses_triton(q):
+        return gpu.forward(q, k, v, xs, prog)
+    return cpu.attention_forward(q, k, v, xs, prog)
+
+
+@attention.register_fake
+def _(q, k, v, operands, program):
+    B, H, Nq, D = q.shape
+    torch._check(k.shape[-1] == D and v.shape[-1] == D, lambda: "flashfx: q, k, v head dims differ")
+    return torch.empty_like(q), q.new_empty((B, H, Nq), dtype=torch.float32)
+
+
+@torch.library.custom_op("flashfx::attention_backward", mutates_args=())
+def attention_backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+    operands: list[Tensor], program: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    prog = ScoreProgram.decode(program)
+    xs = _broadcast_operands(operands, q, k)
+    if uses_triton(q):
+        return gpu.backward(dout, q, k, v, out, lse, xs, prog)
+    return cpu.attention_backward(dout, q, k, v, out, lse, xs, prog)
+
+
+@attention_backward.register_fake
+def _(dout, q, k, v, out, lse, operands, program):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, operands, program = inputs
+    out, lse = output
+    if any(x.requires_grad for x in operands):
+        # The matcher leaves such sites unfused; a direct caller gets told rather than
+        # silently receiving a zero gradient for its bias.
+        raise NotImplementedError("flashfx: gradients for score operands (biases, masks) are not supported yet")
+    ctx.save_for_backward(q, k, v, out, lse, *operands)
+    ctx.program = program
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, *operands = ctx.saved_tensors
+    dq, dk, dv = attention_backward(dout, q, k, v, out, lse, operands, ctx.program)
+    return dq, dk, dv, [None] * len(operands), None
+
+
+attention.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,135 @@
+"""The score-op registry: each elementwise op a score program may contain, declared as data.
+
+An op says three things, once:
+  torch:       how the CPU path evaluates it on a chunk of scores, s' = f(s, x, c)
+  triton:      the Triton expression for the same thing, in the names `s`, `x`, `c`
+  triton_grad: the Triton expression for dL/ds given `g` = dL/ds' (and `s`, `x`, `c`)
+  torch_grad:  the same derivative for the CPU backward
+
+`x` is the op's tensor operand tile (already loaded, broadcast to the score tile), `c` its
+constant. Ops that only mask (keep/drop) have derivative zero where they mask; since the
+probabilities there are exactly zero, the kernels could skip it, but we keep it exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class ScoreOpDef:
+    name: str
+    operand: str | None  # None, "float" (bias-like: added to scores) or "bool" (a mask)
+    has_const: bool
+    torch: Callable  # (s, x, c) -> s'
+    torch_grad: Callable  # (g, s, x, c) -> dL/ds
+    triton: str
+    triton_grad: str
+    doc: str = ""
+
+
+_REGISTRY: dict[str, ScoreOpDef] = {}
+
+
+def register_score_op(
+    name: str,
+    *,
+    operand: str | None = None,
+    has_const: bool = False,
+    torch: Callable,
+    torch_grad: Callable,
+    triton: str,
+    triton_grad: str,
+    doc: str = "",
+) -> ScoreOpDef:
+    """Declare a score op. Re-registering a name replaces it (so a user can override ours)."""
+    if operand not in (None, "float", "bool"):
+        raise ValueError(f"operand must be None, 'float' or 'bool', got {operand!r}")
+    op = ScoreOpDef(name, operand, has_const, torch, torch_grad, triton, triton_grad, doc)
+    _REGISTRY[name] = op
+    return op
+
+
+def get(name: str) -> ScoreOpDef:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(_REGISTRY))
+        raise KeyError(f"flashfx: unknown score op {name!r} (known: {known})") from None
+
+
+def names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+_NEG_INF = float("-inf")
+
+# s * c   (the softmax scale, folded from mul/div/sqrt forms)
+register_score_op(
+    "scale",
+    has_const=True,
+    torch=lambda s, x, c: s * c,
+    torch_grad=lambda g, s, x, c: g * c,
+    triton="s * c",
+    triton_grad="g * c",
+    doc="multiply scores by a constant",
+)
+
+# s + x   (additive float mask or bias, broadcast to [B, H, Nq, Nk])
+register_score_op(
+    "bias",
+    operand="float",
+    torch=lambda s, x, c: s + x,
+    torch_grad=lambda g, s, x, c: g,
+    triton="s + x",
+    triton_grad="g",
+    doc="add a broadcastable float tensor (additive mask, relative-position bias)",
+)
+
+# where(x, s, -inf)   (boolean mask, True = attend: SDPA's convention)
+register_score_op(
+    "keep",
+    operand="bool",
+    torch=lambda s, x, c: s.masked_fill(~x, _NEG_INF),
+    torch_grad=lambda g, s, x, c: g.masked_fill(~x, 0.0),
+    triton="tl.where(x, s, float('-inf'))",
+    triton_grad="tl.where(x, g, 0.0)",
+    doc="boolean mask, True keeps the score",
+)
+
+# where(x, -inf, s)   (masked_fill(mask, -inf): True = masked out)
+register_score_op(
+    "drop",
+    operand="bool",
+    torch=lambda s, x, c: s.masked_fill(x, _NEG_INF),
+    torch_grad=lambda g, s, x, c: g.masked_fill(x, 0.0),
+    triton="tl.where(x, float('-inf'), s)",
+    triton_grad="tl.where(x, 0.0, g)",
+    doc="boolean mask, True removes the score",
+)
+
+
+def apply_torch(program, s: torch.Tensor, operands, rows: slice, cols: slice) -> torch.Tensor:
+    """Evaluate `program.ops` on a [B, H, rows, cols] chunk of fp32 scores (causal excluded)."""
+    for op in program.ops:
+        d = get(op.name)
+        x = operands[op.operand][..., rows, cols] if op.operand is not None else None
+        s = d.torch(s, x, op.const)
+    return s
+
+
+def grad_torch(program, g: torch.Tensor, s_raw: torch.Tensor, operands, rows: slice, cols: slice):
+    """dL/d(raw scores) from dL/d(program output), chaining the ops' derivatives backward."""
+    inputs = []  # each op's input, recomputed forward
+    s = s_raw
+    for op in program.ops:
+        d = get(op.name)
+        x = operands[op.operand][..., rows, cols] if op.operand is not None else None
+        inputs.append((d, s, x, op.const))
+        s = d.torch(s, x, op.const)
+    for d, s_in, x, c in reversed(inputs):
+        g = d.torch_grad(g, s_in, x, c)
+    return g
