@@ -1,0 +1,47 @@
+"""The torch.compile backend: `torch.compile(model, backend="flashfx", options={...})`.
+
+Options:
+  inner: the compiler for the rest of the graph, "inductor" (default), "aot_eager", "eager"
+"""
+
+from __future__ import annotations
+
+from torch import fx
+
+from flashfx.passes import pipeline
+
+INNER = ("inductor", "aot_eager", "eager")
+_OPTIONS = {"inner": "inductor"}
+
+
+def parse_options(options: dict | None) -> dict:
+    opts = dict(_OPTIONS)
+    for key, value in (options or {}).items():
+        if key not in _OPTIONS:
+            raise ValueError(f"flashfx: unknown option {key!r}; known options: {sorted(_OPTIONS)}")
+        opts[key] = value
+    if opts["inner"] not in INNER:
+        raise ValueError(f"flashfx: option inner={opts['inner']!r}; expected one of {INNER}")
+    return opts
+
+
+def inner_compile(gm: fx.GraphModule, example_inputs, inner: str):
+    if inner == "eager":
+        return gm.forward
+    if inner == "aot_eager":
+        from torch._dynamo.backends.registry import lookup_backend
+
+        return lookup_backend("aot_eager")(gm, example_inputs)
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, example_inputs)
+
+
+def flashfx_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, mode: str | None = None):
+    """Fuse every attention site of `gm`, then hand the graph to the inner compiler.
+
+    `mode` (torch.compile(mode=...)) is accepted and not used: flashfx has no modes yet.
+    """
+    opts = parse_options(options)
+    pipeline.run(gm, example_inputs)
+    return inner_compile(gm, example_inputs, opts["inner"])

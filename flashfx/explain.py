@@ -1,0 +1,103 @@
+"""`flashfx.explain(fn, *args)`: what flashfx finds in a model, what it fuses, and why not.
+
+It traces `fn` with Dynamo exactly as `torch.compile` would, runs the pipeline up to (not
+including) the rewrite on each graph, and runs the graph unchanged. The caller's tensors are
+not modified beyond what one call of `fn` does.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from flashfx.passes import pipeline
+from flashfx.runtime import gpu, ops
+
+
+@dataclass
+class SiteReport:
+    graph: int  # which Dynamo graph (graph breaks make several)
+    kind: str  # "matmul" or "sdpa"
+    location: str  # the user's file:line
+    fused: bool
+    reason: str | None  # why not fused
+    program: str  # the score program, readable
+    q_shape: tuple
+    k_shape: tuple
+    dtype: str
+    plan: str | None  # the kernels' tiles, or the CPU path
+    notes: list = field(default_factory=list)
+
+
+@dataclass
+class Report:
+    sites: list[SiteReport] = field(default_factory=list)
+    graphs: int = 0
+
+    @property
+    def fused(self) -> int:
+        return sum(s.fused for s in self.sites)
+
+    def __str__(self) -> str:
+        lines = [f"flashfx: {self.fused} of {len(self.sites)} attention sites fused "
+                 f"({self.graphs} graph{'s' if self.graphs != 1 else ''})"]
+        for i, s in enumerate(self.sites):
+            mark = "fused" if s.fused else "NOT fused"
+            lines.append(f"  [{i}] {mark:9}  {_short(s.location)}  ({s.kind})")
+            if s.q_shape:
+                lines.append(f"        q {list(s.q_shape)}  k {list(s.k_shape)}  {s.dtype}")
+            if s.fused:
+                lines.append(f"        scores: {s.program}")
+                if s.plan:
+                    lines.append(f"        plan:   {s.plan}")
+            else:
+                lines.append(f"        why:    {s.reason}")
+            for note in s.notes:
+                lines.append(f"        note:   {note}")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def _short(path_line: str) -> str:
+    path, _, line = path_line.rpartition(":")
+    try:
+        path = os.path.relpath(path)
+    except ValueError:
+        pass
+    return f"{path}:{line}" if path else path_line
+
+
+def _plan_text(site) -> str | None:
+    if not site.fused:
+        return None
+    dev = site.q.meta.get("example_value", site.q.meta.get("val")).device
+    q = torch.empty((1,) * (len(site.q_shape) - 1) + (int(site.q_shape[-1]),), dtype=site.dtype, device=dev)
+    if ops.uses_triton(q):
+        where = "" if dev.type == "cuda" else " (Triton interpreter)"
+        return f"Triton kernels{where}, " + gpu.tile_plan(q).summary()
+    return "CPU chunked path (Rabe-Staats: query and key chunks, running max and sum)"
+
+
+def explain(fn, *args, **kwargs) -> Report:
+    """Trace `fn(*args, **kwargs)` and report every attention site found, fused or not."""
+    report = Report()
+
+    def recorder(gm, example_inputs, **_):
+        graph = report.graphs
+        report.graphs += 1
+        result = pipeline.run(gm, example_inputs, stop_after="structure")
+        for site in result.sites:
+            report.sites.append(SiteReport(
+                graph=graph, kind=site.kind, location=site.location, fused=site.fused,
+                reason=site.reason, program=str(site.program), q_shape=site.q_shape,
+                k_shape=site.k_shape, dtype=str(site.dtype).replace("torch.", "") if site.dtype else "",
+                plan=_plan_text(site), notes=list(site.notes),
+            ))
+        return gm.forward
+
+    compiled = torch.compile(fn, backend=recorder)
+    compiled(*args, **kwargs)
+    return report

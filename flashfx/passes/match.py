@@ -1,0 +1,324 @@
+"""Find attention sites by structure: QKᵀ → score program → softmax(-1) → [dropout] → @V.
+
+The matcher anchors on each softmax (and each SDPA call), walks back through elementwise
+ops on the scores to the QKᵀ matmul, and forward to the PV matmul. Every elementwise step
+becomes a score-program op; anything else stops the walk with a reason. A match returns an
+`AttentionSite`: fused when `reason` is None, otherwise a record that explains itself.
+
+Semantic checks (shapes, dtypes, other users of intermediates) read `node.meta`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from flashfx.ir import ScoreOp, ScoreProgram
+from flashfx.passes.normalize import canon
+
+MASK_FILL_MAX = -1e4  # a fill value at or below this is a mask (-inf, finfo.min, -10000)
+_SCORE_OPS = {"mul", "div", "add", "masked_fill", "where"}
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass
+class AttentionSite:
+    """One attention found in the graph, fused or not."""
+
+    kind: str  # "matmul" (QKᵀ-softmax-PV written out) or "sdpa"
+    anchor: fx.Node  # the softmax or the SDPA call
+    location: str  # user's file:line
+    reason: str | None = None  # why not fused; None when fused
+    output: fx.Node | None = None  # the node whose value the fused op replaces
+    q: fx.Node | None = None
+    k: fx.Node | None = None  # k as [..., Nk, D], or Kᵀ when k_transposed
+    v: fx.Node | None = None
+    k_transposed: bool = False
+    program: ScoreProgram = field(default_factory=ScoreProgram)
+    operands: list = field(default_factory=list)  # nodes the program's ops index
+    notes: list = field(default_factory=list)
+    q_shape: tuple = ()
+    k_shape: tuple = ()
+    dtype: torch.dtype | None = None
+
+    @property
+    def fused(self) -> bool:
+        return self.reason is None
+
+    def __bool__(self) -> bool:
+        return self.fused
+
+    def reject(self, reason: str) -> "AttentionSite":
+        self.reason = reason
+        return self
+
+
+def _val(node):
+    if not isinstance(node, fx.Node):
+        return node
+    return node.meta.get("val", node.meta.get("example_value"))
+
+
+def location(node: fx.Node) -> str:
+    """file:line of the user's code that made `node` (the innermost frame of its trace)."""
+    trace = node.meta.get("stack_trace") or ""
+    frames = re.findall(r'File "([^"]+)", line (\d+)', trace)
+    if not frames:
+        return "<unknown>"
+    path, line = frames[-1]
+    return f"{path}:{line}"
+
+
+def _number(x) -> float | None:
+    if isinstance(x, bool):
+        return None
+    if isinstance(x, (int, float)):
+        return float(x)
+    return None
+
+
+def _dim_arg(node, pos, name, default=None):
+    if len(node.args) > pos:
+        return node.args[pos]
+    return node.kwargs.get(name, default)
+
+
+def _reaches_qk(node, depth: int = 12) -> bool:
+    """Does a chain of score ops lead back from `node` to a matmul?"""
+    while depth > 0 and isinstance(node, fx.Node):
+        c = canon(node)
+        if c == "matmul":
+            return True
+        if c not in _SCORE_OPS:
+            return False
+        node = next((a for a in node.args if isinstance(a, fx.Node) and _reaches_qk(a, depth - 1)), None)
+        depth -= 1
+    return False
+
+
+def _feeds_pv(node: fx.Node, depth: int = 4) -> bool:
+    """Do the probabilities (possibly through dropout/casts) reach a matmul as its left side?"""
+    for user in node.users:
+        if canon(user) == "matmul" and user.args[0] is node:
+            return True
+        if depth and user.op in ("call_function", "call_method") and canon(user) is None and _feeds_pv(user, depth - 1):
+            return True
+    return False
+
+
+def _score_step(node: fx.Node):
+    """One elementwise step on the scores: (op name, const, operand node, scores node) or a reason."""
+    c = canon(node)
+    args = list(node.args)
+    if c in ("mul", "div"):
+        a, b = args[0], args[1]
+        if isinstance(b, fx.Node) and not isinstance(a, fx.Node) and c == "mul":
+            a, b = b, a
+        k = _number(b)
+        if k is None:
+            return f"scale by a tensor or symbolic value ({b}) is not supported yet"
+        if c == "div":
+            if k == 0:
+                return "division of the scores by zero"
+            if node.kwargs.get("rounding_mode") is not None:
+                return "division with a rounding mode"
+            k = 1.0 / k
+        return ("scale", k, None, a)
+    if c == "add":
+        if node.kwargs.get("alpha", 1) != 1:
+            return "add with alpha"
+        a, b = args[0], args[1]
+        if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+            return "adding a constant to the scores (a no-op for softmax) is not matched"
+        if not _reaches_qk(a):
+            a, b = b, a
+        return ("bias", None, b, a)
+    if c == "masked_fill":
+        s, mask, value = args[0], args[1], (args[2] if len(args) > 2 else node.kwargs.get("value"))
+        v = _number(value)
+        if v is None or v > MASK_FILL_MAX:
+            return f"masked_fill with value {value!r} (only large negative fills are masks)"
+        return ("drop", None, mask, s)
+    if c == "where":
+        cond, a, b = args[0], args[1], args[2]
+        if _number(b) is not None and _number(b) <= MASK_FILL_MAX and isinstance(a, fx.Node):
+            return ("keep", None, cond, a)
+        if _number(a) is not None and _number(a) <= MASK_FILL_MAX and isinstance(b, fx.Node):
+            return ("drop", None, cond, b)
+        return "torch.where that is not a mask with a large negative fill"
+    return None
+
+
+def _single_user(node: fx.Node) -> bool:
+    return len(node.users) == 1
+
+
+def match_softmax(sm: fx.Node) -> AttentionSite | None:
+    """The attention around softmax node `sm`, or None if `sm` is not attention at all."""
+    site = AttentionSite("matmul", sm, location(sm))
+    scores = sm.args[0]
+    if not (_reaches_qk(scores) and _feeds_pv(sm)):
+        return None  # not attention: a router, a classifier head, a softmax over logits
+
+    # ---- forward: softmax -> [dropout in eval] -> @ V ----
+    sm_val = _val(sm)
+    dim = _dim_arg(sm, 1, "dim")
+    if dim is None or (dim != -1 and sm_val is not None and dim != sm_val.dim() - 1):
+        return site.reject(f"softmax over dim {dim}, not the key dim")
+    if _dim_arg(sm, 2, "dtype") is not None:
+        return site.reject("softmax with a dtype argument is not supported yet")
+    p = sm
+    while True:
+        if not _single_user(p):
+            return site.reject("the attention probabilities have another user (e.g. returned weights)")
+        user = next(iter(p.users))
+        if user.target is F.dropout and (_dim_arg(user, 2, "training", True) is False or _dim_arg(user, 1, "p", 0.5) == 0):
+            p = user  # dropout that is off (eval mode or p=0) is the identity
+            continue
+        break
+    if canon(user) != "matmul" or user.args[0] is not p:
+        what = user.target if user.op != "output" else "the graph output"
+        return site.reject(f"the probabilities feed {getattr(what, '__name__', what)}, not a matmul with V")
+    site.output, site.v = user, user.args[1]
+
+    # ---- backward: softmax input <- score program <- QKᵀ ----
+    steps, node = [], scores
+    while canon(node) != "matmul":
+        step = _score_step(node)
+        if step is None:
+            return site.reject(f"unsupported op in the score program: {node.target}")
+        if isinstance(step, str):
+            return site.reject(step)
+        if not _single_user(node):
+            return site.reject("the attention scores have another user")
+        steps.append(step[:3])
+        node = step[3]
+    if not _single_user(node):
+        return site.reject("the attention scores QKᵀ have another user")
+    qk = node
+    site.q, kt = qk.args[0], qk.args[1]
+
+    # Kᵀ is usually written as k.transpose(-2, -1): take k itself
+    kv = _val(kt)
+    if canon(kt) == "transpose" and kv is not None and {d % kv.dim() for d in kt.args[1:3]} == {kv.dim() - 2, kv.dim() - 1}:
+        site.k = kt.args[0]
+    else:
+        site.k, site.k_transposed = kt, True
+
+    ops = []
+    for name, const, operand in reversed(steps):
+        if operand is not None:
+            site.operands.append(operand)
+            ops.append(ScoreOp(name, len(site.operands) - 1, None))
+        else:
+            ops.append(ScoreOp(name, None, const))
+    site.program = ScoreProgram(tuple(ops))
+    return _check_tensors(site)
+
+
+def match_sdpa(node: fx.Node) -> AttentionSite:
+    """F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)."""
+    site = AttentionSite("sdpa", node, location(node))
+    names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal"]
+    arg = {n: _dim_arg(node, i, n) for i, n in enumerate(names)}
+    scale, gqa = node.kwargs.get("scale"), node.kwargs.get("enable_gqa", False)
+    site.q, site.k, site.v, site.output = arg["query"], arg["key"], arg["value"], node
+    if arg["dropout_p"] not in (None, 0, 0.0):
+        return site.reject(f"SDPA with dropout_p={arg['dropout_p']} (dropout is not fused yet)")
+    mask, causal = arg["attn_mask"], bool(arg["is_causal"])
+    if mask is not None and causal:
+        return site.reject("SDPA with both attn_mask and is_causal (SDPA itself rejects this)")
+    qv = _val(site.q)
+    if scale is None and qv is not None:
+        scale = 1.0 / math.sqrt(int(qv.shape[-1]))
+    if _number(scale) is None:
+        return site.reject(f"SDPA scale {scale!r} is not a number")
+    ops = [ScoreOp("scale", None, float(scale))]
+    if isinstance(mask, fx.Node):
+        mv = _val(mask)
+        site.operands.append(mask)
+        ops.append(ScoreOp("keep" if mv is not None and mv.dtype == torch.bool else "bias", 0, None))
+    site.program = ScoreProgram(tuple(ops), "top_left" if causal else None)
+    kv = _val(site.k)
+    if qv is not None and kv is not None and qv.dim() == 4 and kv.shape[1] != qv.shape[1] and not gqa:
+        return site.reject("SDPA with fewer K/V heads than query heads needs enable_gqa=True")
+    return _check_tensors(site)
+
+
+def _known(x) -> bool:
+    return isinstance(x, int) or not isinstance(x, torch.SymInt)
+
+
+def _eq(a, b) -> bool:
+    """a == b, decided without adding shape guards (symbolic sizes compare by expression)."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return statically_known_true(a == b)
+
+
+def _check_tensors(site: AttentionSite) -> AttentionSite:
+    """Shapes, dtypes and devices the kernels accept; otherwise a reason."""
+    qv, kv, vv = _val(site.q), _val(site.k), _val(site.v)
+    if not all(isinstance(x, torch.Tensor) for x in (qv, kv, vv)):
+        return site.reject("q, k or v is not a tensor with known metadata")
+    kshape = list(kv.shape)
+    if site.k_transposed:
+        kshape[-2], kshape[-1] = kshape[-1], kshape[-2]
+    if not (qv.dim() == kv.dim() == vv.dim() and qv.dim() in (3, 4)):
+        return site.reject(f"q, k, v of rank {qv.dim()}, {kv.dim()}, {vv.dim()} (3-D or 4-D are fused)")
+    if not (qv.dtype == kv.dtype == vv.dtype and qv.dtype in _DTYPES):
+        return site.reject(f"dtypes {qv.dtype}, {kv.dtype}, {vv.dtype} (one of fp16/bf16/fp32 expected)")
+    if qv.device.type not in ("cpu", "cuda") or not (qv.device == kv.device == vv.device):
+        return site.reject(f"device {qv.device} is not supported")
+    D = qv.shape[-1]
+    if not (_eq(kshape[-1], D) and _eq(vv.shape[-1], D)):
+        return site.reject(f"head dims differ: q {D}, k {kshape[-1]}, v {vv.shape[-1]}")
+    if not _known(D) or not 1 <= int(D) <= 256:
+        return site.reject(f"head dim {D} outside 1..256")
+    if not _eq(kshape[-2], vv.shape[-2]):
+        return site.reject("k and v have different sequence lengths")
+    if not _eq(kv.shape[0], qv.shape[0]) or not _eq(vv.shape[0], qv.shape[0]):
+        return site.reject("batch dims of q, k, v differ (broadcast batch is not fused)")
+    if qv.dim() == 4:
+        H, Hk = qv.shape[1], kshape[1]
+        if not _eq(vv.shape[1], Hk):
+            return site.reject("k and v have different head counts")
+        if not (_eq(Hk, H) or _eq(Hk, 1) or (site.kind == "sdpa" and _known(H) and _known(Hk) and int(H) % int(Hk) == 0)):
+            return site.reject(f"{H} query heads cannot share {Hk} K/V heads")
+    for x in site.operands:
+        xv = _val(x)
+        if not isinstance(xv, torch.Tensor):
+            return site.reject(f"score operand {x} has no known metadata")
+        if xv.requires_grad:
+            return site.reject("a bias or mask that requires grad (gradients for it are not fused yet)")
+        if xv.dim() > qv.dim():
+            return site.reject(f"a score operand of rank {xv.dim()} does not broadcast to the scores")
+    for op in site.program.ops:
+        if op.operand is None:
+            continue
+        xv = _val(site.operands[op.operand])
+        want_bool = op.name in ("keep", "drop")
+        if want_bool and xv.dtype != torch.bool:
+            return site.reject(f"mask of dtype {xv.dtype} used as a boolean mask")
+        if not want_bool and not xv.is_floating_point():
+            return site.reject(f"bias of dtype {xv.dtype} added to the scores")
+    site.q_shape, site.k_shape, site.dtype = tuple(qv.shape), tuple(kshape), qv.dtype
+    return site
+
+
+def find_sites(gm: fx.GraphModule) -> list[AttentionSite]:
+    """Every attention site in the graph, in graph order."""
+    sites = []
+    for node in gm.graph.nodes:
+        c = canon(node)
+        site = match_softmax(node) if c == "softmax" else match_sdpa(node) if c == "sdpa" else None
+        if site is not None:
+            sites.append(site)
+    return sites

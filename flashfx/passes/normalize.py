@@ -1,0 +1,63 @@
+"""Canonical forms, so the matcher sees one spelling of each operation.
+
+Dynamo records what the user wrote: `s.softmax(-1)` is a call_method, `F.softmax(s, -1)` a
+call_function, `q @ k` is operator.matmul. `normalize` rewrites method calls into their
+function form (exactly the same computation), and `canon` names every alias of an op.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+# call_function targets -> canonical name
+_FUNCTIONS = {
+    operator.matmul: "matmul", torch.matmul: "matmul", torch.bmm: "matmul",
+    operator.mul: "mul", torch.mul: "mul",
+    operator.truediv: "div", torch.div: "div", torch.true_divide: "div",
+    operator.add: "add", torch.add: "add",
+    torch.softmax: "softmax", F.softmax: "softmax", torch.nn.functional.softmax: "softmax",
+    torch.transpose: "transpose", torch.permute: "permute",
+    torch.masked_fill: "masked_fill", torch.where: "where",
+    F.scaled_dot_product_attention: "sdpa",
+    torch._C._nn.scaled_dot_product_attention: "sdpa",
+    operator.eq: "eq", torch.eq: "eq", operator.ne: "ne", torch.ne: "ne",
+    operator.invert: "not", torch.logical_not: "not",
+}
+
+# call_method names -> the function computing the same thing
+_METHODS = {
+    "matmul": torch.matmul, "bmm": torch.bmm, "mul": torch.mul, "div": torch.div,
+    "add": torch.add, "softmax": torch.softmax, "transpose": torch.transpose,
+    "permute": torch.permute, "masked_fill": torch.masked_fill, "eq": torch.eq, "ne": torch.ne,
+    "logical_not": torch.logical_not,
+}
+
+
+def canon(node: fx.Node) -> str | None:
+    """The canonical name of the op `node` computes, or None if it is not one we know."""
+    if node.op == "call_function":
+        return _FUNCTIONS.get(node.target)
+    if node.op == "call_method" and node.target in _METHODS:
+        return _FUNCTIONS.get(_METHODS[node.target])
+    return None
+
+
+def normalize(gm: fx.GraphModule) -> int:
+    """Turn known method calls into function calls. Returns how many nodes changed."""
+    changed = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_method" and node.target in _METHODS:
+            node.op = "call_function"
+            node.target = _METHODS[node.target]
+            changed += 1
+    for node in gm.graph.nodes:
+        # x.permute(0, 2, 1, 3) passes dims as varargs; torch.permute wants a list
+        if node.target is torch.permute and len(node.args) > 2:
+            node.args = (node.args[0], list(node.args[1:]))
+    if changed:
+        gm.graph.lint()
+    return changed

@@ -1,0 +1,125 @@
+"""Mask structure: turn boolean masks known at compile time into causal structure.
+
+A causal mask written as `torch.ones(n, n).triu(1)` in the forward, or as a slice of a tril
+buffer registered on the module (nanoGPT, GPT-2), depends on nothing the caller passes. We
+evaluate it once while compiling and compare it with the causal patterns; if it is one, the
+mask op leaves the program and the kernels skip the blocks above the diagonal instead of
+reading an N×N mask. A mask that keeps everything is dropped. Anything else stays a runtime
+operand.
+
+Module buffers count as compile-time constants here (as for inductor's freezing): a model
+that rewrites its causal-mask buffer in place after compiling must recompile.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from flashfx.ir import ScoreOp, ScoreProgram
+from flashfx.passes.match import AttentionSite
+
+
+def _source_name(node: fx.Node) -> str:
+    src = getattr(node.meta.get("grapharg"), "source", None)
+    if src is None:
+        return ""
+    name = src.name
+    return name() if callable(name) else str(name)
+
+
+def _constant_cone(node: fx.Node, limit: int = 64) -> bool:
+    """Does `node` depend only on module buffers, attributes and constants (no caller input)?"""
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if len(seen) > limit:
+            return False
+        if n.op == "placeholder":
+            if "._buffers[" not in _source_name(n):
+                return False
+        elif n.op not in ("call_function", "call_method", "get_attr"):
+            return False
+        todo.extend(n.all_input_nodes)
+    return True
+
+
+def _evaluate(node: fx.Node, gm: fx.GraphModule, inputs: dict) -> torch.Tensor:
+    memo: dict = {}
+
+    def run(n):
+        if not isinstance(n, fx.Node):
+            return n
+        if n in memo:
+            return memo[n]
+        if n.op == "placeholder":
+            out = inputs[n]
+        elif n.op == "get_attr":
+            out = gm
+            for part in n.target.split("."):
+                out = getattr(out, part)
+        else:
+            args = fx.node.map_arg(n.args, run)
+            kwargs = fx.node.map_arg(n.kwargs, run)
+            out = n.target(*args, **kwargs) if n.op == "call_function" else getattr(args[0], n.target)(*args[1:], **kwargs)
+        memo[n] = out
+        return out
+
+    with torch.no_grad():
+        return run(node)
+
+
+def _classify(visible: torch.Tensor, nq: int, nk: int) -> str | None:
+    """"all", "top_left", "bottom_right" or None for a [..., nq, nk] visibility mask."""
+    v = visible.expand(*visible.shape[:-2], nq, nk) if visible.shape[-2:] != (nq, nk) else visible
+    flat = v.reshape(-1, nq, nk)
+    first = flat[0]
+    if not bool((flat == first).all()):
+        return None  # differs across batch or heads: a padding mask, not structure
+    if bool(first.all()):
+        return "all"
+    ones = torch.ones(nq, nk, dtype=torch.bool, device=first.device)
+    if torch.equal(first, ones.tril(0)):
+        return "top_left"
+    if torch.equal(first, ones.tril(nk - nq)):
+        return "bottom_right"
+    return None
+
+
+def resolve_static_masks(site: AttentionSite, gm: fx.GraphModule, example_inputs) -> None:
+    """Replace compile-time boolean masks of `site` by causal structure where they are one."""
+    if not site.fused or site.program.causal is not None:
+        return
+    nq, nk = site.q_shape[-2], site.k_shape[-2]
+    if not (isinstance(nq, int) and isinstance(nk, int)):
+        return
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    inputs = dict(zip(placeholders, example_inputs))
+    keep_ops, operands, causal = [], [], None
+    for op in site.program.ops:
+        x = site.operands[op.operand] if op.operand is not None else None
+        kind = None
+        if op.name in ("keep", "drop") and _constant_cone(x):
+            try:
+                value = _evaluate(x, gm, inputs)
+            except Exception:  # noqa: BLE001 - anything odd: keep the mask as a runtime operand
+                value = None
+            if isinstance(value, torch.Tensor) and value.dtype == torch.bool:
+                kind = _classify(value if op.name == "keep" else ~value, nq, nk)
+        if kind == "all":
+            site.notes.append(f"boolean mask `{x.name}` keeps every score: dropped")
+            continue
+        if kind in ("top_left", "bottom_right") and causal is None:
+            causal = kind
+            site.notes.append(f"boolean mask `{x.name}` is causal ({kind.replace('_', '-')}): blocks above the diagonal are skipped")
+            continue
+        if x is not None:
+            operands.append(x)
+            op = ScoreOp(op.name, len(operands) - 1, op.const)
+        keep_ops.append(op)
+    site.operands = operands
+    site.program = ScoreProgram(tuple(keep_ops), causal)
+
