@@ -170,9 +170,31 @@ def _fwd_step(prog, ops, folded, masked: bool) -> str:
 
 
 def _bwd_step(prog, ops, folded, masked: bool, want: str) -> str:
-    """One (Q block, K block) tile of the backward; want = "dkdv" or "dq"."""
-    lines = ["qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BM, BN] fp32",
-             "in_tile = m_ok[:, None] & n_ok[None, :]"]
+    """One (Q block, K block) tile of the backward, with its loads; want = "dkdv" or "dq"."""
+    if want == "dkdv":  # K, V held; load this Q block's rows
+        lines = [
+            "# ---- query block m..m+BM ({}) ----".format("diagonal or ragged: masked" if masked else "no masks"),
+            "offs_m = m + offs_m0",
+            "m_ok = offs_m < N_Q",
+            "q_ok = m_ok[:, None] & d_ok[None, :]" if masked else "q_ok = d_ok[None, :]",
+            "q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=q_ok, other=0.0)",
+            "do = tl.load(dOut + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gm + offs_d[None, :] * stride_gd, mask=q_ok, other=0.0)",
+            "# lse = +inf on padded or fully masked rows makes their p exactly 0",
+            "lse = tl.load(Lse + bh * N_Q + offs_m, mask=m_ok, other=float('inf')) * LOG2E",
+            "lse = tl.where(lse == float('-inf'), float('inf'), lse)",
+            "delta = tl.load(Delta + bh * N_Q + offs_m, mask=m_ok, other=0.0)",
+        ]
+    else:  # Q, dO held; load this K/V block's rows
+        lines = [
+            "# ---- key block n..n+BN ({}) ----".format("diagonal or ragged: masked" if masked else "no masks"),
+            "offs_n = n + offs_n0",
+            "n_ok = offs_n < N_K",
+            "kv_ok = n_ok[:, None] & d_ok[None, :]" if masked else "kv_ok = d_ok[None, :]",
+            "k = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_ok, other=0.0)",
+            "v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_ok, other=0.0)",
+        ]
+    lines += ["qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BM, BN] fp32",
+              "in_tile = m_ok[:, None] & n_ok[None, :]"]
     lines.append("s = qk")
     lines += _program_lines(ops, "s")
     if not folded:
@@ -318,24 +340,23 @@ def _attn_bwd_dkdv(
     dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
 
-    # causal: query blocks before the first row that sees key n0 contribute nothing
+    # Query blocks, in three runs: [lo, m_full) cross the causal diagonal (masked);
+    # [m_full, m_even) see the whole key block (no masks); [m_even, N_Q) is the ragged end.
     lo = 0
+    m_full = 0
     if CAUSAL != 0:
         lo = tl.maximum(pid_n * BLOCK_N - DIAG, 0) // BLOCK_M * BLOCK_M
+        m_full = (tl.maximum(pid_n * BLOCK_N + BLOCK_N - 1 - DIAG, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    m_even = N_Q // BLOCK_M * BLOCK_M
     for g_head in range(GROUP):
         h = hk * GROUP + g_head
         bh = b * H + h
-        for m in range(lo, N_Q, BLOCK_M):
-            offs_m = m + offs_m0
-            m_ok = offs_m < N_Q
-            q_ok = m_ok[:, None] & d_ok[None, :]
-            q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=q_ok, other=0.0)
-            do = tl.load(dOut + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gm + offs_d[None, :] * stride_gd, mask=q_ok, other=0.0)
-            # lse = +inf on padded or fully masked rows makes their p exactly 0
-            lse = tl.load(Lse + bh * N_Q + offs_m, mask=m_ok, other=float('inf')) * LOG2E
-            lse = tl.where(lse == float('-inf'), float('inf'), lse)
-            delta = tl.load(Delta + bh * N_Q + offs_m, mask=m_ok, other=0.0)
-{step_dkdv}
+        for m in range(lo, tl.minimum(m_full, N_Q), BLOCK_M):
+{dkdv_masked}
+        for m in range(m_full, m_even, BLOCK_M):
+{dkdv_full}
+        for m in range(tl.maximum(m_full, m_even), N_Q, BLOCK_M):
+{dkdv_masked}
 
     dk_ptrs = dK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
     dv_ptrs = dV + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
@@ -380,16 +401,16 @@ def _attn_bwd_dq(
     delta = tl.load(Delta + pid_bh * N_Q + offs_m, mask=m_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
 
+    # key blocks: whole blocks before the diagonal need no mask; then the diagonal and ragged end
     hi = N_K
+    full = (N_K // BLOCK_N) * BLOCK_N
     if CAUSAL != 0:
         hi = tl.maximum(tl.minimum(N_K, pid_m * BLOCK_M + BLOCK_M + DIAG), 0)
-    for n in range(0, hi, BLOCK_N):
-        offs_n = n + offs_n0
-        n_ok = offs_n < N_K
-        kv_ok = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_ok, other=0.0)
-        v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_ok, other=0.0)
-{step_dq}
+        full = tl.minimum(full, tl.maximum(pid_m * BLOCK_M + DIAG + 1, 0) // BLOCK_N * BLOCK_N)
+    for n in range(0, full, BLOCK_N):
+{dq_full}
+    for n in range(full, hi, BLOCK_N):
+{dq_masked}
 
     dq_ptrs = dQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
     tl.store(dq_ptrs, dq.to(dQ.dtype.element_ty), mask=q_ok)
@@ -405,8 +426,10 @@ def emit(program: ScoreProgram) -> str:
         xstrides=xstrides,
         step_full=_fwd_step(program, ops, folded, masked=False),
         step_masked=_fwd_step(program, ops, folded, masked=True),
-        step_dkdv=_bwd_step(program, ops, folded, masked=True, want="dkdv"),
-        step_dq=_bwd_step(program, ops, folded, masked=True, want="dq"),
+        dkdv_full=_bwd_step(program, ops, folded, masked=False, want="dkdv"),
+        dkdv_masked=_bwd_step(program, ops, folded, masked=True, want="dkdv"),
+        dq_full=_bwd_step(program, ops, folded, masked=False, want="dq"),
+        dq_masked=_bwd_step(program, ops, folded, masked=True, want="dq"),
     )
 
 
