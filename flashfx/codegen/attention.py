@@ -310,7 +310,8 @@ def _attn_bwd_dkdv(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_gb, stride_gh, stride_gm, stride_gd,   # dO
-    stride_dkb, stride_dkh, stride_dkn, stride_dkd,  # dK and dV share a layout
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     {xstrides}
     H, N_Q, N_K,
     GROUP: tl.constexpr, CAUSAL: tl.constexpr,
@@ -359,7 +360,7 @@ def _attn_bwd_dkdv(
 {dkdv_masked}
 
     dk_ptrs = dK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
-    dv_ptrs = dV + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
+    dv_ptrs = dV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd
     tl.store(dk_ptrs, dk.to(dK.dtype.element_ty), mask=kv_ok)
     tl.store(dv_ptrs, dv.to(dV.dtype.element_ty), mask=kv_ok)
 

@@ -77,8 +77,7 @@ def backward(dout, q, k, v, out, lse, operands, program: ScoreProgram, tiles: Ti
     p = tiles or tile_plan(q)
     delta = torch.empty_like(lse)
     dq = torch.empty_like(q)
-    dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)  # dk, dv share one layout
-    dv = torch.empty(k.shape, device=k.device, dtype=v.dtype)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)  # the strides the fake impl promises
     xptrs, xstrides = _operand_args(operands)
     common = dict(GROUP=H // Hk, CAUSAL=_CAUSAL_CODE[program.causal],
                   HEAD_DIM=D, HEAD_DIM_PAD=p.head_dim_pad, PRECISION=_precision(q))
@@ -91,7 +90,7 @@ def backward(dout, q, k, v, out, lse, operands, program: ScoreProgram, tiles: Ti
     t = p.bwd_dkdv
     kernels._attn_bwd_dkdv[(triton_cdiv(Nk, t.block_n), B * Hk)](
         q, k, v, dout, lse, delta, dk, dv, *xptrs,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(),
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
         *xstrides, H, Nq, Nk, **common,
         BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps, num_stages=t.num_stages,
     )

@@ -4,7 +4,7 @@
       q: [B, H, Nq, D]; k, v: [B, Hk, Nk, D] with H % Hk == 0 (GQA without copies)
       operands: tensors the score program reads, each broadcastable to [B, H, Nq, Nk]
       program: ScoreProgram.encode() — what happens to the scores before the softmax
-      out: [B, H, Nq, D] in q's dtype; lse: [B, H, Nq] fp32 log-sum-exp of the final scores
+      out: [B, H, Nq, D] in q's dtype; lse: [B, H, Nq] fp32 (fp64 for fp64 inputs) log-sum-exp of the final scores
 
 Autograd saves q, k, v, out and lse — O(N) — and the backward op recomputes the
 probabilities from them. CUDA tensors run the generated Triton kernels; CPU tensors the
@@ -75,7 +75,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, operands: list[Tensor], program: 
 def _(q, k, v, operands, program):
     B, H, Nq, D = q.shape
     torch._check(k.shape[-1] == D and v.shape[-1] == D, lambda: "flashfx: q, k, v head dims differ")
-    return torch.empty_like(q), q.new_empty((B, H, Nq), dtype=torch.float32)
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return torch.empty_like(q), q.new_empty((B, H, Nq), dtype=lse_dtype)
 
 
 @torch.library.custom_op("flashfx::attention_backward", mutates_args=())

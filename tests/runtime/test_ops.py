@@ -1,0 +1,52 @@
+"""The custom op's registration: fake tensors, autograd, schema (torch.library.opcheck)."""
+
+import pytest
+import torch
+
+from flashfx import config
+from flashfx.ir import ScoreOp, ScoreProgram
+
+PROGRAM = ScoreProgram((ScoreOp("scale", None, 0.25), ScoreOp("bias", 0)), "bottom_right").encode()
+
+
+def _inputs(dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    # [B, N, H, D] storage seen as [B, H, N, D]: outputs must keep these strides
+    q = torch.randn(2, 19, 4, 16, generator=g, dtype=dtype).transpose(1, 2).requires_grad_()
+    k = torch.randn(2, 23, 2, 16, generator=g, dtype=dtype).transpose(1, 2).requires_grad_()
+    v = torch.randn(2, 23, 2, 16, generator=g, dtype=dtype).transpose(1, 2).requires_grad_()
+    bias = torch.randn(1, 4, 1, 23, generator=g, dtype=dtype)
+    return q, k, v, [bias]
+
+
+@pytest.mark.parametrize("kernel", ["chunked", "triton"])
+def test_opcheck(kernel, monkeypatch):
+    monkeypatch.setattr(config, "cpu_kernel", kernel)
+    q, k, v, xs = _inputs()
+    torch.library.opcheck(torch.ops.flashfx.attention.default, (q, k, v, xs, PROGRAM))
+
+
+def test_gradcheck_chunked_float64():
+    q, k, v, xs = _inputs(torch.float64)
+    f = lambda q, k, v: torch.ops.flashfx.attention(q, k, v, xs, PROGRAM)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(f, (q, k, v), eps=1e-6, atol=1e-5)
+
+
+def test_bias_requiring_grad_is_an_error_not_a_zero_gradient():
+    q, k, v, xs = _inputs()
+    xs[0].requires_grad_()
+    with pytest.raises(NotImplementedError, match="gradients for score operands"):
+        torch.ops.flashfx.attention(q, k, v, xs, PROGRAM)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda q, k, v, xs: (q, k[..., :8], v, xs), "head dims"),
+    (lambda q, k, v, xs: (q, k, v, [torch.randn(3, 23)]), "does not broadcast"),
+    (lambda q, k, v, xs: (q, k, v, xs, "{not json"), "malformed score program"),
+])
+def test_bad_input_is_a_clear_error(bad, match):
+    args = bad(*_inputs())
+    if len(args) == 4:
+        args = (*args, PROGRAM)
+    with pytest.raises(Exception, match=match):
+        torch.ops.flashfx.attention(*args)

@@ -1,0 +1,253 @@
+"""torch.compile(..., backend="flashfx") end to end on CPU: fused, and at parity with eager."""
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import flashfx
+from flashfx import config
+from flashfx.passes.pipeline import counters
+
+
+def _rand(*shape, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=dtype)
+
+
+# ---- the forms step 1 fuses -------------------------------------------------------------------
+
+
+def plain_mul(q, k, v):
+    return torch.softmax((q @ k.transpose(-2, -1)) * 0.125, dim=-1) @ v
+
+
+def plain_div(q, k, v):
+    s = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.size(-1))
+    return s.softmax(dim=-1).matmul(v)
+
+
+def plain_bmm(q, k, v):  # 3-D
+    return torch.bmm(F.softmax(torch.bmm(q, k.transpose(1, 2)) * 0.25, dim=-1), v)
+
+
+def causal_triu(q, k, v):
+    s = q @ k.transpose(-2, -1) * q.size(-1) ** -0.5
+    n = q.size(-2)
+    s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    return torch.softmax(s, dim=-1) @ v
+
+
+def sdpa_plain(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def sdpa_causal_scale(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.2)
+
+
+def sdpa_float_mask(q, k, v, mask):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def sdpa_bool_mask(q, k, v, mask):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+class NanoGPTAttention(nn.Module):
+    """Causal self-attention the way nanoGPT writes it: a tril buffer, sliced and compared."""
+
+    def __init__(self, d=32, h=2, block=64):
+        super().__init__()
+        self.h = h
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.register_buffer("bias", torch.tril(torch.ones(block, block)).view(1, 1, block, block))
+
+    def forward(self, x):  # x: [B, T, C]
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.h, C // self.h).transpose(1, 2) for t in (q, k, v))  # [B, h, T, hd]
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
+        att = F.softmax(att, dim=-1)
+        y = (att @ v).transpose(1, 2).contiguous().view(B, T, C)
+        return self.proj(y)
+
+
+CASES = {
+    "plain_mul": (plain_mul, lambda: [_rand(2, 3, 37, 16, seed=i) for i in range(3)]),
+    "plain_div": (plain_div, lambda: [_rand(2, 3, 37, 16, seed=i) for i in range(3)]),
+    "plain_bmm_cross": (plain_bmm, lambda: [_rand(4, 21, 8, seed=0), _rand(4, 30, 8, seed=1), _rand(4, 30, 8, seed=2)]),
+    "causal_triu": (causal_triu, lambda: [_rand(1, 2, 45, 16, seed=i) for i in range(3)]),
+    "sdpa_plain": (sdpa_plain, lambda: [_rand(2, 2, 33, 24, seed=i) for i in range(3)]),
+    "sdpa_causal_scale": (sdpa_causal_scale, lambda: [_rand(2, 2, 20, 16, seed=0), _rand(2, 2, 33, 16, seed=1), _rand(2, 2, 33, 16, seed=2)]),
+    "sdpa_float_mask": (sdpa_float_mask, lambda: [*(_rand(2, 2, 17, 16, seed=i) for i in range(3)), _rand(2, 1, 17, 17, seed=3)]),
+    "sdpa_bool_mask": (sdpa_bool_mask, lambda: [*(_rand(2, 2, 17, 16, seed=i) for i in range(3)), _rand(17, 17, seed=3) > -0.5]),
+}
+
+
+def _check_parity(fn, args, inner, atol=2e-5):
+    args = [a.clone().requires_grad_(i < 3) for i, a in enumerate(args)]  # q, k, v; masks need none
+    before = counters["rewritten"]
+    out = torch.compile(fn, backend="flashfx", options={"inner": inner})(*args)
+    assert counters["rewritten"] > before, "flashfx did not rewrite the attention"
+    ref_args = [a.detach().double().requires_grad_(a.requires_grad) if a.is_floating_point() else a for a in args]
+    ref = fn(*ref_args)
+    torch.testing.assert_close(out.double(), ref, atol=atol, rtol=1e-4)
+    grad = _rand(*out.shape, seed=99)
+    diff = [a for a in args if a.requires_grad]
+    got = torch.autograd.grad(out, diff, grad)
+    want = torch.autograd.grad(ref, [a for a in ref_args if a.requires_grad], grad.double())
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, atol=atol * 5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("kernel", ["chunked", "triton"])
+def test_fused_and_at_parity(case, kernel, monkeypatch):
+    monkeypatch.setattr(config, "cpu_kernel", kernel)
+    fn, make = CASES[case]
+    _check_parity(fn, make(), inner="aot_eager")
+
+
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+def test_inner_compilers(inner):
+    fn, make = CASES["causal_triu"]
+    _check_parity(fn, make(), inner=inner)
+
+
+def test_nanogpt_module_fused_causal():
+    torch.manual_seed(0)
+    m = NanoGPTAttention()
+    x = _rand(2, 40, 32)
+    report = flashfx.explain(m, x)
+    assert [s.fused for s in report.sites] == [True]
+    assert "causal(top_left)" in report.sites[0].program
+    before = counters["rewritten"]
+    out = torch.compile(m, backend="flashfx", options={"inner": "aot_eager"})(x)
+    assert counters["rewritten"] == before + 1
+    torch.testing.assert_close(out, m(x), atol=2e-5, rtol=1e-4)
+
+
+def test_changing_sequence_length_stays_fused():
+    c = torch.compile(plain_mul, backend="flashfx", options={"inner": "aot_eager"})
+    for n in (16, 24, 40, 57):
+        q, k, v = (_rand(1, 2, n, 16, seed=i) for i in range(3))
+        before = counters["rewritten"]
+        torch.testing.assert_close(c(q, k, v), plain_mul(q, k, v), atol=2e-5, rtol=1e-4)
+        assert counters["rewritten"] >= before  # recompiles (if any) rewrote too
+    # automatic dynamic: the second length recompiles once with a symbolic N, then no more
+    assert counters["rewritten"] >= 2
+
+
+# ---- what stays unfused, and why ------------------------------------------------------------
+
+
+def returns_weights(q, k, v):
+    p = torch.softmax(q @ k.transpose(-2, -1), dim=-1)
+    return p @ v, p
+
+
+def softmax_wrong_dim(q, k, v):
+    return torch.softmax(q @ k.transpose(-2, -1), dim=-2) @ v
+
+
+def sdpa_dropout(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=0.3)
+
+
+@pytest.mark.parametrize("fn, why", [
+    (returns_weights, "another user"),
+    (softmax_wrong_dim, "not the key dim"),
+    (sdpa_dropout, "dropout"),
+])
+def test_unfused_sites_say_why_and_run_as_written(fn, why):
+    q, k, v = (_rand(1, 2, 8, 16, seed=i) for i in range(3))
+    report = flashfx.explain(fn, q, k, v)
+    assert len(report.sites) == 1 and not report.sites[0].fused
+    assert why in report.sites[0].reason
+    assert __file__ in report.sites[0].location or os.path.basename(__file__) in report.sites[0].location
+    assert "NOT fused" in str(report)
+    torch.manual_seed(0)
+    out = torch.compile(fn, backend="flashfx", options={"inner": "eager"})(q, k, v)
+    torch.manual_seed(0)
+    ref = fn(q, k, v)
+    if fn is not sdpa_dropout:
+        torch.testing.assert_close(out, ref)
+
+
+def test_graph_without_attention_is_unchanged():
+    def f(x, w):
+        return torch.softmax(x @ w, dim=-1).sum(0) + torch.tanh(x).mean()
+
+    x, w = _rand(5, 7), _rand(7, 3, seed=1)
+    before = dict(counters)
+    out = torch.compile(f, backend="flashfx", options={"inner": "aot_eager"})(x, w)
+    assert counters["rewritten"] == before.get("rewritten", 0)
+    torch.testing.assert_close(out, f(x, w))
+    assert flashfx.explain(f, x, w).sites == []
+
+
+def test_explain_reports_location_and_plan():
+    q, k, v = (_rand(1, 2, 8, 16, seed=i) for i in range(3))
+    report = flashfx.explain(plain_mul, q, k, v)
+    (site,) = report.sites
+    assert site.fused and site.reason is None
+    assert site.location.endswith(f"test_backend.py:{plain_mul.__code__.co_firstlineno + 1}")
+    assert site.program == "scale(0.125)"
+    assert "1 of 1 attention sites fused" in str(report)
+
+
+def test_unknown_option_is_a_clear_error():
+    with pytest.raises(Exception, match="unknown option 'innr'"):
+        torch.compile(plain_mul, backend="flashfx", options={"innr": "eager"})(*(_rand(1, 1, 4, 16) for _ in range(3)))
+
+
+def test_backend_found_without_import_in_a_fresh_process():
+    code = (
+        "import sys, torch\n"
+        "q = torch.randn(1, 2, 8, 16)\n"
+        "f = lambda q: torch.softmax(q @ q.transpose(-2, -1) * 0.25, -1) @ q\n"
+        "out = torch.compile(f, backend='flashfx', options={'inner': 'eager'})(q)\n"
+        "assert 'flashfx' in sys.modules, 'backend not loaded'\n"
+        "torch.testing.assert_close(out, f(q))\n"
+        "from flashfx.passes.pipeline import counters\n"
+        "assert counters['rewritten'] == 1, counters\n"
+        "print('ok')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd="/")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == "ok"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["plain_div", "causal_triu", "sdpa_causal_scale", "sdpa_bool_mask"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_compiled_with_inductor(case, dtype):
+    fn, make = CASES[case]
+    args = [a.cuda() for a in make()]
+    if case == "causal_triu":  # the mask is built on the device the inputs live on
+        def fn(q, k, v):  # noqa: F811
+            s = q @ k.transpose(-2, -1) * q.size(-1) ** -0.5
+            n = q.size(-2)
+            s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+            return torch.softmax(s, dim=-1) @ v
+    low = [a.to(dtype).requires_grad_(i < 3) if a.is_floating_point() else a for i, a in enumerate(args)]
+    before = counters["rewritten"]
+    out = torch.compile(fn, backend="flashfx")(*low)
+    assert counters["rewritten"] > before
+    ref_in = [a.detach().double().requires_grad_(i < 3) if a.is_floating_point() else a for i, a in enumerate(low)]
+    ref = fn(*ref_in)
+    grad = torch.randn_like(ref)
+    out.backward(grad.to(dtype))
+    ref.backward(grad)
+    for got, want in [(out, ref)] + [(a.grad, b.grad) for a, b in zip(low[:3], ref_in[:3])]:
+        err = ((got.double() - want).norm() / want.norm()).item()
+        assert err < 1.6e-2, err
