@@ -17,9 +17,10 @@ from torch import Tensor
 from flashfx import scoreops
 from flashfx.ir import ScoreProgram
 
-# One block of scores holds at most this many elements (fp32: 16 MiB). Rabe & Staats use
-# query chunks of 1024 and key chunks of 4096; we cap both and shrink to the budget.
-SCORE_BLOCK_BUDGET = 1 << 22
+# One block of scores holds at most this many elements (fp32: 4 MiB); a few blocks are alive
+# at once. Rabe & Staats use query chunks of 1024 and key chunks of 4096; we cap both there
+# and shrink the query chunk to the budget. Larger blocks ran no faster on 2 cores.
+SCORE_BLOCK_BUDGET = 1 << 20
 MAX_Q_CHUNK, MAX_K_CHUNK = 1024, 4096
 
 
@@ -64,6 +65,8 @@ def _block_scores(q_c, k_c, operands, program, rows, cols, nq, nk, G):
     vis = _visible(program, rows, cols, nq, nk, raw.device)
     if vis is not None:
         s = s.masked_fill(~vis, float("-inf"))
+    if s is raw:  # callers turn s into probabilities in place; raw must survive for the grad
+        s = raw.clone()
     return s, raw, xs
 
 
@@ -93,7 +96,7 @@ def attention_forward(q, k, v, operands, program: ScoreProgram, *, q_chunk=None,
             s, _, _ = _block_scores(q_c, k_c, operands, program, rows, cols, Nq, Nk, G)
             m_new = torch.maximum(m, s.amax(-1, keepdim=True))
             m_use = m_new.masked_fill(m_new == float("-inf"), 0.0)  # rows masked so far stay 0
-            p = torch.exp(s - m_use)
+            p = s.sub_(m_use).exp_()  # in place: the block's scores become its probabilities
             alpha = torch.exp(m - m_use)
             l = l * alpha + p.sum(-1, keepdim=True)  # noqa: E741
             acc = acc * alpha + p @ v_c
@@ -132,11 +135,10 @@ def attention_backward(dout, q, k, v, out, lse, operands, program: ScoreProgram,
             cols = range(c0, min(c0 + k_chunk, Nk))
             k_c, v_c = kk[..., c0:cols.stop, :].to(ct), vv[..., c0:cols.stop, :].to(ct)
             s, raw, xs = _block_scores(q_c, k_c, operands, program, rows, cols, Nq, Nk, G)
-            p = torch.exp(s - lse_g[..., sl, :])  # [B, Hk, G, cq, ck]
-            del s
+            p = s.sub_(lse_g[..., sl, :]).exp_()  # [B, Hk, G, cq, ck], in place
             dv[..., c0:cols.stop, :] += (p.transpose(-2, -1) @ do_c).sum(2)
-            g = p * (do_c @ v_c.transpose(-2, -1) - delta[..., sl, :])  # dL/d(softmax input)
-            del p
+            g = (do_c @ v_c.transpose(-2, -1)).sub_(delta[..., sl, :]).mul_(p)  # dL/d(softmax in)
+            del p, s
             g = scoreops.grad_torch(program, g, raw, xs, slice(None), slice(None))  # dL/d(q·kᵀ)
             dq[..., sl, :] += g @ k_c
             dk[..., c0:cols.stop, :] += (g.transpose(-2, -1) @ q_c).sum(2)
