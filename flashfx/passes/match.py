@@ -280,8 +280,8 @@ def _check_tensors(site: AttentionSite) -> AttentionSite:
     D = qv.shape[-1]
     if not (_eq(kshape[-1], D) and _eq(vv.shape[-1], D)):
         return site.reject(f"head dims differ: q {D}, k {kshape[-1]}, v {vv.shape[-1]}")
-    if not _known(D) or not 1 <= int(D) <= 256:
-        return site.reject(f"head dim {D} outside 1..256")
+    if _known(D) and not 1 <= int(D) <= 256:
+        return site.reject(f"head dim {D} outside 1..256")  # a symbolic D is checked per call
     if not _eq(kshape[-2], vv.shape[-2]):
         return site.reject("k and v have different sequence lengths")
     if not _eq(kv.shape[0], qv.shape[0]) or not _eq(vv.shape[0], qv.shape[0]):

@@ -8,7 +8,10 @@ reading an N×N mask. A mask that keeps everything is dropped. Anything else sta
 operand.
 
 Module buffers count as compile-time constants here (as for inductor's freezing): a model
-that rewrites its causal-mask buffer in place after compiling must recompile.
+that rewrites its causal-mask buffer in place after compiling must recompile. A mask may also
+depend on sizes (`torch.ones(n, n)` with a symbolic n under dynamic shapes): it is evaluated at
+the sizes of this compile's example inputs, on the premise that a mask built from sizes alone
+has the same structure at every size.
 """
 
 from __future__ import annotations
@@ -28,8 +31,15 @@ def _source_name(node: fx.Node) -> str:
     return name() if callable(name) else str(name)
 
 
+def _is_size(n: fx.Node) -> bool:
+    """A node reading a tensor's size, not its values."""
+    if n.op == "call_method" and n.target == "size":
+        return True
+    return n.op == "call_function" and n.target in (torch.ops.aten.sym_size.int, torch.ops.aten.sym_size)
+
+
 def _constant_cone(node: fx.Node, limit: int = 64) -> bool:
-    """Does `node` depend only on module buffers, attributes and constants (no caller input)?"""
+    """Does `node` depend only on sizes, module buffers and constants (no caller values)?"""
     seen, todo = set(), [node]
     while todo:
         n = todo.pop()
@@ -38,8 +48,11 @@ def _constant_cone(node: fx.Node, limit: int = 64) -> bool:
         seen.add(n)
         if len(seen) > limit:
             return False
+        if _is_size(n):
+            continue
         if n.op == "placeholder":
-            if "._buffers[" not in _source_name(n):
+            is_size = isinstance(n.meta.get("example_value"), torch.SymInt)
+            if not is_size and "._buffers[" not in _source_name(n):
                 return False
         elif n.op not in ("call_function", "call_method", "get_attr"):
             return False
@@ -56,7 +69,7 @@ def _evaluate(node: fx.Node, gm: fx.GraphModule, inputs: dict) -> torch.Tensor:
         if n in memo:
             return memo[n]
         if n.op == "placeholder":
-            out = inputs[n]
+            out = _concrete(inputs[n])
         elif n.op == "get_attr":
             out = gm
             for part in n.target.split("."):
@@ -70,6 +83,13 @@ def _evaluate(node: fx.Node, gm: fx.GraphModule, inputs: dict) -> torch.Tensor:
 
     with torch.no_grad():
         return run(node)
+
+
+def _concrete(x):
+    """A symbolic size as the int it has in this compile's example inputs (no guard added)."""
+    if isinstance(x, torch.SymInt):
+        return int(x.node.hint)
+    return x
 
 
 def _classify(visible: torch.Tensor, nq: int, nk: int) -> str | None:
@@ -93,8 +113,9 @@ def resolve_static_masks(site: AttentionSite, gm: fx.GraphModule, example_inputs
     """Replace compile-time boolean masks of `site` by causal structure where they are one."""
     if not site.fused or site.program.causal is not None:
         return
-    nq, nk = site.q_shape[-2], site.k_shape[-2]
-    if not (isinstance(nq, int) and isinstance(nk, int)):
+    try:
+        nq, nk = _concrete(site.q_shape[-2]), _concrete(site.k_shape[-2])
+    except (TypeError, AttributeError):  # an unbacked size: no example to evaluate at
         return
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     inputs = dict(zip(placeholders, example_inputs))

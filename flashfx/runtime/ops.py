@@ -35,6 +35,8 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"flashfx: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     if H % Hk:
         raise ValueError(f"flashfx: {H} query heads cannot share {Hk} K/V heads")
+    if not 1 <= D <= 256:
+        raise ValueError(f"flashfx: head dim {D} is outside 1..256")
 
 
 def _broadcast_operands(operands, q, k) -> list[Tensor]:
