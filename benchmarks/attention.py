@@ -143,6 +143,9 @@ def run(args):
                 torch.cuda.empty_cache()
             rows.append(row)
             print(_row_text(row, chosen), flush=True)
+            if args.partial:  # keep what is measured so far if the run is cut short
+                with open(args.partial, "w") as f:
+                    json.dump(rows, f)
     return rows, chosen
 
 
@@ -211,6 +214,7 @@ def main():
     p.add_argument("--backend", default="flashfx", help="compiler for the naive form (flashfx, inductor)")
     p.add_argument("--eager-cap-gib", type=float, default=48.0, help="skip eager beyond this N×N memory")
     p.add_argument("--no-doc", action="store_true", help="do not write docs/benchmarks.md")
+    p.add_argument("--partial", default=None, help="rewrite this JSON file after every row")
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("benchmarks/attention.py needs a CUDA GPU; none found.")
