@@ -222,6 +222,8 @@ def main():
     sys.path.insert(0, ROOT)
     import triton
 
+    import flashfx  # noqa: F401  (an installed flashfx needs no import; a source tree does)
+
     rows, chosen = run(args)
     out_dir = os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "out")
     os.makedirs(out_dir, exist_ok=True)

@@ -24,6 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import flashfx  # for explain; torch.compile(backend="flashfx") itself needs no import once installed
+
 
 @dataclass
 class Config:
@@ -149,8 +151,6 @@ def main():
     if args.measure:  # a child process measuring one variant
         print(json.dumps(measure(args.measure, device, seq, batch, args.steps)))
         return 0
-
-    import flashfx
 
     model, idx = setup(device, seq, batch)
     print(f"GPT: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, batch {batch}, seq {seq}, {device}\n")

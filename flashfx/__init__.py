@@ -6,7 +6,7 @@
 Importing flashfx registers the backend and the custom op, nothing else.
 """
 
-from flashfx.backend import flashfx_backend
+from flashfx.backend import flashfx_backend, register_if_not_installed
 from flashfx.explain import Report, explain
 from flashfx.ir import ScoreOp, ScoreProgram
 from flashfx.runtime.ops import attention
@@ -14,3 +14,5 @@ from flashfx.scoreops import register_score_op
 
 __all__ = ["attention", "explain", "flashfx_backend", "register_score_op", "Report", "ScoreOp", "ScoreProgram"]
 __version__ = "0.1.0"
+
+register_if_not_installed()

@@ -45,3 +45,18 @@ def flashfx_backend(gm: fx.GraphModule, example_inputs, options: dict | None = N
     opts = parse_options(options)
     pipeline.run(gm, example_inputs)
     return inner_compile(gm, example_inputs, opts["inner"])
+
+
+def register_if_not_installed() -> None:
+    """Make backend="flashfx" work from a source tree (PYTHONPATH=.), where no entry point exists.
+
+    An installed flashfx is found through its `torch_dynamo_backends` entry point; registering
+    it here as well would make torch's registry reject the name as a duplicate.
+    """
+    from importlib.metadata import entry_points
+
+    from torch._dynamo.backends import registry
+
+    if "flashfx" in entry_points(group="torch_dynamo_backends").names or "flashfx" in registry._COMPILER_FNS:
+        return
+    registry.register_backend(flashfx_backend, name="flashfx")
