@@ -123,13 +123,17 @@ def bench_one(fn, B, H, N, D, causal, mode, device, dtype):
 
 def run(args):
     device, dtype = "cuda", torch.bfloat16
-    variants = make_variants(args.backend)
     chosen = [v for v in VARIANTS if v in args.variants.split(",")]
     shapes = SHAPES[:: len(SHAPES) // 2][:2] if args.quick else SHAPES
     rows = []
     for D, N, causal in shapes:
         B, H = 16384 // N, 2048 // D
         for mode in args.modes.split(","):
+            # Compile afresh for every shape and mode, as a model of that shape would be: one
+            # compiled function reused across 24 shapes would hit Dynamo's recompile limit and
+            # fall back to eager (for flashfx and FlexAttention alike).
+            torch._dynamo.reset()
+            variants = make_variants(args.backend)
             row = {"D": D, "N": N, "B": B, "H": H, "causal": causal, "mode": mode}
             for name in chosen:
                 if name == "eager" and eager_bytes(B, H, N) > args.eager_cap_gib * 2**30:
