@@ -125,6 +125,9 @@ def run(args):
     device, dtype = "cuda", torch.bfloat16
     chosen = [v for v in VARIANTS if v in args.variants.split(",")]
     shapes = SHAPES[:: len(SHAPES) // 2][:2] if args.quick else SHAPES
+    if args.shapes:  # e.g. "128:1024,64:4096"
+        wanted = {tuple(int(x) for x in s.split(":")) for s in args.shapes.split(",")}
+        shapes = [s for s in shapes if s[:2] in wanted]
     rows = []
     for D, N, causal in shapes:
         B, H = 16384 // N, 2048 // D
@@ -214,6 +217,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="two shapes only")
     p.add_argument("--modes", default="fwd,fwdbwd")
+    p.add_argument("--shapes", default=None, help="only these D:N pairs, e.g. 128:1024,64:4096")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--backend", default="flashfx", help="compiler for the naive form (flashfx, inductor)")
     p.add_argument("--eager-cap-gib", type=float, default=48.0, help="skip eager beyond this N×N memory")

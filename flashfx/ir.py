@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 CAUSAL_ALIGNMENTS = ("top_left", "bottom_right")
 
@@ -62,6 +63,7 @@ class ScoreProgram:
         return json.dumps({"ops": ops, "causal": self.causal}, separators=(",", ":"))
 
     @staticmethod
+    @lru_cache(maxsize=1024)  # called on every op call: parse each program once
     def decode(text: str) -> "ScoreProgram":
         try:
             raw = json.loads(text)

@@ -16,6 +16,7 @@ stages, then the streamed block, until the footprint fits.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from flashfx.planner.hardware import GPU
 
@@ -76,6 +77,7 @@ def _fit(hold: int, stream: int, d_pad: int, elt: int, warps: int, stages: int, 
             )
 
 
+@lru_cache(maxsize=None)
 def plan(head_dim: int, elt_bytes: int, gpu: GPU, *, interpret: bool = False) -> TilePlan:
     """Choose tiles for one attention site's kernels on `gpu`.
 
