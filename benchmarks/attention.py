@@ -145,6 +145,8 @@ def run(args):
                 try:
                     tflops, gib, err = bench_one(variants[name], B, H, N, D, causal, mode, device, dtype)
                     row[name] = {"tflops": tflops, "extra_gib": gib, "errors": err}
+                    if name == "flashfx" and args.backend == "flashfx":
+                        row[name]["sites"] = _explain(B, H, N, D, causal, device, dtype)
                 except Exception as e:  # noqa: BLE001 - one failing variant must not lose the rest
                     row[name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
                 torch.cuda.empty_cache()
@@ -156,6 +158,15 @@ def run(args):
     return rows, chosen
 
 
+def _explain(B, H, N, D, causal, device, dtype) -> list[str]:
+    """What flashfx made of the naive form at this shape: one line per site."""
+    import flashfx
+
+    q, k, v = (torch.randn(B, H, N, D, device=device, dtype=dtype) for _ in range(3))
+    report = flashfx.explain(lambda q, k, v: naive_attention(q, k, v, causal), q, k, v)
+    return [s.program if s.fused else f"NOT fused: {s.reason}" for s in report.sites]
+
+
 def _cell(r):
     if "tflops" in r:
         return f"{r['tflops']:.0f}"
@@ -163,8 +174,9 @@ def _cell(r):
 
 
 def _row_text(row, chosen):
+    sites = row.get("flashfx", {}).get("sites")
     return f"D={row['D']:<3} N={row['N']:<5} {'causal' if row['causal'] else 'full':6} {row['mode']:6} " + " ".join(
-        f"{name}={_cell(row.get(name, {}))}" for name in chosen)
+        f"{name}={_cell(row.get(name, {}))}" for name in chosen) + (f"  [{'; '.join(sites)}]" if sites else "")
 
 
 def _ratio(row, a, b):
