@@ -32,6 +32,18 @@ def chunk_sizes(batch_heads: int, nq: int, nk: int) -> tuple[int, int]:
     return q_chunk, k_chunk
 
 
+def _sizes(q: Tensor, k: Tensor):
+    """B, H, Nq, D, Hk, Nk and the group size G = H / Hk."""
+    B, H, Nq, D = q.shape
+    Hk, Nk = k.shape[1], k.shape[2]
+    return B, H, Nq, D, Hk, Nk, H // Hk
+
+
+def _chunks(batch_heads, nq, nk, q_chunk, k_chunk) -> tuple[int, int]:
+    default_q, default_k = chunk_sizes(batch_heads, nq, nk)
+    return q_chunk or default_q, k_chunk or default_k
+
+
 def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -72,12 +84,9 @@ def _block_scores(q_c, k_c, operands, program, rows, cols, nq, nk, G):
 
 def attention_forward(q, k, v, operands, program: ScoreProgram, *, q_chunk=None, k_chunk=None):
     """(out [B, H, Nq, D] in q's dtype, lse [B, H, Nq] fp32), chunk by chunk."""
-    B, H, Nq, D = q.shape
-    Hk, Nk = k.shape[1], k.shape[2]
-    G = H // Hk
+    B, H, Nq, D, Hk, Nk, G = _sizes(q, k)
     ct = _compute_dtype(q)
-    dq_chunk, dk_chunk = chunk_sizes(B * H, Nq, Nk)
-    q_chunk, k_chunk = q_chunk or dq_chunk, k_chunk or dk_chunk
+    q_chunk, k_chunk = _chunks(B * H, Nq, Nk, q_chunk, k_chunk)
     qg = q.unflatten(1, (Hk, G))  # [B, Hk, G, Nq, D], a view
     kk, vv = k.unsqueeze(2), v.unsqueeze(2)  # [B, Hk, 1, Nk, D]
     out_full = torch.empty_like(q)  # q's strides: what the op's fake implementation promises
@@ -110,12 +119,9 @@ def attention_forward(q, k, v, operands, program: ScoreProgram, *, q_chunk=None,
 
 def attention_backward(dout, q, k, v, out, lse, operands, program: ScoreProgram, *, q_chunk=None, k_chunk=None):
     """(dq, dk, dv): each block's probabilities recomputed from q, k and the saved lse."""
-    B, H, Nq, D = q.shape
-    Hk, Nk = k.shape[1], k.shape[2]
-    G = H // Hk
+    B, H, Nq, D, Hk, Nk, G = _sizes(q, k)
     ct = _compute_dtype(q)
-    dq_chunk, dk_chunk = chunk_sizes(B * H, Nq, Nk)
-    q_chunk, k_chunk = q_chunk or dq_chunk, k_chunk or dk_chunk
+    q_chunk, k_chunk = _chunks(B * H, Nq, Nk, q_chunk, k_chunk)
     qg = q.unflatten(1, (Hk, G))  # [B, Hk, G, Nq, D]
     dog = dout.unflatten(1, (Hk, G))
     # delta_i = Σ_d dO_id · O_id: the softmax backward's per-row term, [B, Hk, G, Nq, 1]
