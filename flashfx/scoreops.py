@@ -89,26 +89,39 @@ register_score_op(
     doc="add a broadcastable float tensor (additive mask, relative-position bias)",
 )
 
-# where(x, s, -inf)   (boolean mask, True = attend: SDPA's convention)
+# where(x, s, c)   (boolean mask, True = attend: SDPA's convention; c is the fill, -inf
+# unless the model fills with a finite value such as finfo.min, kept for exact semantics)
 register_score_op(
     "keep",
     operand="bool",
-    torch=lambda s, x, c: s.masked_fill(~x, _NEG_INF),
+    has_const=True,
+    torch=lambda s, x, c: s.masked_fill(~x, c),
     torch_grad=lambda g, s, x, c: g.masked_fill(~x, 0.0),
-    triton="tl.where(x, s, float('-inf'))",
+    triton="tl.where(x, s, c)",
     triton_grad="tl.where(x, g, 0.0)",
-    doc="boolean mask, True keeps the score",
+    doc="boolean mask, True keeps the score, else the fill c",
 )
 
-# where(x, -inf, s)   (masked_fill(mask, -inf): True = masked out)
+# where(x, c, s)   (masked_fill(mask, c): True = masked out)
 register_score_op(
     "drop",
     operand="bool",
-    torch=lambda s, x, c: s.masked_fill(x, _NEG_INF),
+    has_const=True,
+    torch=lambda s, x, c: s.masked_fill(x, c),
     torch_grad=lambda g, s, x, c: g.masked_fill(x, 0.0),
-    triton="tl.where(x, float('-inf'), s)",
+    triton="tl.where(x, c, s)",
     triton_grad="tl.where(x, 0.0, g)",
-    doc="boolean mask, True removes the score",
+    doc="boolean mask, True replaces the score by the fill c",
+)
+
+# tanh(s)   (softcapping is s / cap -> tanh -> * cap: two scale ops around this one)
+register_score_op(
+    "tanh",
+    torch=lambda s, x, c: torch.tanh(s),
+    torch_grad=lambda g, s, x, c: g * (1 - torch.tanh(s) ** 2),
+    triton="(2.0 * tl.sigmoid(2.0 * s) - 1.0)",
+    triton_grad="g * (1.0 - (2.0 * tl.sigmoid(2.0 * s) - 1.0) * (2.0 * tl.sigmoid(2.0 * s) - 1.0))",
+    doc="hyperbolic tangent (softcapping)",
 )
 
 

@@ -20,6 +20,7 @@ and the rest (the causal diagonal, the ragged end of N), where bounds and causal
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 import importlib.util
 import os
@@ -32,7 +33,7 @@ from flashfx import scoreops
 from flashfx.ir import ScoreProgram
 
 LOG2E = 1.4426950408889634
-_MASK_ONLY = {"keep", "drop"}  # ops invariant under a positive scaling of the scores
+_MASK_ONLY = {"keep", "drop"}  # with an infinite fill: invariant under scaling the scores
 
 
 def _fold_log2e(program: ScoreProgram) -> tuple[list[tuple], bool]:
@@ -41,7 +42,8 @@ def _fold_log2e(program: ScoreProgram) -> tuple[list[tuple], bool]:
     Returns (ops, folded): when not folded the kernel multiplies the result by log2(e).
     """
     ops = [(op.name, op.operand, op.const) for op in program.ops]
-    if ops and ops[0][0] == "scale" and all(o[0] in _MASK_ONLY for o in ops[1:]):
+    masks_only = all(o[0] in _MASK_ONLY and o[2] == float("-inf") for o in ops[1:])
+    if ops and ops[0][0] == "scale" and masks_only:
         ops[0] = ("scale", None, ops[0][2] * LOG2E)
         return ops, True
     return ops, False
@@ -113,7 +115,8 @@ def _grad_lines(ops: list[tuple], folded: bool) -> list[str]:
 def _subst(expr: str, c=None, **names: str) -> str:
     """Put kernel variables for a registry expression's one-letter names s, x, g, c."""
     if c is not None:
-        names["c"] = repr(float(c))
+        c = float(c)
+        names["c"] = repr(c) if math.isfinite(c) else f"float('{c}')"
     return re.sub(r"\b([sxgc])\b", lambda m: names.get(m.group(1), m.group(1)), expr)
 
 

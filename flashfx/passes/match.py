@@ -11,6 +11,7 @@ Semantic checks (shapes, dtypes, other users of intermediates) read `node.meta`.
 from __future__ import annotations
 
 import math
+import operator
 import re
 from dataclasses import dataclass, field
 
@@ -19,10 +20,10 @@ import torch.nn.functional as F
 from torch import fx
 
 from flashfx.ir import ScoreOp, ScoreProgram
-from flashfx.passes.normalize import canon
+from flashfx.passes.normalize import canon, is_float_cast
 
 MASK_FILL_MAX = -1e4  # a fill value at or below this is a mask (-inf, finfo.min, -10000)
-_SCORE_OPS = {"mul", "div", "add", "masked_fill", "where"}
+_SCORE_OPS = {"mul", "div", "add", "masked_fill", "where", "tanh"}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -39,6 +40,7 @@ class AttentionSite:
     k: fx.Node | None = None  # k as [..., Nk, D], or Kᵀ when k_transposed
     v: fx.Node | None = None
     k_transposed: bool = False
+    gqa: bool = False  # k and v were written with their heads repeated (repeat_kv)
     program: ScoreProgram = field(default_factory=ScoreProgram)
     operands: list = field(default_factory=list)  # nodes the program's ops index
     notes: list = field(default_factory=list)
@@ -94,7 +96,7 @@ def _reaches_qk(node, depth: int = 12) -> bool:
         c = canon(node)
         if c == "matmul":
             return True
-        if c not in _SCORE_OPS:
+        if c not in _SCORE_OPS and not is_float_cast(node):
             return False
         node = next((a for a in node.args if isinstance(a, fx.Node) and _reaches_qk(a, depth - 1)), None)
         depth -= 1
@@ -112,9 +114,17 @@ def _feeds_pv(node: fx.Node, depth: int = 4) -> bool:
 
 
 def _score_step(node: fx.Node):
-    """One elementwise step on the scores: (op name, const, operand node, scores node) or a reason."""
+    """One elementwise step on the scores: (op name, const, operand node, scores node) or a reason.
+
+    The op name is None for a step that changes nothing the kernels compute (a float cast:
+    they hold scores in fp32 throughout).
+    """
     c = canon(node)
     args = list(node.args)
+    if is_float_cast(node):
+        return (None, None, None, args[0])
+    if c == "tanh":
+        return ("tanh", None, None, args[0])
     if c in ("mul", "div"):
         a, b = args[0], args[1]
         if isinstance(b, fx.Node) and not isinstance(a, fx.Node) and c == "mul":
@@ -143,19 +153,74 @@ def _score_step(node: fx.Node):
         v = _number(value)
         if v is None or v > MASK_FILL_MAX:
             return f"masked_fill with value {value!r} (only large negative fills are masks)"
-        return ("drop", None, mask, s)
+        return ("drop", v, mask, s)
     if c == "where":
         cond, a, b = args[0], args[1], args[2]
         if _number(b) is not None and _number(b) <= MASK_FILL_MAX and isinstance(a, fx.Node):
-            return ("keep", None, cond, a)
+            return ("keep", _number(b), cond, a)
         if _number(a) is not None and _number(a) <= MASK_FILL_MAX and isinstance(b, fx.Node):
-            return ("drop", None, cond, b)
+            return ("drop", _number(a), cond, b)
         return "torch.where that is not a mask with a large negative fill"
     return None
 
 
+def _unrepeat_heads(node: fx.Node) -> fx.Node | None:
+    """x when `node` repeats x's heads: [B, Hk, N, D] -> [B, Hk·n, N, D], else None.
+
+    Forms: repeat_interleave(x, n, dim=1), and HF's repeat_kv,
+    x[:, :, None, :, :].expand(B, Hk, n, N, D).reshape(B, Hk·n, N, D) (or unsqueeze(2)).
+    """
+    if not isinstance(node, fx.Node):
+        return None
+    c = canon(node)
+    out = _val(node)
+    if c == "repeat_interleave":
+        src = node.args[0]
+        dim = _dim_arg(node, 2, "dim")
+        if isinstance(src, fx.Node) and _val(src) is not None and _val(src).dim() == 4 and dim in (1, -3):
+            return src
+        return None
+    if not (c == "reshape" or (node.op == "call_method" and node.target in ("reshape", "view"))):
+        return None
+    expand = node.args[0]
+    if not (isinstance(expand, fx.Node) and expand.op == "call_method" and expand.target == "expand"):
+        return None
+    unsq = expand.args[0]
+    if not isinstance(unsq, fx.Node):
+        return None
+    if canon(unsq) == "unsqueeze" and _dim_arg(unsq, 1, "dim") == 2:
+        src = unsq.args[0]
+    elif unsq.op == "call_function" and unsq.target is operator.getitem and _is_none_at_2(unsq.args[1]):
+        src = unsq.args[0]
+    else:
+        return None
+    sv = _val(src)
+    if sv is None or out is None or sv.dim() != 4 or out.dim() != 4:
+        return None
+    same = _eq(out.shape[0], sv.shape[0]) and _eq(out.shape[2], sv.shape[2]) and _eq(out.shape[3], sv.shape[3])
+    return src if same else None
+
+
+def _is_none_at_2(index) -> bool:
+    """x[:, :, None] / x[:, :, None, :, :]: a new axis at position 2, full slices before it."""
+    if not isinstance(index, tuple) or len(index) < 3 or index[2] is not None:
+        return False
+    full = slice(None, None, None)
+    return index[0] == full and index[1] == full and all(i == full or i is Ellipsis for i in index[3:])
+
+
+def _reads_only_metadata(user: fx.Node, node: fx.Node) -> bool:
+    """`user` reads only the dtype or sizes of `node` (x.type_as(node), node.size())."""
+    if user.op != "call_method":
+        return False
+    if user.target == "type_as":
+        return user.args[1] is node and user.args[0] is not node
+    return user.target in ("size", "dim") and user.args[0] is node
+
+
 def _single_user(node: fx.Node) -> bool:
-    return len(node.users) == 1
+    """One user of the value itself; users of its dtype or size alone do not count."""
+    return sum(not _reads_only_metadata(u, node) for u in node.users) == 1
 
 
 def match_softmax(sm: fx.Node) -> AttentionSite | None:
@@ -170,15 +235,19 @@ def match_softmax(sm: fx.Node) -> AttentionSite | None:
     dim = _dim_arg(sm, 1, "dim")
     if dim is None or (dim != -1 and sm_val is not None and dim != sm_val.dim() - 1):
         return site.reject(f"softmax over dim {dim}, not the key dim")
-    if _dim_arg(sm, 2, "dtype") is not None:
-        return site.reject("softmax with a dtype argument is not supported yet")
+    sm_dtype = _dim_arg(sm, 2, "dtype")
+    if sm_dtype is not None and not (isinstance(sm_dtype, torch.dtype) and sm_dtype.is_floating_point):
+        return site.reject(f"softmax with dtype {sm_dtype}")
     p = sm
     while True:
         if not _single_user(p):
             return site.reject("the attention probabilities have another user (e.g. returned weights)")
-        user = next(iter(p.users))
+        user = next(u for u in p.users if not _reads_only_metadata(u, p))
         if user.target is F.dropout and (_dim_arg(user, 2, "training", True) is False or _dim_arg(user, 1, "p", 0.5) == 0):
             p = user  # dropout that is off (eval mode or p=0) is the identity
+            continue
+        if is_float_cast(user):
+            p = user  # probabilities cast back to the model's dtype: the kernel casts P for PV
             continue
         break
     if canon(user) != "matmul" or user.args[0] is not p:
@@ -196,7 +265,8 @@ def match_softmax(sm: fx.Node) -> AttentionSite | None:
             return site.reject(step)
         if not _single_user(node):
             return site.reject("the attention scores have another user")
-        steps.append(step[:3])
+        if step[0] is not None:
+            steps.append(step[:3])
         node = step[3]
     if not _single_user(node):
         return site.reject("the attention scores QKᵀ have another user")
@@ -209,12 +279,17 @@ def match_softmax(sm: fx.Node) -> AttentionSite | None:
         site.k = kt.args[0]
     else:
         site.k, site.k_transposed = kt, True
+    # grouped-query attention written with repeat_kv: read the shared K/V heads, no copies
+    if not site.k_transposed:
+        k_src, v_src = _unrepeat_heads(site.k), _unrepeat_heads(site.v)
+        if k_src is not None and v_src is not None:
+            site.k, site.v, site.gqa = k_src, v_src, True
 
     ops = []
     for name, const, operand in reversed(steps):
         if operand is not None:
             site.operands.append(operand)
-            ops.append(ScoreOp(name, len(site.operands) - 1, None))
+            ops.append(ScoreOp(name, len(site.operands) - 1, const))
         else:
             ops.append(ScoreOp(name, None, const))
     site.program = ScoreProgram(tuple(ops))
@@ -242,7 +317,8 @@ def match_sdpa(node: fx.Node) -> AttentionSite:
     if isinstance(mask, fx.Node):
         mv = _val(mask)
         site.operands.append(mask)
-        ops.append(ScoreOp("keep" if mv is not None and mv.dtype == torch.bool else "bias", 0, None))
+        is_bool = mv is not None and mv.dtype == torch.bool
+        ops.append(ScoreOp("keep", 0, float("-inf")) if is_bool else ScoreOp("bias", 0, None))
     site.program = ScoreProgram(tuple(ops), "top_left" if causal else None)
     kv = _val(site.k)
     if qv is not None and kv is not None and qv.dim() == 4 and kv.shape[1] != qv.shape[1] and not gqa:
@@ -290,7 +366,8 @@ def _check_tensors(site: AttentionSite) -> AttentionSite:
         H, Hk = qv.shape[1], kshape[1]
         if not _eq(vv.shape[1], Hk):
             return site.reject("k and v have different head counts")
-        if not (_eq(Hk, H) or _eq(Hk, 1) or (site.kind == "sdpa" and _known(H) and _known(Hk) and int(H) % int(Hk) == 0)):
+        grouped = site.kind == "sdpa" or site.gqa
+        if not (_eq(Hk, H) or _eq(Hk, 1) or (grouped and _known(H) and _known(Hk) and int(H) % int(Hk) == 0)):
             return site.reject(f"{H} query heads cannot share {Hk} K/V heads")
     for x in site.operands:
         xv = _val(x)

@@ -19,6 +19,9 @@ _FUNCTIONS = {
     operator.mul: "mul", torch.mul: "mul",
     operator.truediv: "div", torch.div: "div", torch.true_divide: "div",
     operator.add: "add", torch.add: "add",
+    # in-place forms on the scores (`scores += bias`): the scores have no other user, so
+    # computing them out of place inside the kernel is the same result
+    operator.iadd: "add", operator.imul: "mul", operator.itruediv: "div",
     torch.softmax: "softmax", F.softmax: "softmax", torch.nn.functional.softmax: "softmax",
     torch.transpose: "transpose", torch.permute: "permute",
     torch.masked_fill: "masked_fill", torch.where: "where",
@@ -26,6 +29,8 @@ _FUNCTIONS = {
     torch._C._nn.scaled_dot_product_attention: "sdpa",
     operator.eq: "eq", torch.eq: "eq", operator.ne: "ne", torch.ne: "ne",
     operator.invert: "not", torch.logical_not: "not",
+    torch.tanh: "tanh", torch.repeat_interleave: "repeat_interleave",
+    torch.reshape: "reshape", torch.unsqueeze: "unsqueeze",
 }
 
 # call_method names -> the function computing the same thing
@@ -33,8 +38,24 @@ _METHODS = {
     "matmul": torch.matmul, "bmm": torch.bmm, "mul": torch.mul, "div": torch.div,
     "add": torch.add, "softmax": torch.softmax, "transpose": torch.transpose,
     "permute": torch.permute, "masked_fill": torch.masked_fill, "eq": torch.eq, "ne": torch.ne,
-    "logical_not": torch.logical_not,
+    "logical_not": torch.logical_not, "tanh": torch.tanh,
+    "repeat_interleave": torch.repeat_interleave, "unsqueeze": torch.unsqueeze,
 }
+
+# call_method names that only change the dtype of a float tensor
+CASTS = {"float", "half", "bfloat16", "double", "to", "type", "type_as"}
+
+
+def is_float_cast(node: fx.Node) -> bool:
+    """x.float() / x.to(torch.float32) / x.type_as(y): a dtype change and nothing else."""
+    if node.op != "call_method" or node.target not in CASTS:
+        return False
+    if node.target in ("float", "half", "bfloat16", "double"):
+        return len(node.args) == 1 and not node.kwargs
+    if node.target == "type_as":
+        return len(node.args) == 2
+    args = list(node.args[1:]) + list(node.kwargs.values())
+    return len(args) == 1 and isinstance(args[0], torch.dtype) and args[0].is_floating_point
 
 
 def canon(node: fx.Node) -> str | None:

@@ -133,7 +133,10 @@ def resolve_static_masks(site: AttentionSite, gm: fx.GraphModule, example_inputs
         if kind == "all":
             site.notes.append(f"boolean mask `{x.name}` keeps every score: dropped")
             continue
-        if kind in ("top_left", "bottom_right") and causal is None:
+        # A finite fill (finfo.min) differs from skipping only on rows that see no key at all,
+        # which a causal mask has only when bottom-right aligned with Nq > Nk.
+        empty_rows = kind == "bottom_right" and nq > nk
+        if kind in ("top_left", "bottom_right") and causal is None and (op.const == float("-inf") or not empty_rows):
             causal = kind
             site.notes.append(f"boolean mask `{x.name}` is causal ({kind.replace('_', '-')}): blocks above the diagonal are skipped")
             continue

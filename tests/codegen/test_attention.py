@@ -19,8 +19,8 @@ PROGRAMS = {
     "scale": ScoreProgram((SCALE,)),
     "causal": ScoreProgram((SCALE,), "top_left"),
     "bottom_right": ScoreProgram((SCALE,), "bottom_right"),
-    "bias_keep": ScoreProgram((SCALE, ScoreOp("bias", 0), ScoreOp("keep", 1))),
-    "drop_causal": ScoreProgram((ScoreOp("drop", 1), ScoreOp("bias", 0), SCALE), "top_left"),
+    "bias_keep": ScoreProgram((SCALE, ScoreOp("bias", 0), ScoreOp("keep", 1, float("-inf")))),
+    "drop_causal": ScoreProgram((ScoreOp("drop", 1, float("-inf")), ScoreOp("bias", 0), SCALE), "top_left"),
 }
 # tolerances on ‖x − ref‖ / ‖ref‖, tied to the input precision
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}

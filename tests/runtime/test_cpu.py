@@ -12,8 +12,8 @@ PROGRAMS = {
     "scale": ScoreProgram((S,)),
     "causal": ScoreProgram((S,), "top_left"),
     "bottom_right": ScoreProgram((S,), "bottom_right"),
-    "bias_pad": ScoreProgram((S, ScoreOp("bias", 0), ScoreOp("keep", 1))),
-    "drop_causal": ScoreProgram((ScoreOp("drop", 2), S), "top_left"),
+    "bias_pad": ScoreProgram((S, ScoreOp("bias", 0), ScoreOp("keep", 1, float("-inf")))),
+    "drop_causal": ScoreProgram((ScoreOp("drop", 2, -1e30), S), "top_left"),
 }
 TOL = {torch.float64: 1e-10, torch.float32: 2e-6, torch.bfloat16: 1e-2}
 
