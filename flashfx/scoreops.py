@@ -29,6 +29,7 @@ class ScoreOpDef:
     triton: str
     triton_grad: str
     doc: str = ""
+    pad: float = 0.0  # the operand's value outside the tensor (ragged tiles): harmless for the op
 
 
 _REGISTRY: dict[str, ScoreOpDef] = {}
@@ -44,11 +45,12 @@ def register_score_op(
     triton: str,
     triton_grad: str,
     doc: str = "",
+    pad: float = 0.0,
 ) -> ScoreOpDef:
     """Declare a score op. Re-registering a name replaces it (so a user can override ours)."""
     if operand not in (None, "float", "bool"):
         raise ValueError(f"operand must be None, 'float' or 'bool', got {operand!r}")
-    op = ScoreOpDef(name, operand, has_const, torch, torch_grad, triton, triton_grad, doc)
+    op = ScoreOpDef(name, operand, has_const, torch, torch_grad, triton, triton_grad, doc, pad)
     _REGISTRY[name] = op
     return op
 
@@ -76,6 +78,28 @@ register_score_op(
     triton="s * c",
     triton_grad="g * c",
     doc="multiply scores by a constant",
+)
+
+# s * x, s / x   (a scale held in a tensor: 0-d, per head, or a symbolic size made a tensor)
+register_score_op(
+    "mul_x",
+    operand="float",
+    torch=lambda s, x, c: s * x,
+    torch_grad=lambda g, s, x, c: g * x,
+    triton="s * x",
+    triton_grad="g * x",
+    doc="multiply scores by a broadcastable tensor",
+    pad=1.0,
+)
+register_score_op(
+    "div_x",
+    operand="float",
+    torch=lambda s, x, c: s / x,
+    torch_grad=lambda g, s, x, c: g / x,
+    triton="s / x",
+    triton_grad="g / x",
+    doc="divide scores by a broadcastable tensor",
+    pad=1.0,
 )
 
 # s + x   (additive float mask or bias, broadcast to [B, H, Nq, Nk])

@@ -143,9 +143,10 @@ def causal_fixed_scale(q, k, v):
     return torch.softmax(s, dim=-1) @ v
 
 
-# dynamic=True makes the head dim symbolic too, and a scale computed from it (size ** -0.5)
-# is not fused yet (explain says so); automatic dynamic keeps the head dim static.
-@pytest.mark.parametrize("fn, dynamic", [(plain_mul, None), (causal_triu, None), (plain_mul, True), (causal_fixed_scale, True)])
+# dynamic=True makes the head dim symbolic too: a scale computed from it (size ** -0.5) becomes
+# a 0-d tensor operand of the score program instead of a constant.
+@pytest.mark.parametrize("fn, dynamic", [(plain_mul, None), (causal_triu, None), (plain_mul, True),
+                                         (causal_fixed_scale, True), (causal_triu, True)])
 def test_changing_sequence_length_stays_fused(fn, dynamic):
     from torch._dynamo.utils import counters as dynamo_counters
 
@@ -160,6 +161,8 @@ def test_changing_sequence_length_stays_fused(fn, dynamic):
     # and a causal mask built from the (symbolic) length stays causal structure.
     assert len(seen) == (1 if dynamic else 2), seen
     assert all(p.causal == (None if fn is plain_mul else "top_left") and not p.ops[1:] for p in seen), seen
+    if dynamic and fn is causal_triu:
+        assert [op.name for op in seen[0].ops] == ["mul_x"]  # the symbolic scale, as an operand
     assert dynamo_counters["stats"]["unique_graphs"] - graphs_before == len(seen)
 
 

@@ -61,9 +61,14 @@ def _operand_params(n: int) -> tuple[str, str]:
     return ptrs, strides
 
 
-def _load_operand(i: int, operand: int, kind: str) -> list[str]:
-    """Load operand tile x{i} at (offs_m, offs_n), broadcast by its strides (0 on broadcast dims)."""
-    other = "0.0" if kind == "float" else "0"
+def _load_operand(i: int, operand: int, d: "scoreops.ScoreOpDef") -> list[str]:
+    """Load operand tile x{i} at (offs_m, offs_n), broadcast by its strides (0 on broadcast dims).
+
+    Outside the tensor (ragged tiles) it reads the op's pad value, so that even the positions
+    the kernel later discards stay finite through the op and its derivative.
+    """
+    kind = d.operand
+    other = repr(float(d.pad)) if kind == "float" else "0"
     return [
         f"x{i} = tl.load(X{operand} + b * sx{operand}_b + h * sx{operand}_h"
         f" + offs_m[:, None] * sx{operand}_m + offs_n[None, :] * sx{operand}_n,"
@@ -78,7 +83,7 @@ def _program_lines(ops: list[tuple], var: str) -> list[str]:
     for i, (name, operand, const) in enumerate(ops):
         d = scoreops.get(name)
         if operand is not None:
-            lines += _load_operand(i, operand, d.operand)
+            lines += _load_operand(i, operand, d)
         lines.append(f"{var} = " + _subst(d.triton, s=var, x=f"x{i}", c=const))
     return lines
 
@@ -104,7 +109,7 @@ def _grad_lines(ops: list[tuple], folded: bool) -> list[str]:
         d = scoreops.get(name)
         c = const / LOG2E if (folded and i == 0) else const  # undo the log2(e) fold
         if operand is not None:
-            lines += _load_operand(i, operand, d.operand)
+            lines += _load_operand(i, operand, d)
         lines.append(f"s{i + 1} = " + _subst(d.triton, s=f"s{i}", x=f"x{i}", c=c))
         chain.append((d, i, c))
     for d, i, c in reversed(chain):

@@ -127,11 +127,15 @@ def _score_step(node: fx.Node):
         return ("tanh", None, None, args[0])
     if c in ("mul", "div"):
         a, b = args[0], args[1]
-        if isinstance(b, fx.Node) and not isinstance(a, fx.Node) and c == "mul":
+        if c == "mul" and (not isinstance(a, fx.Node) or (isinstance(b, fx.Node) and not _reaches_qk(a))):
             a, b = b, a
+        if isinstance(b, fx.Node):  # a scale held in a tensor or a symbolic size: an operand
+            if c == "div" and node.kwargs.get("rounding_mode") is not None:
+                return "division with a rounding mode"
+            return ("mul_x" if c == "mul" else "div_x", None, b, a)
         k = _number(b)
         if k is None:
-            return f"scale by a tensor or symbolic value ({b}) is not supported yet"
+            return f"scale by {b!r} is not supported"
         if c == "div":
             if k == 0:
                 return "division of the scores by zero"
@@ -371,6 +375,8 @@ def _check_tensors(site: AttentionSite) -> AttentionSite:
             return site.reject(f"{H} query heads cannot share {Hk} K/V heads")
     for x in site.operands:
         xv = _val(x)
+        if isinstance(xv, (torch.SymInt, torch.SymFloat, int, float)):
+            continue  # a symbolic scale: the rewrite makes it a 0-d tensor
         if not isinstance(xv, torch.Tensor):
             return site.reject(f"score operand {x} has no known metadata")
         if xv.requires_grad:
@@ -381,6 +387,8 @@ def _check_tensors(site: AttentionSite) -> AttentionSite:
         if op.operand is None:
             continue
         xv = _val(site.operands[op.operand])
+        if not isinstance(xv, torch.Tensor):
+            continue
         want_bool = op.name in ("keep", "drop")
         if want_bool and xv.dtype != torch.bool:
             return site.reject(f"mask of dtype {xv.dtype} used as a boolean mask")

@@ -23,10 +23,10 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite) -> fx.Node:
         q, k, v = site.q, site.k, site.v
         if site.k_transposed:
             k = g.call_function(torch.transpose, (k, -2, -1))
-        operands = list(site.operands)
+        operands = [_as_tensor(g, x, site) for x in site.operands]
         if three_d:
             q, k, v = (g.call_function(torch.unsqueeze, (x, 1)) for x in (q, k, v))
-            operands = [g.call_function(torch.unsqueeze, (x, 1)) if _val(x).dim() == 3 else x for x in operands]
+            operands = [g.call_function(torch.unsqueeze, (x, 1)) if _rank(x) == 3 else x for x in operands]
         call = g.call_function(torch.ops.flashfx.attention.default, (q, k, v, operands, site.program.encode()))
         out = g.call_function(operator.getitem, (call, 0))
         if three_d:
@@ -34,6 +34,19 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite) -> fx.Node:
     out.meta.update({k: v for k, v in site.output.meta.items() if k in ("stack_trace", "source_fn_stack")})
     site.output.replace_all_uses_with(out)
     return call
+
+
+def _rank(x: fx.Node) -> int:
+    v = _val(x)
+    return v.dim() if isinstance(v, torch.Tensor) else 0
+
+
+def _as_tensor(g: fx.Graph, x: fx.Node, site: AttentionSite) -> fx.Node:
+    """A symbolic scalar (a scale computed from sizes) becomes a 0-d fp32 tensor operand."""
+    if isinstance(_val(x), torch.Tensor):
+        return x
+    device = _val(site.q).device
+    return g.call_function(torch.scalar_tensor, (x,), {"dtype": torch.float32, "device": device})
 
 
 def rewrite(gm: fx.GraphModule, sites: list[AttentionSite], limit: int | None = None) -> int:

@@ -99,6 +99,22 @@ class GPT2Attention(nn.Module):
         return _merge(torch.matmul(w, v))
 
 
+class GPT2ModernAttention(nn.Module):
+    """Recent HF GPT-2: scale by a 0-d tensor from torch.full, additive causal mask passed in."""
+
+    def __init__(self):
+        super().__init__()
+        self.c_attn = nn.Linear(C, 3 * C)
+
+    def forward(self, x, attention_mask):
+        q, k, v = (_split(t, H) for t in self.c_attn(x).split(C, dim=2))
+        w = torch.matmul(q, k.transpose(-1, -2))
+        w = w / torch.full([], v.size(-1) ** 0.5, dtype=w.dtype, device=w.device)
+        w = w + attention_mask
+        w = nn.functional.softmax(w, dim=-1).type(v.dtype)
+        return _merge(torch.matmul(w, v))
+
+
 class T5Attention(nn.Module):
     """No scaling; a learned relative-position bias [1, H, N, N]; softmax over scores.float()."""
 
@@ -248,6 +264,7 @@ FAMILIES = {
     "llama-mqa": (lambda: LlamaAttention(1), lambda: (x := _x(B, N, C), llama_mask(x)), None),
     "bert-padding": (BertSelfAttention, lambda: (_x(B, N, C), _pad(17).float()), None),
     "gpt2-tril-where": (GPT2Attention, lambda: (_x(B, N, C),), "top_left"),
+    "gpt2-tensor-scale": (GPT2ModernAttention, lambda: (x := _x(B, N, C), llama_mask(x)), None),
     "t5-relative-bias": (T5Attention, lambda: (_x(B, N, C),), None),
     "gemma2-softcap": (Gemma2Attention, lambda: (_x(B, N, C),), "top_left"),
     "vit": (ViTSelfAttention, lambda: (_x(B, N, C),), None),
