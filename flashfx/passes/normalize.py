@@ -67,9 +67,53 @@ def canon(node: fx.Node) -> str | None:
     return None
 
 
+def _einsum_as_matmul(equation: str) -> bool | None:
+    """For a two-operand batched-matmul einsum: whether it is a @ bᵀ (True) or a @ b (False).
+
+    "bhqd,bhkd->bhqk" is q @ kᵀ, "bhqk,bhkd->bhqd" is p @ v; anything else: None.
+    """
+    eq = equation.replace(" ", "")
+    if "->" not in eq or "." in eq:
+        return None
+    lhs, out = eq.split("->")
+    parts = lhs.split(",")
+    if len(parts) != 2:
+        return None
+    a, b = parts
+    if not (len(a) == len(b) == len(out) >= 2) or len(set(a)) != len(a) or len(set(b)) != len(b):
+        return None
+    batch = a[:-2]
+    if b[:-2] != batch or out[:-2] != batch:
+        return None
+    i, j = a[-2], a[-1]
+    if b[-2:] == b[-2] + j and out[-2:] == i + b[-2] and b[-2] not in (i, j):
+        return True  # ...ij,...kj->...ik
+    if b[-2] == j and out[-2:] == i + b[-1] and b[-1] not in (i, j):
+        return False  # ...ij,...jk->...ik
+    return None
+
+
 def normalize(gm: fx.GraphModule) -> int:
-    """Turn known method calls into function calls. Returns how many nodes changed."""
+    """Turn known method calls into function calls, and matmul-shaped einsums into matmuls.
+
+    Returns how many nodes changed.
+    """
     changed = 0
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target is torch.einsum and len(node.args) == 3 and isinstance(node.args[0], str):
+            transposed = _einsum_as_matmul(node.args[0])
+            if transposed is None:
+                continue
+            a, b = node.args[1], node.args[2]
+            with gm.graph.inserting_before(node):
+                if transposed:
+                    bt = gm.graph.call_function(torch.transpose, (b, -2, -1))
+                    val = b.meta.get("example_value")
+                    if isinstance(val, torch.Tensor):  # fake tensors compute their own metadata
+                        bt.meta["example_value"] = val.transpose(-2, -1)
+                    b = bt
+                node.target, node.args = torch.matmul, (a, b)
+            changed += 1
     for node in gm.graph.nodes:
         if node.op == "call_method" and node.target in _METHODS:
             node.op = "call_function"

@@ -331,3 +331,26 @@ def test_multihead_attention_returning_weights_stays_unfused_with_reason():
     torch.testing.assert_close(out, mha(x, x, x, need_weights=True)[0], atol=1e-5, rtol=1e-4)
     for s in report.sites:
         assert s.fused or s.reason  # every site either fused or says why
+
+
+def einsum_attention(q, k, v):
+    s = torch.einsum("bhqd,bhkd->bhqk", q, k) * q.shape[-1] ** -0.5
+    return torch.einsum("bhqk,bhkd->bhqd", torch.softmax(s, dim=-1), v)
+
+
+def test_einsum_attention_fused_and_at_parity():
+    q, k, v = (_x(B, H, N, HD, seed=i) for i in range(3))
+    report = flashfx.explain(einsum_attention, q, k, v)
+    assert [s.fused for s in report.sites] == [True], str(report)
+    out = torch.compile(einsum_attention, backend="flashfx", options={"inner": "aot_eager"})(q, k, v)
+    torch.testing.assert_close(out, einsum_attention(q, k, v), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("eq, want", [
+    ("bhqd,bhkd->bhqk", True), ("bhqk,bhkd->bhqd", False), ("bqd,bkd->bqk", True),
+    ("bhqd,bhdk->bhqk", False), ("bhqd,bhkd->bhkq", None), ("bhqd,bkhd->bhqk", None), ("...qd,...kd->...qk", None),
+])
+def test_einsum_equations_recognized(eq, want):
+    from flashfx.passes.normalize import _einsum_as_matmul
+
+    assert _einsum_as_matmul(eq) is want
