@@ -94,7 +94,7 @@ def _reaches_qk(node, depth: int = 12) -> bool:
     """Does a chain of score ops lead back from `node` to a matmul?"""
     while depth > 0 and isinstance(node, fx.Node):
         c = canon(node)
-        if c == "matmul":
+        if c in ("matmul", "baddbmm"):
             return True
         if c not in _SCORE_OPS and not is_float_cast(node):
             return False
@@ -261,7 +261,7 @@ def match_softmax(sm: fx.Node) -> AttentionSite | None:
 
     # ---- backward: softmax input <- score program <- QKᵀ ----
     steps, node = [], scores
-    while canon(node) != "matmul":
+    while canon(node) not in ("matmul", "baddbmm"):
         step = _score_step(node)
         if step is None:
             return site.reject(f"unsupported op in the score program: {node.target}")
@@ -275,7 +275,20 @@ def match_softmax(sm: fx.Node) -> AttentionSite | None:
     if not _single_user(node):
         return site.reject("the attention scores QKᵀ have another user")
     qk = node
-    site.q, kt = qk.args[0], qk.args[1]
+    if canon(qk) == "baddbmm":  # beta·input + alpha·(q @ kᵀ) = beta·(input + (alpha/beta)·q @ kᵀ)
+        names = ("input", "batch1", "batch2")
+        inp, site.q, kt = (_dim_arg(qk, i, n) for i, n in enumerate(names))
+        alpha, beta = _number(qk.kwargs.get("alpha", 1)), _number(qk.kwargs.get("beta", 1))
+        if alpha is None or beta is None:
+            return site.reject("baddbmm with a tensor alpha or beta")
+        if beta == 0:
+            steps.append(("scale", alpha, None))
+        else:
+            steps += [("scale", beta, None)] if beta != 1 else []
+            steps.append(("bias", None, inp))
+            steps += [("scale", alpha / beta, None)] if alpha != beta else []
+    else:
+        site.q, kt = qk.args[0], qk.args[1]
 
     # Kᵀ is usually written as k.transpose(-2, -1): take k itself
     kv = _val(kt)

@@ -16,6 +16,7 @@ from torch import fx
 # call_function targets -> canonical name
 _FUNCTIONS = {
     operator.matmul: "matmul", torch.matmul: "matmul", torch.bmm: "matmul",
+    torch.baddbmm: "baddbmm",
     operator.mul: "mul", torch.mul: "mul",
     operator.truediv: "div", torch.div: "div", torch.true_divide: "div",
     operator.add: "add", torch.add: "add",
@@ -35,7 +36,7 @@ _FUNCTIONS = {
 
 # call_method names -> the function computing the same thing
 _METHODS = {
-    "matmul": torch.matmul, "bmm": torch.bmm, "mul": torch.mul, "div": torch.div,
+    "matmul": torch.matmul, "bmm": torch.bmm, "baddbmm": torch.baddbmm, "mul": torch.mul, "div": torch.div,
     "add": torch.add, "softmax": torch.softmax, "transpose": torch.transpose,
     "permute": torch.permute, "masked_fill": torch.masked_fill, "eq": torch.eq, "ne": torch.ne,
     "logical_not": torch.logical_not, "tanh": torch.tanh,

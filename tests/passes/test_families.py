@@ -249,6 +249,26 @@ class SDPAEncoder(nn.Module):
         return _merge(y)
 
 
+class BloomStyleAttention(nn.Module):
+    """ALiBi through baddbmm on [B·H, N, D], a 3-D padding mask filled with finfo.min, bmm."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(C, 3 * C)
+        slopes = torch.tensor([2 ** (-8 * (i + 1) / H) for i in range(H)])
+        self.register_buffer("slopes", slopes)
+
+    def forward(self, x, pad):
+        b, t, _ = x.shape
+        q, k, v = (_split(u, H).reshape(b * H, t, HD) for u in self.qkv(x).chunk(3, dim=-1))
+        alibi = (self.slopes[:, None] * torch.arange(t, device=x.device)[None, :]).repeat(b, 1)[:, None, :]  # [B·H, 1, t]
+        scores = alibi.baddbmm(batch1=q, batch2=k.transpose(1, 2), beta=1.0, alpha=HD**-0.5)
+        mask = (~pad).repeat_interleave(H, dim=0)[:, None, :]  # [B·H, 1, t]
+        scores = torch.masked_fill(scores, mask, torch.finfo(scores.dtype).min)
+        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(x.dtype)
+        return torch.bmm(probs, v).view(b, H, t, HD).transpose(1, 2).reshape(b, t, C)
+
+
 def _x(*shape, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
@@ -273,6 +293,7 @@ FAMILIES = {
     "falcon-mqa-broadcast": (MQAttention, lambda: (_x(B, N, C),), None),
     "bart-cross-padding": (CrossAttention, lambda: (_x(B, N, C), _x(B, 19, C, seed=2), _pad(11)[:, :19]), None),
     "sdpa-encoder": (SDPAEncoder, lambda: (_x(B, N, C), _pad(9)), None),
+    "bloom-alibi-baddbmm": (BloomStyleAttention, lambda: (_x(B, N, C), _pad(13)), None),
 }
 
 
@@ -354,3 +375,4 @@ def test_einsum_equations_recognized(eq, want):
     from flashfx.passes.normalize import _einsum_as_matmul
 
     assert _einsum_as_matmul(eq) is want
+
