@@ -1,10 +1,23 @@
-"""Peak extra memory of attention on CPU: eager vs flashfx's chunked path.
+"""Peak extra memory of attention on CPU: eager softmax(q·kᵀ·scale) @ v vs flashfx's chunked path.
 
-    python benchmarks/cpu_memory.py [--n 16384] [--d 64] [--heads 1]
+    PYTHONPATH=. python benchmarks/cpu_memory.py [--n 16384] [--d 64] [--heads 1] [--repeat 3] [--no-doc]
 
-Each variant runs in a fresh subprocess: peak resident memory (ru_maxrss) minus the resident
-memory once the inputs exist and a small warm-up has loaded the libraries. fp32, B=1.
-Writes docs/cpu_memory.md.
+B=1, float32. Four variants — eager and chunked, forward and forward+backward — each in its own
+fresh subprocess, so that one's freed memory cannot hide another's peak; each subprocess is run
+`--repeat` times and the table shows the median (and the range: what the allocator keeps
+resident varies from run to run). In each child:
+
+  1. a small warm-up call of the same variant (library init, thread pools, allocator arenas);
+  2. the inputs are allocated and written (q, k, v, dout: 4·N·D floats);
+  3. the kernel's peak-RSS mark is reset (/proc/self/clear_refs, "5"), so the peak of
+     `import torch` and the warm-up is not counted, and the resident set is read: the baseline;
+  4. one timed call; its extra memory = ru_maxrss (peak RSS since the reset) - baseline.
+
+Eager forward runs under no_grad; eager forward+backward uses autograd (q, k, v require grad).
+The chunked path calls flashfx.runtime.cpu.attention_forward, then attention_backward
+explicitly, with the default chunk rule. Outputs and gradients count as extra for both.
+
+Prints a table and writes it to docs/cpu_memory.md.
 """
 
 from __future__ import annotations
@@ -14,12 +27,16 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+VARIANTS = ("eager", "chunked")
+MODES = ("fwd", "fwdbwd")
+MIB = 2**20
 
 
 def _rss_now() -> int:
@@ -28,56 +45,84 @@ def _rss_now() -> int:
 
 
 def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the peak-RSS mark that ru_maxrss reports (Linux ≥ 4.0); False if not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return _peak_rss() <= _rss_now() + 1 * MIB
 
 
 def measure(variant: str, mode: str, n: int, d: int, heads: int) -> dict:
-    """Runs in the child: one call of `variant`, returns peak extra bytes and seconds."""
+    """In the child process: one call of `variant` in `mode`; extra bytes and seconds."""
+    import gc
+
     import torch
 
     from flashfx.ir import ScoreOp, ScoreProgram
     from flashfx.runtime import cpu
 
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(1, heads, n, d) for _ in range(3))
-    dout = torch.randn(1, heads, n, d)
-    scale = d ** -0.5
+    scale = d**-0.5
     program = ScoreProgram((ScoreOp("scale", None, scale),))
 
     def eager(q, k, v):
         return torch.softmax(q @ k.transpose(-2, -1) * scale, dim=-1) @ v
 
-    def run(q, k, v):
+    def run(q, k, v, dout):
         if variant == "eager":
             if mode == "fwd":
                 with torch.no_grad():
                     return eager(q, k, v)
             q, k, v = (t.requires_grad_() for t in (q, k, v))
-            eager(q, k, v).backward(dout[..., : q.shape[-2], :])
-            return q.grad
+            eager(q, k, v).backward(dout)
+            return q.grad, k.grad, v.grad
         out, lse = cpu.attention_forward(q, k, v, [], program)
-        if mode == "fwdbwd":
-            return cpu.attention_backward(dout[..., : q.shape[-2], :], q, k, v, out, lse, [], program)
-        return out
+        if mode == "fwd":
+            return out, lse
+        return cpu.attention_backward(dout, q, k, v, out, lse, [], program)
 
-    small = [t[..., :256, :].clone() for t in (q, k, v)]  # warm-up: library init, thread pools
-    run(*small)
-    del small
+    gen = torch.Generator().manual_seed(0)
+    warm = [torch.randn(1, heads, 512, d, generator=gen) for _ in range(4)]
+    run(*warm)
+    del warm
+    q, k, v, dout = (torch.randn(1, heads, n, d, generator=gen) for _ in range(4))  # written: resident
+    gc.collect()
+
+    reset = _reset_peak_rss()
     base = _rss_now()
     t0 = time.perf_counter()
-    run(q, k, v)
+    result = run(q, k, v, dout)
     seconds = time.perf_counter() - t0
-    return {"extra_bytes": max(_peak_rss() - base, 0), "seconds": seconds}
+    extra = _peak_rss() - base
+    del result
+    return {"extra_bytes": max(extra, 0), "seconds": seconds, "peak_reset": reset,
+            "threads": torch.get_num_threads()}
 
 
-def child(args) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", args.variant_mode,
+def _child(variant: str, mode: str, args) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", f"{variant}:{mode}",
            "--n", str(args.n), "--d", str(args.d), "--heads", str(args.heads)]
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if res.returncode != 0:
-        raise RuntimeError(res.stderr[-2000:])
+        raise RuntimeError(f"{variant}:{mode} failed:\n{res.stderr[-2000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def main():
@@ -85,6 +130,7 @@ def main():
     p.add_argument("--n", type=int, default=16384)
     p.add_argument("--d", type=int, default=64)
     p.add_argument("--heads", type=int, default=1)
+    p.add_argument("--repeat", type=int, default=3, help="fresh processes per variant")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--no-doc", action="store_true", help="do not write docs/cpu_memory.md")
     args = p.parse_args()
@@ -95,30 +141,58 @@ def main():
 
     import torch
 
-    results = {}
-    for variant in ("eager", "flashfx"):
-        for mode in ("fwd", "fwdbwd"):
-            args.variant_mode = f"{variant}:{mode}"
-            results[variant, mode] = child(args)
-            print(f"  {variant:8} {mode:7} {results[variant, mode]['extra_bytes'] / 2**20:9.1f} MiB"
-                  f"  {results[variant, mode]['seconds']:6.2f} s", flush=True)
+    from flashfx.runtime import cpu
 
-    mib = lambda b: b / 2**20  # noqa: E731
+    runs = {}
+    for variant in VARIANTS:
+        for mode in MODES:
+            runs[variant, mode] = []
+            for _ in range(args.repeat):
+                res = _child(variant, mode, args)
+                runs[variant, mode].append(res)
+                print(f"  {variant:8} {mode:7} {res['extra_bytes'] / MIB:9.1f} MiB  {res['seconds']:6.2f} s", flush=True)
+    # per variant and mode: median extra bytes, its range, median seconds
+    r = {key: {"extra_bytes": statistics.median(x["extra_bytes"] for x in xs),
+               "lo": min(x["extra_bytes"] for x in xs), "hi": max(x["extra_bytes"] for x in xs),
+               "seconds": statistics.median(x["seconds"] for x in xs), "threads": xs[0]["threads"]}
+         for key, xs in runs.items()}
+
+    def mib(variant, mode):
+        x = r[variant, mode]
+        return f"{x['extra_bytes'] / MIB:.1f} ({x['lo'] / MIB:.0f}–{x['hi'] / MIB:.0f})"
+
+    def ratio(variant, mode):
+        return f"{r['eager', mode]['extra_bytes'] / max(r[variant, mode]['extra_bytes'], 1):.1f}x"
+
+    def worst_ratio(mode):
+        return f"{r['eager', mode]['lo'] / max(r['chunked', mode]['hi'], 1):.0f}x"
+
+    cq, ck = cpu.default_chunk_sizes(args.heads, args.n, args.n)
+    reset = all(x["peak_reset"] for xs in runs.values() for x in xs)
     lines = [
-        f"# CPU attention memory: eager vs flashfx chunked path",
+        "# CPU attention memory: eager vs flashfx's chunked path",
         "",
-        f"B=1, H={args.heads}, N={args.n}, D={args.d}, fp32. Peak resident memory of one call beyond its",
-        "inputs, each variant in a fresh process (`python benchmarks/cpu_memory.py`).",
-        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores.",
+        f"B=1, H={args.heads}, N={args.n}, D={args.d}, float32, no mask. Peak resident memory of one call",
+        f"beyond its inputs, each variant in a fresh process after a warm-up, {args.repeat} processes per",
+        "variant: median MiB (min–max) and median seconds",
+        "(`PYTHONPATH=. python benchmarks/cpu_memory.py`; the method is in its docstring).",
+        f"Chunked path: default chunk rule, q_chunk={cq}, k_chunk={ck} "
+        f"(`flashfx.runtime.cpu.default_chunk_sizes`).",
+        f"torch {torch.__version__}, {_cpu_name()}, {os.cpu_count()} cores, "
+        f"{r['eager', 'fwd']['threads']} torch threads.",
         "",
-        "| mode | eager MiB | flashfx MiB | eager / flashfx | eager s | flashfx s |",
-        "|---|---|---|---|---|---|",
+        "| variant | fwd MiB | fwd+bwd MiB | eager / this, fwd | eager / this, fwd+bwd | fwd s | fwd+bwd s |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for mode, name in (("fwd", "forward"), ("fwdbwd", "forward+backward")):
-        e, f = results["eager", mode], results["flashfx", mode]
-        ratio = e["extra_bytes"] / max(f["extra_bytes"], 1)
-        lines.append(f"| {name} | {mib(e['extra_bytes']):.1f} | {mib(f['extra_bytes']):.1f} | {ratio:.1f}x "
-                     f"| {e['seconds']:.2f} | {f['seconds']:.2f} |")
+    for variant in VARIANTS:
+        lines.append(f"| {variant} | {mib(variant, 'fwd')} | {mib(variant, 'fwdbwd')} | {ratio(variant, 'fwd')} "
+                     f"| {ratio(variant, 'fwdbwd')} | {r[variant, 'fwd']['seconds']:.2f} "
+                     f"| {r[variant, 'fwdbwd']['seconds']:.2f} |")
+    lines += ["", f"Worst case over the runs (least eager / most chunked): {worst_ratio('fwd')} forward, "
+              f"{worst_ratio('fwdbwd')} forward+backward."]
+    if not reset:
+        lines += ["", "The peak-RSS mark could not be reset here: the numbers include the warm-up's peak "
+                  "where it was higher (an overestimate)."]
     table = "\n".join(lines) + "\n"
     print()
     print(table)

@@ -1,15 +1,32 @@
-"""Memory-efficient chunked attention for CPU tensors (Rabe & Staats, 2021).
+"""Memory-efficient chunked attention for CPU tensors (Rabe & Staats, 2021), in plain torch.
 
-Scores exist only one [query chunk × key chunk] block at a time. The forward keeps, per query
-row, a running max, a running sum of exponentials and a rescaled accumulator (online
-softmax), and saves the log-sum-exp. The backward recomputes each block's probabilities from
-Q, K and that log-sum-exp. Extra memory is O(B·H·chunk²) for one block plus O(N·D) for the
-outputs and gradients — never O(N²).
+Scores never exist at full size: only one [query chunk × key chunk] block at a time.
 
-GQA runs without copying K/V: q is viewed as [B, Hk, G, Nq, D] and K/V broadcast over G.
+Forward, per query chunk (outer loop), over its key chunks (inner loop): the block of raw scores
+q·kᵀ goes through the score program (`scoreops.apply_torch`, the registry's semantics) and the
+causal mask, then an online softmax keeps, per query row, the running max m, the running sum
+l of exp(s - m) and the accumulator acc = Σ exp(s - m)·v, rescaled whenever m grows. The
+output is acc / l and the saved statistic is lse = m + log l (log-sum-exp of the final scores).
+
+Backward, chunk by chunk again: each block's probabilities are recomputed as exp(s - lse), so
+nothing of size N² is ever stored; ds = p·(dout·vᵀ - delta) with delta = rowsum(dout·out), then
+`scoreops.grad_torch` chains ds back through the program to d(q·kᵀ), which feeds dq, dk.
+
+Extra memory is O(B·H·q_chunk·k_chunk) for a few live blocks plus O(B·H·N·D) for the outputs,
+gradients and row statistics — never O(N²).
+
+Layout. q: [B, H, Nq, D], k/v: [B, Hk, Nk, D], G = H / Hk query heads per K/V head (GQA). q
+is viewed as [B, Hk, G, Nq, D] and a query chunk flattened to [B, Hk, G·cq, D], so one
+matmul against the shared [B, Hk, ck, D] key chunk serves the whole group: K/V are never
+repeated. The same block seen as [B, Hk, G, cq, ck] lines up with the operands, viewed as
+[B, Hk, G, Nq, Nk], for the score program.
+
+Fully masked rows (every score -inf) give out = 0, lse = -inf and zero gradients, never NaN.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -17,141 +34,228 @@ from torch import Tensor
 from flashfx import scoreops
 from flashfx.ir import ScoreProgram
 
-# One block of scores holds at most this many elements (fp32: 4 MiB); a few blocks are alive
-# at once. Rabe & Staats use query chunks of 1024 and key chunks of 4096; we cap both there
-# and shrink the query chunk to the budget. Larger blocks ran no faster on 2 cores.
-SCORE_BLOCK_BUDGET = 1 << 20
+_ALL = slice(None)
+_NEG_INF = float("-inf")
+
+# --- chunk sizes -------------------------------------------------------------------------------
+
+# One block of scores, across all batch elements and heads, holds at most this many elements
+# (fp32: 2 MiB). The forward keeps ~3 blocks alive, the backward ~5 (scores, raw scores, dp,
+# the program's recomputation and gradient), so with the O(N·D) outputs the extra memory stays
+# in the tens of MiB at any N. Measured on 2 cores (B·H = 1, 8, 32; N = 2048..16384): 2**19 was
+# as fast as or faster than 2**18, 2**20 and 2**22 — larger blocks fall out of cache — and freed
+# blocks the allocator keeps resident grow with the block, so smaller is also leaner in RSS.
+SCORE_BLOCK_BUDGET = 1 << 19
+# Rabe & Staats' chunk sizes, used as caps: 1024 queries, 4096 keys.
 MAX_Q_CHUNK, MAX_K_CHUNK = 1024, 4096
+# Chunks are multiples of this (or the whole, shorter, sequence): below it a block is all Python
+# overhead. For a huge B·H this floor wins over the budget.
+MIN_CHUNK = 16
 
 
-def chunk_sizes(batch_heads: int, nq: int, nk: int) -> tuple[int, int]:
-    """Query and key chunk lengths so that one score block stays within the budget."""
-    per_head = max(SCORE_BLOCK_BUDGET // max(batch_heads, 1), 64 * 64)
-    k_chunk = min(nk, MAX_K_CHUNK, max(64, per_head // min(nq, MAX_Q_CHUNK)))
-    q_chunk = min(nq, MAX_Q_CHUNK, max(16, per_head // k_chunk))
+def default_chunk_sizes(batch_heads: int, nq: int, nk: int) -> tuple[int, int]:
+    """(q_chunk, k_chunk) with batch_heads · q_chunk · k_chunk ≤ SCORE_BLOCK_BUDGET.
+
+    The rule: each (batch, head) gets share = budget / (B·H) scores. The query chunk is the
+    largest power of two ≤ √share, the key chunk what it leaves (share / q_chunk ≥ q_chunk),
+    then the query chunk grows into what short key sequences leave unused. Each is rounded down
+    to a multiple of MIN_CHUNK, capped at MAX_Q_CHUNK / MAX_K_CHUNK and at the sequence length.
+    So: near-square blocks (causal attention skips the most) with the longer side on the keys
+    (fewer online-softmax rescales); decoding (few queries) gets long key chunks; attention to a
+    short context gets long query chunks. Only the MIN_CHUNK floor may exceed the budget.
+    """
+    share = max(SCORE_BLOCK_BUDGET // max(batch_heads, 1), 1)
+    q_chunk = _fit(1 << (math.isqrt(share).bit_length() - 1), nq, MAX_Q_CHUNK)
+    k_chunk = _fit(share // q_chunk, nk, MAX_K_CHUNK)
+    q_chunk = max(q_chunk, _fit(share // k_chunk, nq, MAX_Q_CHUNK))
     return q_chunk, k_chunk
 
 
-def _sizes(q: Tensor, k: Tensor):
-    """B, H, Nq, D, Hk, Nk and the group size G = H / Hk."""
-    B, H, Nq, D = q.shape
-    Hk, Nk = k.shape[1], k.shape[2]
-    return B, H, Nq, D, Hk, Nk, H // Hk
+def _fit(n: int, length: int, cap: int) -> int:
+    """n rounded down to a multiple of MIN_CHUNK (at least MIN_CHUNK), at most cap and length."""
+    n = max(MIN_CHUNK, n // MIN_CHUNK * MIN_CHUNK)
+    return max(1, min(n, cap, length))
 
 
-def _chunks(batch_heads, nq, nk, q_chunk, k_chunk) -> tuple[int, int]:
-    default_q, default_k = chunk_sizes(batch_heads, nq, nk)
-    return q_chunk or default_q, k_chunk or default_k
+def _chunk_sizes(q: Tensor, k: Tensor, q_chunk: int | None, k_chunk: int | None) -> tuple[int, int]:
+    """The caller's chunk sizes where given, the default rule's otherwise."""
+    B, H, Nq, _ = q.shape
+    default_q, default_k = default_chunk_sizes(B * H, Nq, k.shape[2])
+    q_chunk, k_chunk = q_chunk or default_q, k_chunk or default_k
+    if q_chunk < 1 or k_chunk < 1:
+        raise ValueError(f"flashfx: chunk sizes must be positive, got {q_chunk}, {k_chunk}")
+    return q_chunk, k_chunk
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+# --- shared pieces of both passes ----------------------------------------------------------------
 
 
-def _visible(program: ScoreProgram, rows: range, cols: range, nq: int, nk: int, device) -> Tensor | None:
-    """Causal visibility of a [rows × cols] block, or None if every score is visible."""
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64 (tests compare at 1e-10); everything else computes in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _group_operands(operands, B, H, Nq, Nk, Hk, G) -> list[Tensor]:
+    """Each operand as a [B, Hk, G, Nq, Nk] view: expand (stride 0, no copy), split H."""
+    return [x.expand(B, H, Nq, Nk).unflatten(1, (Hk, G)) for x in operands]
+
+
+def _operand_blocks(xs: list[Tensor], rows: slice, cols: slice, ct: torch.dtype) -> list[Tensor]:
+    """The operands' [B, Hk, G, cq, ck] blocks: float ones in the compute dtype (an fp64 bias
+    must not promote fp32 scores), masks as they are. Only a block is ever copied."""
+    blocks = []
+    for x in xs:
+        x = x[..., rows, cols]
+        blocks.append(x.to(ct) if x.is_floating_point() else x)
+    return blocks
+
+
+def _diagonal(program: ScoreProgram, Nq: int, Nk: int) -> int | None:
+    """Causal offset: query i sees keys j ≤ i + diag (None: not causal)."""
     if program.causal is None:
         return None
-    diag = 0 if program.causal == "top_left" else nk - nq
-    i = torch.arange(rows.start, rows.stop, device=device)[:, None]
-    j = torch.arange(cols.start, cols.stop, device=device)[None, :]
+    return 0 if program.causal == "top_left" else Nk - Nq
+
+
+def _key_end(diag: int | None, rows: slice, Nk: int) -> int:
+    """Keys from here on are invisible to every row of the chunk: their chunks are skipped."""
+    if diag is None:
+        return Nk
+    return max(0, min(Nk, rows.stop + diag))  # last row's last visible key + 1
+
+
+def _causal_mask(diag: int | None, rows: slice, cols: slice) -> Tensor | None:
+    """[cq, ck] bool, True = visible, for a block the diagonal crosses; None when the whole
+    block is visible (or attention is not causal), so blocks below the diagonal build nothing."""
+    if diag is None or cols.stop - 1 <= rows.start + diag:
+        return None
+    i = torch.arange(rows.start, rows.stop)[:, None]
+    j = torch.arange(cols.start, cols.stop)[None, :]
     return j <= i + diag
 
 
-def _key_range(program: ScoreProgram, rows: range, nq: int, nk: int) -> int:
-    """Keys past this index are invisible to every row in `rows` (causal): skip them."""
-    if program.causal is None:
-        return nk
-    diag = 0 if program.causal == "top_left" else nk - nq
-    return max(0, min(nk, rows.stop - 1 + diag + 1))
+def _block_scores(q_c: Tensor, k_c: Tensor, xs_c, program: ScoreProgram, mask: Tensor | None, G: int):
+    """(s, raw): the program's scores of one block with the causal mask applied, and the raw
+    q·kᵀ they came from, both [B, Hk, G·cq, ck]. `s` is always a fresh tensor, so callers may
+    overwrite it in place while `raw` survives for the backward's `grad_torch`."""
+    raw = q_c @ k_c.transpose(-2, -1)  # raw: [B, Hk, G·cq, ck]
+    raw5 = raw.unflatten(2, (G, -1))  # [B, Hk, G, cq, ck], a view that lines up with xs_c
+    s5 = scoreops.apply_torch(program, raw5, xs_c, _ALL, _ALL)
+    if mask is not None:
+        s5 = s5.masked_fill(~mask, _NEG_INF)
+    elif s5 is raw5:  # an empty program: nothing made a copy yet
+        s5 = raw5.clone()
+    return s5.flatten(2, 3), raw
 
 
-def _block_scores(q_c, k_c, operands, program, rows, cols, nq, nk, G):
-    """Program output for one block, [B, Hk, G, cq, ck], and the raw q·kᵀ it came from."""
-    raw = q_c @ k_c.transpose(-2, -1)  # [B, Hk, G, cq, ck]
-    B, Hk = raw.shape[:2]
-    # operands are [B, H, Nq, Nk] views; H = Hk·G splits without copying the block
-    xs = [x[..., rows.start:rows.stop, cols.start:cols.stop].reshape(B, Hk, G, len(rows), len(cols))
-          for x in operands]
-    s = scoreops.apply_torch(program, raw, xs, slice(None), slice(None))
-    vis = _visible(program, rows, cols, nq, nk, raw.device)
-    if vis is not None:
-        s = s.masked_fill(~vis, float("-inf"))
-    if s is raw:  # callers turn s into probabilities in place; raw must survive for the grad
-        s = raw.clone()
-    return s, raw, xs
+# --- forward -------------------------------------------------------------------------------------
 
 
+@torch.no_grad()  # called directly (tests, benchmarks) with inputs that require grad: no graph
 def attention_forward(q, k, v, operands, program: ScoreProgram, *, q_chunk=None, k_chunk=None):
-    """(out [B, H, Nq, D] in q's dtype, lse [B, H, Nq] fp32), chunk by chunk."""
-    B, H, Nq, D, Hk, Nk, G = _sizes(q, k)
-    ct = _compute_dtype(q)
-    q_chunk, k_chunk = _chunks(B * H, Nq, Nk, q_chunk, k_chunk)
+    """(out, lse): softmax(program(q·kᵀ)) @ v one block at a time, with an online softmax.
+
+    out: [B, H, Nq, D] in q's dtype and with q's strides; lse: [B, H, Nq], float32 (float64 for
+    float64 inputs, so that the backward keeps float64 accuracy), -inf for fully masked rows.
+    """
+    B, H, Nq, D = q.shape
+    Hk, Nk = k.shape[1], k.shape[2]
+    G = H // Hk
+    ct = compute_dtype(q.dtype)
+    q_chunk, k_chunk = _chunk_sizes(q, k, q_chunk, k_chunk)
+    diag = _diagonal(program, Nq, Nk)
+
     qg = q.unflatten(1, (Hk, G))  # [B, Hk, G, Nq, D], a view
-    kk, vv = k.unsqueeze(2), v.unsqueeze(2)  # [B, Hk, 1, Nk, D]
-    out_full = torch.empty_like(q)  # q's strides: what the op's fake implementation promises
-    out = out_full.unflatten(1, (Hk, G))
-    lse = torch.empty(B, Hk, G, Nq, dtype=torch.float32 if ct == torch.float32 else ct)
+    xs = _group_operands(operands, B, H, Nq, Nk, Hk, G)  # [B, Hk, G, Nq, Nk] views
+    out = torch.empty_like(q)  # q's strides: what the custom op's fake implementation promises
+    out_g = out.unflatten(1, (Hk, G))  # [B, Hk, G, Nq, D]
+    lse = torch.empty(B, Hk, G, Nq, dtype=ct)
 
     for r0 in range(0, Nq, q_chunk):
-        rows = range(r0, min(r0 + q_chunk, Nq))
-        q_c = qg[..., rows.start:rows.stop, :].to(ct)
-        m = torch.full((B, Hk, G, len(rows), 1), float("-inf"), dtype=ct)  # running max
-        l = torch.zeros((B, Hk, G, len(rows), 1), dtype=ct)  # running sum of exp(s - m)  # noqa: E741
-        acc = torch.zeros((B, Hk, G, len(rows), D), dtype=ct)
-        for c0 in range(0, _key_range(program, rows, Nq, Nk), k_chunk):
-            cols = range(c0, min(c0 + k_chunk, Nk))
-            k_c, v_c = kk[..., c0:cols.stop, :].to(ct), vv[..., c0:cols.stop, :].to(ct)
-            s, _, _ = _block_scores(q_c, k_c, operands, program, rows, cols, Nq, Nk, G)
+        rows = slice(r0, min(r0 + q_chunk, Nq))
+        cq = rows.stop - rows.start
+        q_c = qg[..., rows, :].to(ct).flatten(2, 3)  # [B, Hk, G·cq, D]
+        m = torch.full((B, Hk, G * cq, 1), _NEG_INF, dtype=ct)  # running max
+        l = torch.zeros(B, Hk, G * cq, 1, dtype=ct)  # running Σ exp(s - m)  # noqa: E741
+        acc = torch.zeros(B, Hk, G * cq, D, dtype=ct)  # running Σ exp(s - m) · v
+
+        for c0 in range(0, _key_end(diag, rows, Nk), k_chunk):
+            cols = slice(c0, min(c0 + k_chunk, Nk))
+            k_c, v_c = k[..., cols, :].to(ct), v[..., cols, :].to(ct)  # [B, Hk, ck, D]
+            xs_c = _operand_blocks(xs, rows, cols, ct)
+            # s: [B, Hk, G·cq, ck]; the raw scores are dropped at once, the forward needs no grad
+            s = _block_scores(q_c, k_c, xs_c, program, _causal_mask(diag, rows, cols), G)[0]
             m_new = torch.maximum(m, s.amax(-1, keepdim=True))
-            m_use = m_new.masked_fill(m_new == float("-inf"), 0.0)  # rows masked so far stay 0
-            p = s.sub_(m_use).exp_()  # in place: the block's scores become its probabilities
-            alpha = torch.exp(m - m_use)
-            l = l * alpha + p.sum(-1, keepdim=True)  # noqa: E741
-            acc = acc * alpha + p @ v_c
+            # rows that have seen only -inf so far: subtract 0, so exp gives 0 rather than NaN
+            m_safe = m_new.masked_fill(m_new == _NEG_INF, 0.0)
+            p = s.sub_(m_safe).exp_()  # in place: the block's scores become its weights
+            alpha = torch.exp(m - m_safe)  # rescales what was summed under the old max
+            l = l.mul_(alpha).add_(p.sum(-1, keepdim=True))  # noqa: E741
+            acc = acc.mul_(alpha).add_(p @ v_c)  # [B, Hk, G·cq, D]
             m = m_new
             del s, p
-        l_use = torch.where(l == 0, torch.ones_like(l), l)
-        out[..., rows.start:rows.stop, :] = (acc / l_use).to(q.dtype)
-        lse[..., rows.start:rows.stop] = (m + torch.log(l_use)).squeeze(-1).to(lse.dtype)
-    return out_full, lse.reshape(B, H, Nq)
+
+        seen = l > 0  # false only for fully masked rows: they give out = 0, lse = -inf
+        l_safe = torch.where(seen, l, torch.ones_like(l))
+        out_g[..., rows, :] = (acc / l_safe).unflatten(2, (G, cq))
+        lse_c = torch.where(seen, m + torch.log(l_safe), torch.full_like(m, _NEG_INF))
+        lse[..., rows] = lse_c.squeeze(-1).unflatten(2, (G, cq))
+    return out, lse.reshape(B, H, Nq)
 
 
+# --- backward ------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
 def attention_backward(dout, q, k, v, out, lse, operands, program: ScoreProgram, *, q_chunk=None, k_chunk=None):
-    """(dq, dk, dv): each block's probabilities recomputed from q, k and the saved lse."""
-    B, H, Nq, D, Hk, Nk, G = _sizes(q, k)
-    ct = _compute_dtype(q)
-    q_chunk, k_chunk = _chunks(B * H, Nq, Nk, q_chunk, k_chunk)
-    qg = q.unflatten(1, (Hk, G))  # [B, Hk, G, Nq, D]
-    dog = dout.unflatten(1, (Hk, G))
-    # delta_i = Σ_d dO_id · O_id: the softmax backward's per-row term, [B, Hk, G, Nq, 1]
-    delta = (dout.to(ct) * out.to(ct)).sum(-1).unflatten(1, (Hk, G)).unsqueeze(-1)
-    lse_g = lse.to(ct).unflatten(1, (Hk, G)).unsqueeze(-1)
-    lse_g = lse_g.masked_fill(lse_g == float("-inf"), float("inf"))  # fully masked rows: p = 0
-    kk, vv = k.unsqueeze(2), v.unsqueeze(2)
-    dq = torch.zeros(B, Hk, G, Nq, D, dtype=ct)
-    dk = torch.zeros(B, Hk, Nk, D, dtype=ct)
-    dv = torch.zeros(B, Hk, Nk, D, dtype=ct)
+    """(dq, dk, dv), each with its input's dtype and strides; probabilities recomputed per
+    block from q, k and the saved lse, so memory stays O(N·chunk) like the forward."""
+    B, H, Nq, D = q.shape
+    Hk, Nk = k.shape[1], k.shape[2]
+    G = H // Hk
+    ct = compute_dtype(q.dtype)
+    q_chunk, k_chunk = _chunk_sizes(q, k, q_chunk, k_chunk)
+    diag = _diagonal(program, Nq, Nk)
+
+    qg, dout_g, out_g = (t.unflatten(1, (Hk, G)) for t in (q, dout, out))  # [B, Hk, G, Nq, D]
+    # fully masked rows: lse = -inf becomes +inf, so exp(s - lse) = 0 instead of NaN
+    lse_g = lse.to(ct).masked_fill(lse == _NEG_INF, float("inf")).unflatten(1, (Hk, G))  # [B, Hk, G, Nq]
+    xs = _group_operands(operands, B, H, Nq, Nk, Hk, G)
+    dq = torch.empty_like(q)  # each query chunk's rows are written once
+    dq_g = dq.unflatten(1, (Hk, G))
+    # dk, dv collect from every query chunk: accumulate in the compute dtype, in k's and v's
+    # strides (for fp32/fp64 inputs these are the results themselves, no final copy)
+    dk = torch.zeros_like(k, dtype=ct)  # [B, Hk, Nk, D]
+    dv = torch.zeros_like(v, dtype=ct)
 
     for r0 in range(0, Nq, q_chunk):
-        rows = range(r0, min(r0 + q_chunk, Nq))
-        sl = slice(rows.start, rows.stop)
-        q_c, do_c = qg[..., sl, :].to(ct), dog[..., sl, :].to(ct)
-        for c0 in range(0, _key_range(program, rows, Nq, Nk), k_chunk):
-            cols = range(c0, min(c0 + k_chunk, Nk))
-            k_c, v_c = kk[..., c0:cols.stop, :].to(ct), vv[..., c0:cols.stop, :].to(ct)
-            s, raw, xs = _block_scores(q_c, k_c, operands, program, rows, cols, Nq, Nk, G)
-            p = s.sub_(lse_g[..., sl, :]).exp_()  # [B, Hk, G, cq, ck], in place
-            dv[..., c0:cols.stop, :] += (p.transpose(-2, -1) @ do_c).sum(2)
-            g = (do_c @ v_c.transpose(-2, -1)).sub_(delta[..., sl, :]).mul_(p)  # dL/d(softmax in)
-            del p, s
-            g = scoreops.grad_torch(program, g, raw, xs, slice(None), slice(None))  # dL/d(q·kᵀ)
-            dq[..., sl, :] += g @ k_c
-            dk[..., c0:cols.stop, :] += (g.transpose(-2, -1) @ q_c).sum(2)
-            del g, raw
-    # gradients take their input's strides, as the op's fake implementation promises
-    grads = []
-    for like, g in ((q, dq.reshape(B, H, Nq, D)), (k, dk), (v, dv)):
-        grads.append(torch.empty_like(like).copy_(g))
-    return tuple(grads)
+        rows = slice(r0, min(r0 + q_chunk, Nq))
+        cq = rows.stop - rows.start
+        q_c = qg[..., rows, :].to(ct).flatten(2, 3)  # [B, Hk, G·cq, D]
+        do_c = dout_g[..., rows, :].to(ct).flatten(2, 3)  # [B, Hk, G·cq, D]
+        # delta = rowsum(dout · out): the softmax backward's per-row term, [B, Hk, G·cq, 1]
+        delta = (do_c * out_g[..., rows, :].to(ct).flatten(2, 3)).sum(-1, keepdim=True)
+        lse_c = lse_g[..., rows].flatten(2, 3).unsqueeze(-1)  # [B, Hk, G·cq, 1]
+        dq_c = torch.zeros(B, Hk, G * cq, D, dtype=ct)
 
+        for c0 in range(0, _key_end(diag, rows, Nk), k_chunk):
+            cols = slice(c0, min(c0 + k_chunk, Nk))
+            k_c, v_c = k[..., cols, :].to(ct), v[..., cols, :].to(ct)  # [B, Hk, ck, D]
+            xs_c = _operand_blocks(xs, rows, cols, ct)
+            s, raw = _block_scores(q_c, k_c, xs_c, program, _causal_mask(diag, rows, cols), G)
+            p = s.sub_(lse_c).exp_()  # [B, Hk, G·cq, ck], in place
+            # dv += pᵀ · dout; the matmul over G·cq rows also sums the group's heads
+            dv[..., cols, :] += p.transpose(-2, -1) @ do_c  # [B, Hk, ck, D]
+            # d(program output) = p · (dout · vᵀ - delta), the softmax backward
+            ds = (do_c @ v_c.transpose(-2, -1)).sub_(delta).mul_(p)  # [B, Hk, G·cq, ck]
+            del p, s
+            # chained back through the program's ops, on the [B, Hk, G, cq, ck] views
+            ds5 = scoreops.grad_torch(program, ds.unflatten(2, (G, cq)), raw.unflatten(2, (G, cq)), xs_c, _ALL, _ALL)
+            ds = ds5.flatten(2, 3)  # d(q·kᵀ): [B, Hk, G·cq, ck]
+            dq_c += ds @ k_c
+            dk[..., cols, :] += ds.transpose(-2, -1) @ q_c  # [B, Hk, ck, D]
+            del ds, ds5, raw
+
+        dq_g[..., rows, :] = dq_c.unflatten(2, (G, cq))
+    # each gradient has its input's dtype and strides, as the op's fake implementation promises
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
