@@ -9,9 +9,13 @@
 FLOPs: fwd 4·Nq·Nk·D per head; bwd 2.5× fwd (dV, dP, dK, dQ: 4 matmuls, + QKᵀ recompute
 twice, once in each backward kernel) — no N×N tensor is ever written to memory.
 
-Scores live in log2 units inside the kernels (exp2 is one instruction, exp is two): the
-program's output is multiplied by log2(e), folded into the leading scale when the rest of the
-program is made of masks only. The saved LSE is in natural-log units, as the CPU path's.
+Softmax uses exp2 (one instruction; exp is two). When the program is a leading scale and
+infinite masks, log2(e) is folded into that scale and scores live in log2 units. Otherwise
+scores stay in natural units and only differences from the row max are scaled by log2(e), so
+finite fills such as finfo.min stay finite, as in eager. The forward saves two row statistics
+(natural-log units, as the CPU path's): the row max and log Σ exp(s - max). Their sum is the
+log-sum-exp, but the backward uses them apart: a row whose scores are all ≈ finfo.min has a
+max so large that adding log Σ to it would round the sum away.
 
 Key blocks come in two loops: blocks every query row of the tile sees whole (no masks at all)
 and the rest (the causal diagonal, the ragged end of N), where bounds and causal masks apply.
@@ -117,6 +121,26 @@ def _grad_lines(ops: list[tuple], folded: bool) -> list[str]:
     return lines
 
 
+def _log2_units(diff: str, folded: bool) -> str:
+    """A difference of kernel scores, in log2 units for exp2.
+
+    Folded programs already score in log2 units. Otherwise scores are in natural units and
+    the difference is taken before scaling by log2(e): finite fills such as finfo.min would
+    overflow to -inf if scaled first, and eager softmax keeps them finite.
+    """
+    return diff if folded else f"({diff}) * LOG2E"
+
+
+def _stats_lines(bh: str, folded: bool) -> list[str]:
+    """Load the forward's row statistics, in the kernel's score units."""
+    return [
+        f"rowmax = tl.load(Stats + {bh} * N_Q + offs_m, mask=m_ok, other=float('inf'))",
+        "# rows that saw no key (rowmax = -inf) and padded rows: +inf makes their p exactly 0",
+        "rowmax = tl.where(rowmax == float('-inf'), float('inf'), rowmax)" + (" * LOG2E" if folded else ""),
+        f"logsum = tl.load(Stats + STATS_PLANE + {bh} * N_Q + offs_m, mask=m_ok, other=0.0) * LOG2E",
+    ]
+
+
 def _subst(expr: str, c=None, **names: str) -> str:
     """Put kernel variables for a registry expression's one-letter names s, x, g, c."""
     if c is not None:
@@ -161,15 +185,13 @@ def _fwd_step(prog, ops, folded, masked: bool) -> str:
                   "v = tl.load(v_ptrs + n * stride_vn, mask=d_ok[None, :], other=0.0)"]
     lines.append("s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BM, BN] fp32")
     lines += _program_lines(ops, "s")
-    if not folded:
-        lines.append("s = s * LOG2E")
     lines += _mask_lines(prog, "s", masked)
     lines += [
-        "# online softmax: rescale what came before by exp2(m_old - m_new)",
+        "# online softmax: rescale what came before by exp(m_old - m_new)",
         "m_new = tl.maximum(m_i, tl.max(s, 1))",
         "m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # a row masked so far stays 0",
-        "alpha = tl.exp2(m_i - m_use)",
-        "p = tl.exp2(s - m_use[:, None])",
+        f"alpha = tl.exp2({_log2_units('m_i - m_use', folded)})",
+        f"p = tl.exp2({_log2_units('s - m_use[:, None]', folded)})",
         "l_i = l_i * alpha + tl.sum(p, 1)",
         "acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)",
         "m_i = m_new",
@@ -187,9 +209,7 @@ def _bwd_step(prog, ops, folded, masked: bool, want: str) -> str:
             "q_ok = m_ok[:, None] & d_ok[None, :]" if masked else "q_ok = d_ok[None, :]",
             "q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=q_ok, other=0.0)",
             "do = tl.load(dOut + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gm + offs_d[None, :] * stride_gd, mask=q_ok, other=0.0)",
-            "# lse = +inf on padded or fully masked rows makes their p exactly 0",
-            "lse = tl.load(Lse + bh * N_Q + offs_m, mask=m_ok, other=float('inf')) * LOG2E",
-            "lse = tl.where(lse == float('-inf'), float('inf'), lse)",
+        ] + _stats_lines("bh", folded) + [
             "delta = tl.load(Delta + bh * N_Q + offs_m, mask=m_ok, other=0.0)",
         ]
     else:  # Q, dO held; load this K/V block's rows
@@ -205,11 +225,11 @@ def _bwd_step(prog, ops, folded, masked: bool, want: str) -> str:
               "in_tile = m_ok[:, None] & n_ok[None, :]"]
     lines.append("s = qk")
     lines += _program_lines(ops, "s")
-    if not folded:
-        lines.append("s = s * LOG2E")
     lines += _mask_lines(prog, "s", masked)
     lines += [
-        "p = tl.exp2(s - lse[:, None])  # recomputed probabilities; lse in log2 units here",
+        "# recomputed probabilities: exp(s - rowmax) / exp(logsum), never exp(s - lse), which",
+        "# loses logsum when the row max is huge (a row of finfo.min fills: uniform weights)",
+        f"p = tl.exp2({_log2_units('s - rowmax[:, None]', folded)} - logsum[:, None])",
         "dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BM, BN]",
         "g = p * (dp - delta[:, None])  # dL/d(softmax input), natural units",
     ]
@@ -228,13 +248,13 @@ _FWD = '''
 
 @triton.jit
 def _attn_fwd(
-    Q, K, V, Out, Lse, {xptrs}                   # q: [B, H, Nq, D]; k, v: [B, Hk, Nk, D]
+    Q, K, V, Out, Stats, {xptrs}                 # q: [B, H, Nq, D]; k, v: [B, Hk, Nk, D]
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_ob, stride_oh, stride_om, stride_od,  # lse: [B, H, Nq] contiguous fp32
+    stride_ob, stride_oh, stride_om, stride_od,  # stats: [2, B, H, Nq] contiguous fp32
     {xstrides}
-    H, N_Q, N_K,
+    H, N_Q, N_K, STATS_PLANE,
     GROUP: tl.constexpr,          # query heads per K/V head (GQA); 1 for plain attention
     CAUSAL: tl.constexpr,         # 0: none, 1: top-left diagonal, 2: bottom-right diagonal
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
@@ -280,13 +300,14 @@ def _attn_fwd(
     for n in range(full, hi, BLOCK_N):
 {step_masked}
 
-    # ---- normalize; rows that saw no key at all give 0 and lse = -inf ----
+    # ---- normalize; rows that saw no key at all give 0, rowmax = -inf, logsum = 0 ----
     l_use = tl.where(l_i == 0.0, 1.0, l_i)
     acc = acc / l_use[:, None]
-    lse = (m_i + tl.log2(l_use)) * LN2
     o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
     tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
-    tl.store(Lse + pid_bh * N_Q + offs_m, lse, mask=m_ok)
+    # stats, natural-log units: [0] the row max of the scores, [1] log Σ exp(s - max)
+    tl.store(Stats + pid_bh * N_Q + offs_m, {rowmax_nat}, mask=m_ok)
+    tl.store(Stats + STATS_PLANE + pid_bh * N_Q + offs_m, tl.log2(l_use) * LN2, mask=m_ok)
 
 
 @triton.jit
@@ -313,7 +334,7 @@ def _attn_bwd_delta(
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, dOut, Lse, Delta, dK, dV, {xptrs}
+    Q, K, V, dOut, Stats, Delta, dK, dV, {xptrs}
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -321,7 +342,7 @@ def _attn_bwd_dkdv(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     {xstrides}
-    H, N_Q, N_K,
+    H, N_Q, N_K, STATS_PLANE,
     GROUP: tl.constexpr, CAUSAL: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -375,14 +396,14 @@ def _attn_bwd_dkdv(
 
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, dOut, Lse, Delta, dQ, {xptrs}
+    Q, K, V, dOut, Stats, Delta, dQ, {xptrs}
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_gb, stride_gh, stride_gm, stride_gd,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     {xstrides}
-    H, N_Q, N_K,
+    H, N_Q, N_K, STATS_PLANE,
     GROUP: tl.constexpr, CAUSAL: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -405,8 +426,7 @@ def _attn_bwd_dq(
     q_ok = m_ok[:, None] & d_ok[None, :]
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=q_ok, other=0.0)
     do = tl.load(dOut + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gm + offs_d[None, :] * stride_gd, mask=q_ok, other=0.0)
-    lse = tl.load(Lse + pid_bh * N_Q + offs_m, mask=m_ok, other=float('inf')) * LOG2E
-    lse = tl.where(lse == float('-inf'), float('inf'), lse)
+{dq_stats}
     delta = tl.load(Delta + pid_bh * N_Q + offs_m, mask=m_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
 
@@ -439,6 +459,8 @@ def emit(program: ScoreProgram) -> str:
         dkdv_masked=_bwd_step(program, ops, folded, masked=True, want="dkdv"),
         dq_full=_bwd_step(program, ops, folded, masked=False, want="dq"),
         dq_masked=_bwd_step(program, ops, folded, masked=True, want="dq"),
+        dq_stats=_block(_stats_lines("pid_bh", folded), 4),
+        rowmax_nat="m_i * LN2" if folded else "m_i",
     )
 
 

@@ -6,9 +6,9 @@ Forward, per query chunk (outer loop), over its key chunks (inner loop): the blo
 q·kᵀ goes through the score program (`scoreops.apply_torch`, the registry's semantics) and the
 causal mask, then an online softmax keeps, per query row, the running max m, the running sum
 l of exp(s - m) and the accumulator acc = Σ exp(s - m)·v, rescaled whenever m grows. The
-output is acc / l and the saved statistic is lse = m + log l (log-sum-exp of the final scores).
+output is acc / l and the saved statistics are m and log l (their sum is the log-sum-exp).
 
-Backward, chunk by chunk again: each block's probabilities are recomputed as exp(s - lse), so
+Backward, chunk by chunk again: each block's probabilities are recomputed as exp(s - m - log l), so
 nothing of size N² is ever stored; ds = p·(dout·vᵀ - delta) with delta = rowsum(dout·out), then
 `scoreops.grad_torch` chains ds back through the program to d(q·kᵀ), which feeds dq, dk.
 
@@ -21,7 +21,7 @@ matmul against the shared [B, Hk, ck, D] key chunk serves the whole group: K/V a
 repeated. The same block seen as [B, Hk, G, cq, ck] lines up with the operands, viewed as
 [B, Hk, G, Nq, Nk], for the score program.
 
-Fully masked rows (every score -inf) give out = 0, lse = -inf and zero gradients, never NaN.
+Fully masked rows (every score -inf) give out = 0, m = -inf and zero gradients, never NaN.
 """
 
 from __future__ import annotations
@@ -153,10 +153,13 @@ def _block_scores(q_c: Tensor, k_c: Tensor, xs_c, program: ScoreProgram, mask: T
 
 @torch.no_grad()  # called directly (tests, benchmarks) with inputs that require grad: no graph
 def attention_forward(q, k, v, operands, program: ScoreProgram, *, q_chunk=None, k_chunk=None):
-    """(out, lse): softmax(program(q·kᵀ)) @ v one block at a time, with an online softmax.
+    """(out, stats): softmax(program(q·kᵀ)) @ v one block at a time, with an online softmax.
 
-    out: [B, H, Nq, D] in q's dtype and with q's strides; lse: [B, H, Nq], float32 (float64 for
-    float64 inputs, so that the backward keeps float64 accuracy), -inf for fully masked rows.
+    out: [B, H, Nq, D] in q's dtype and with q's strides. stats: [2, B, H, Nq], float32
+    (float64 for float64 inputs, so that the backward keeps float64 accuracy): the row max of
+    the scores, and log Σ exp(s - max). Their sum is the log-sum-exp; they are kept apart
+    because a row of finfo.min fills has a max so large that the sum rounds log Σ away, and
+    eager gives such a row uniform weights. Fully masked rows: max = -inf, log Σ = 0.
     """
     B, H, Nq, D = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
@@ -169,7 +172,7 @@ def attention_forward(q, k, v, operands, program: ScoreProgram, *, q_chunk=None,
     xs = _group_operands(operands, B, H, Nq, Nk, Hk, G)  # [B, Hk, G, Nq, Nk] views
     out = torch.empty_like(q)  # q's strides: what the custom op's fake implementation promises
     out_g = out.unflatten(1, (Hk, G))  # [B, Hk, G, Nq, D]
-    lse = torch.empty(B, Hk, G, Nq, dtype=ct)
+    stats = torch.empty(2, B, Hk, G, Nq, dtype=ct)
 
     for r0 in range(0, Nq, q_chunk):
         rows = slice(r0, min(r0 + q_chunk, Nq))
@@ -195,21 +198,21 @@ def attention_forward(q, k, v, operands, program: ScoreProgram, *, q_chunk=None,
             m = m_new
             del s, p
 
-        seen = l > 0  # false only for fully masked rows: they give out = 0, lse = -inf
+        seen = l > 0  # false only for fully masked rows: out = 0, max = -inf, log Σ = 0
         l_safe = torch.where(seen, l, torch.ones_like(l))
         out_g[..., rows, :] = (acc / l_safe).unflatten(2, (G, cq))
-        lse_c = torch.where(seen, m + torch.log(l_safe), torch.full_like(m, _NEG_INF))
-        lse[..., rows] = lse_c.squeeze(-1).unflatten(2, (G, cq))
-    return out, lse.reshape(B, H, Nq)
+        stats[0, ..., rows] = m.squeeze(-1).unflatten(2, (G, cq))
+        stats[1, ..., rows] = torch.log(l_safe).squeeze(-1).unflatten(2, (G, cq))
+    return out, stats.reshape(2, B, H, Nq)
 
 
 # --- backward ------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def attention_backward(dout, q, k, v, out, lse, operands, program: ScoreProgram, *, q_chunk=None, k_chunk=None):
+def attention_backward(dout, q, k, v, out, stats, operands, program: ScoreProgram, *, q_chunk=None, k_chunk=None):
     """(dq, dk, dv), each with its input's dtype and strides; probabilities recomputed per
-    block from q, k and the saved lse, so memory stays O(N·chunk) like the forward."""
+    block from q, k and the saved row statistics, so memory stays O(N·chunk) like the forward."""
     B, H, Nq, D = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
     G = H // Hk
@@ -218,8 +221,10 @@ def attention_backward(dout, q, k, v, out, lse, operands, program: ScoreProgram,
     diag = _diagonal(program, Nq, Nk)
 
     qg, dout_g, out_g = (t.unflatten(1, (Hk, G)) for t in (q, dout, out))  # [B, Hk, G, Nq, D]
-    # fully masked rows: lse = -inf becomes +inf, so exp(s - lse) = 0 instead of NaN
-    lse_g = lse.to(ct).masked_fill(lse == _NEG_INF, float("inf")).unflatten(1, (Hk, G))  # [B, Hk, G, Nq]
+    # fully masked rows: max = -inf becomes +inf, so exp(s - max) = 0 instead of NaN
+    rowmax = stats[0].to(ct)
+    rowmax_g = rowmax.masked_fill(rowmax == _NEG_INF, float("inf")).unflatten(1, (Hk, G))  # [B, Hk, G, Nq]
+    logsum_g = stats[1].to(ct).unflatten(1, (Hk, G))
     xs = _group_operands(operands, B, H, Nq, Nk, Hk, G)
     dq = torch.empty_like(q)  # each query chunk's rows are written once
     dq_g = dq.unflatten(1, (Hk, G))
@@ -235,7 +240,8 @@ def attention_backward(dout, q, k, v, out, lse, operands, program: ScoreProgram,
         do_c = dout_g[..., rows, :].to(ct).flatten(2, 3)  # [B, Hk, G·cq, D]
         # delta = rowsum(dout · out): the softmax backward's per-row term, [B, Hk, G·cq, 1]
         delta = (do_c * out_g[..., rows, :].to(ct).flatten(2, 3)).sum(-1, keepdim=True)
-        lse_c = lse_g[..., rows].flatten(2, 3).unsqueeze(-1)  # [B, Hk, G·cq, 1]
+        max_c = rowmax_g[..., rows].flatten(2, 3).unsqueeze(-1)  # [B, Hk, G·cq, 1]
+        logsum_c = logsum_g[..., rows].flatten(2, 3).unsqueeze(-1)
         dq_c = torch.zeros(B, Hk, G * cq, D, dtype=ct)
 
         for c0 in range(0, _key_end(diag, rows, Nk), k_chunk):
@@ -243,7 +249,8 @@ def attention_backward(dout, q, k, v, out, lse, operands, program: ScoreProgram,
             k_c, v_c = k[..., cols, :].to(ct), v[..., cols, :].to(ct)  # [B, Hk, ck, D]
             xs_c = _operand_blocks(xs, rows, cols, ct)
             s, raw = _block_scores(q_c, k_c, xs_c, program, _causal_mask(diag, rows, cols), G)
-            p = s.sub_(lse_c).exp_()  # [B, Hk, G·cq, ck], in place
+            # p = exp(s - max - log Σ): the max first, so finfo.min rows keep their log Σ
+            p = s.sub_(max_c).sub_(logsum_c).exp_()  # [B, Hk, G·cq, ck], in place
             # dv += pᵀ · dout; the matmul over G·cq rows also sums the group's heads
             dv[..., cols, :] += p.transpose(-2, -1) @ do_c  # [B, Hk, ck, D]
             # d(program output) = p · (dout · vᵀ - delta), the softmax backward

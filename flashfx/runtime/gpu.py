@@ -46,36 +46,38 @@ def _operand_args(operands):
 
 
 def forward(q, k, v, operands, program: ScoreProgram, tiles: TilePlan | None = None):
-    """(out [B, H, Nq, D], lse [B, H, Nq] fp32) through the generated forward kernel."""
+    """(out [B, H, Nq, D], stats [2, B, H, Nq] fp32: row max, log-sum) via the forward kernel."""
     B, H, Nq, D = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
     kernels = codegen.load(program.encode())
     p = tiles or tile_plan(q)
     out = torch.empty_like(q)
-    lse = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
+    # fp64 for fp64 inputs, as the op's fake implementation promises (the kernel computes fp32)
+    stats_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    stats = torch.empty((2, B, H, Nq), device=q.device, dtype=stats_dtype)
     xptrs, xstrides = _operand_args(operands)
     t = p.fwd
     grid = (triton_cdiv(Nq, t.block_m), B * H)
     kernels._attn_fwd[grid](
-        q, k, v, out, lse, *xptrs,
+        q, k, v, out, stats, *xptrs,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *xstrides,
-        H, Nq, Nk,
+        H, Nq, Nk, B * H * Nq,
         GROUP=H // Hk, CAUSAL=_CAUSAL_CODE[program.causal],
         HEAD_DIM=D, HEAD_DIM_PAD=p.head_dim_pad,
         BLOCK_M=t.block_m, BLOCK_N=t.block_n, PRECISION=_precision(q),
         num_warps=t.num_warps, num_stages=t.num_stages,
     )
-    return out, lse
+    return out, stats
 
 
-def backward(dout, q, k, v, out, lse, operands, program: ScoreProgram, tiles: TilePlan | None = None):
-    """(dq, dk, dv): recomputes P tile by tile from Q, K and the saved LSE."""
+def backward(dout, q, k, v, out, stats, operands, program: ScoreProgram, tiles: TilePlan | None = None):
+    """(dq, dk, dv): recomputes P tile by tile from Q, K and the saved row statistics."""
     B, H, Nq, D = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
     kernels = codegen.load(program.encode())
     p = tiles or tile_plan(q)
-    delta = torch.empty_like(lse)
+    delta = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
     dq = torch.empty_like(q)
     dk, dv = torch.empty_like(k), torch.empty_like(v)  # the strides the fake impl promises
     xptrs, xstrides = _operand_args(operands)
@@ -89,16 +91,16 @@ def backward(dout, q, k, v, out, lse, operands, program: ScoreProgram, tiles: Ti
     )
     t = p.bwd_dkdv
     kernels._attn_bwd_dkdv[(triton_cdiv(Nk, t.block_n), B * Hk)](
-        q, k, v, dout, lse, delta, dk, dv, *xptrs,
+        q, k, v, dout, stats, delta, dk, dv, *xptrs,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
-        *xstrides, H, Nq, Nk, **common,
+        *xstrides, H, Nq, Nk, B * H * Nq, **common,
         BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps, num_stages=t.num_stages,
     )
     t = p.bwd_dq
     kernels._attn_bwd_dq[(triton_cdiv(Nq, t.block_m), B * H)](
-        q, k, v, dout, lse, delta, dq, *xptrs,
+        q, k, v, dout, stats, delta, dq, *xptrs,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
-        *xstrides, H, Nq, Nk, **common,
+        *xstrides, H, Nq, Nk, B * H * Nq, **common,
         BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps, num_stages=t.num_stages,
     )
     return dq, dk, dv

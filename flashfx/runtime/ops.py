@@ -1,12 +1,14 @@
 """The flashfx custom op: one fused attention call, forward and backward.
 
-    out, lse = torch.ops.flashfx.attention(q, k, v, operands, program)
+    out, stats = torch.ops.flashfx.attention(q, k, v, operands, program)
       q: [B, H, Nq, D]; k, v: [B, Hk, Nk, D] with H % Hk == 0 (GQA without copies)
       operands: tensors the score program reads, each broadcastable to [B, H, Nq, Nk]
       program: ScoreProgram.encode() — what happens to the scores before the softmax
-      out: [B, H, Nq, D] in q's dtype; lse: [B, H, Nq] fp32 (fp64 for fp64 inputs) log-sum-exp of the final scores
+      out: [B, H, Nq, D] in q's dtype
+      stats: [2, B, H, Nq] fp32 (fp64 for fp64 inputs): the row max of the final scores and
+             log Σ exp(s - max); their sum is the log-sum-exp (-inf for rows with no visible key)
 
-Autograd saves q, k, v, out and lse — O(N) — and the backward op recomputes the
+Autograd saves q, k, v, out and stats — O(N) — and the backward op recomputes the
 probabilities from them. CUDA tensors run the generated Triton kernels; CPU tensors the
 chunked path (or, for tests, the Triton kernels under the interpreter).
 """
@@ -77,42 +79,42 @@ def attention(q: Tensor, k: Tensor, v: Tensor, operands: list[Tensor], program: 
 def _(q, k, v, operands, program):
     B, H, Nq, D = q.shape
     torch._check(k.shape[-1] == D and v.shape[-1] == D, lambda: "flashfx: q, k, v head dims differ")
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return torch.empty_like(q), q.new_empty((B, H, Nq), dtype=lse_dtype)
+    stats_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return torch.empty_like(q), q.new_empty((2, B, H, Nq), dtype=stats_dtype)
 
 
 @torch.library.custom_op("flashfx::attention_backward", mutates_args=())
 def attention_backward(
-    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, stats: Tensor,
     operands: list[Tensor], program: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     prog = ScoreProgram.decode(program)
     xs = _broadcast_operands(operands, q, k)
     if uses_triton(q):
-        return gpu.backward(dout, q, k, v, out, lse, xs, prog)
-    return cpu.attention_backward(dout, q, k, v, out, lse, xs, prog)
+        return gpu.backward(dout, q, k, v, out, stats, xs, prog)
+    return cpu.attention_backward(dout, q, k, v, out, stats, xs, prog)
 
 
 @attention_backward.register_fake
-def _(dout, q, k, v, out, lse, operands, program):
+def _(dout, q, k, v, out, stats, operands, program):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, operands, program = inputs
-    out, lse = output
+    out, stats = output
     if any(x.requires_grad for x in operands):
         # The matcher leaves such sites unfused; a direct caller gets told rather than
         # silently receiving a zero gradient for its bias.
         raise NotImplementedError("flashfx: gradients for score operands (biases, masks) are not supported yet")
-    ctx.save_for_backward(q, k, v, out, lse, *operands)
+    ctx.save_for_backward(q, k, v, out, stats, *operands)
     ctx.program = program
-    ctx.mark_non_differentiable(lse)
+    ctx.mark_non_differentiable(stats)
 
 
-def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, *operands = ctx.saved_tensors
-    dq, dk, dv = attention_backward(dout, q, k, v, out, lse, operands, ctx.program)
+def _backward(ctx, dout, dstats):
+    q, k, v, out, stats, *operands = ctx.saved_tensors
+    dq, dk, dv = attention_backward(dout, q, k, v, out, stats, operands, ctx.program)
     return dq, dk, dv, [None] * len(operands), None
 
 

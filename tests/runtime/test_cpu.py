@@ -74,8 +74,9 @@ def _check(got, want, tol):
 
 
 def _run(q, k, v, dout, xs, program, **chunks):
-    out, lse = cpu.attention_forward(q, k, v, xs, program, **chunks)
-    return (out, *cpu.attention_backward(dout, q, k, v, out, lse, xs, program, **chunks)), lse
+    out, stats = cpu.attention_forward(q, k, v, xs, program, **chunks)
+    grads = cpu.attention_backward(dout, q, k, v, out, stats, xs, program, **chunks)
+    return (out, *grads), stats.sum(0)  # the log-sum-exp: row max + log Σ exp(s - max)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
@@ -98,7 +99,8 @@ def test_lse_is_the_logsumexp_of_the_final_scores(prog):
     B, H, Hk, Nq, Nk, D = SHAPES["mqa-nq>nk"]
     q, k, v, _, xs = _inputs(B, H, Hk, Nq, Nk, D, torch.float64)
     program = PROGRAMS[prog]
-    _, lse = cpu.attention_forward(q, k, v, xs, program, **CHUNKS)
+    _, stats = cpu.attention_forward(q, k, v, xs, program, **CHUNKS)
+    lse = stats.sum(0)
     s = q @ k.repeat_interleave(H // Hk, 1).transpose(-2, -1)
     s = scoreops.apply_torch(program, s, xs, slice(None), slice(None))
     if program.causal == "top_left":
@@ -208,9 +210,9 @@ def test_causal_skips_blocks_above_and_masks_only_blocks_on_the_diagonal(monkeyp
 
     monkeypatch.setattr(scoreops, "apply_torch", counting_apply)
     monkeypatch.setattr(cpu, "_causal_mask", counting_mask)
-    out, lse = cpu.attention_forward(q, k, v, [], program, **CHUNKS)
+    out, stats = cpu.attention_forward(q, k, v, [], program, **CHUNKS)
     assert calls == {"blocks": blocks, "masks": masks}
-    cpu.attention_backward(dout, q, k, v, out, lse, [], program, **CHUNKS)
+    cpu.attention_backward(dout, q, k, v, out, stats, [], program, **CHUNKS)
     assert calls == {"blocks": 2 * blocks, "masks": 2 * masks}
     assert blocks < len(range(0, Nq, cq)) * len(range(0, Nk, ck))  # something was skipped
 
@@ -255,8 +257,8 @@ def test_memory_is_linear_in_n():
         q, k, v, dout, _ = _inputs(1, 1, 1, n, n, D, torch.float32, seed=7, contiguous=True)
 
         def chunked():
-            out, lse = cpu.attention_forward(q, k, v, [], program, q_chunk=cq, k_chunk=ck)
-            cpu.attention_backward(dout, q, k, v, out, lse, [], program, q_chunk=cq, k_chunk=ck)
+            out, stats = cpu.attention_forward(q, k, v, [], program, q_chunk=cq, k_chunk=ck)
+            cpu.attention_backward(dout, q, k, v, out, stats, [], program, q_chunk=cq, k_chunk=ck)
 
         peaks[n] = _peak_live_bytes(chunked)
         # out, lse, dq, dk, dv (N·D each) plus a handful of score blocks

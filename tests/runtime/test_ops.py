@@ -50,3 +50,29 @@ def test_bad_input_is_a_clear_error(bad, match):
         args = (*args, PROGRAM)
     with pytest.raises(Exception, match=match):
         torch.ops.flashfx.attention(*args)
+
+
+@pytest.mark.parametrize("kernel", ["chunked", "triton"])
+def test_rows_of_finfo_min_fills_match_eager(kernel, monkeypatch):
+    """Left padding with an additive finfo.min mask (Hugging Face's eager style): rows whose
+    every key is masked have all scores ≈ finfo.min. Eager softmax gives them uniform weights
+    and autograd sends gradient through them; the fused op must do the same, in both passes."""
+    monkeypatch.setattr(config, "cpu_kernel", kernel)
+    g = torch.Generator().manual_seed(1)
+    B, H, N, D = 2, 2, 24, 16
+    q, k, v = (torch.randn(B, H, N, D, generator=g).requires_grad_() for _ in range(3))
+    visible = torch.ones(N, N, dtype=torch.bool).tril().expand(B, 1, N, N).clone()
+    visible[1, :, :, :5] = False  # batch 1 is left-padded: its first 5 rows see no key at all
+    mask = torch.zeros(B, 1, N, N).masked_fill(~visible, torch.finfo(torch.float32).min)
+    dout = torch.randn(B, H, N, D, generator=g)
+
+    eager = torch.softmax(q @ k.transpose(-2, -1) * 0.25 + mask, -1) @ v
+    want = torch.autograd.grad(eager, (q, k, v), dout)
+    program = ScoreProgram((ScoreOp("scale", None, 0.25), ScoreOp("bias", 0))).encode()
+    out = torch.ops.flashfx.attention(q, k, v, [mask], program)[0]
+    got = torch.autograd.grad(out, (q, k, v), dout)
+    torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-5)
+    # the dead rows' outputs are the mean of all values, as in eager, not 0
+    torch.testing.assert_close(out[1, :, :5], v[1].mean(-2, keepdim=True).expand(H, 5, D), rtol=1e-4, atol=1e-5)
+    for name, a, b in zip("qkv", got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m: f"d{name}: {m}")
