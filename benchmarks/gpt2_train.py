@@ -1,0 +1,408 @@
+"""End-to-end training step of GPT-2 small (124M): eager, inductor, inductor with SDPA, flashfx.
+
+    PYTHONPATH=. python3 benchmarks/gpt2_train.py                      # seq 4096 and 1024, on a GPU
+    PYTHONPATH=. python3 benchmarks/gpt2_train.py --device cpu --layers 2 --seqs 128 --out-dir /tmp/g
+
+The model is benchmarks/gpt2.py, attention written by hand with a causal tril buffer as
+nanoGPT writes it. Variants, each a fresh model from the same seed after torch._dynamo.reset():
+
+    eager          the naive model, uncompiled
+    inductor       torch.compile(model) of the naive model
+    inductor-sdpa  torch.compile(model) with attention switched to SDPA(is_causal=True)
+    flashfx        torch.compile(model, backend="flashfx") of the naive model
+
+A step is what a user's loop does: forward under bf16 autocast (fp32 master weights), cross
+entropy, backward, fused AdamW step, zero_grad. Batches hold the same number of tokens at every
+sequence length (--batch-tokens / seq rows of random token ids). Timing: --warmup steps (the
+first compiles), then --steps steps between CUDA events. Peak memory is max_memory_allocated
+over the timed steps: weights, grads, AdamW state and the step's activations. Before timing
+flashfx the script prints `flashfx.explain` and checks that every attention site is fused; it
+also checks that every variant's first-step loss agrees with the first variant's.
+
+Writes a table, JSON, docs/gpt2_train.md and a plot docs/gpt2_train.png (copies under $OUT when
+set); with --out-dir, or on CPU, everything goes to that folder ($OUT or benchmarks/out) instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from benchmarks.gpt2 import GPT, GPTConfig  # noqa: E402
+
+VARIANTS = ["eager", "inductor", "inductor-sdpa", "flashfx"]
+LOSS_RTOL = 2e-2  # first-step losses under bf16 autocast: ~ln(50257) = 10.8, agree to ~1e-3
+
+
+# ---- one variant -------------------------------------------------------------------------------
+
+
+def build(variant: str, cfg: GPTConfig, device: str, seed: int):
+    """A fresh model (same seed for every variant), what the loop calls, and fused AdamW."""
+    torch.manual_seed(seed)
+    attn = "sdpa" if variant == "inductor-sdpa" else "naive"
+    model = GPT(GPTConfig(**{**cfg.__dict__, "attn": attn})).to(device)
+    model.train()
+    if variant == "eager":
+        run = model
+    elif variant == "flashfx":
+        run = torch.compile(model, backend="flashfx")
+    else:
+        run = torch.compile(model)
+    # nanoGPT's configure_optimizers: decay the matrices, not biases and LayerNorm gains
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=6e-4, betas=(0.9, 0.95), fused=device == "cuda")
+    return model, run, opt
+
+
+def make_batch(batch: int, seq: int, vocab: int, device: str, seed: int):
+    """Random token ids (not zeros: an all-zero batch makes the embedding backward trivial)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    data = torch.randint(0, vocab, (batch, seq + 1), generator=g)
+    return data[:, :-1].contiguous().to(device), data[:, 1:].contiguous().to(device)  # x, y: [B, T]
+
+
+def train_step(run, opt, x, y, autocast):
+    with autocast():
+        _, loss = run(x, y)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def explain_flashfx(model, x, y, autocast) -> dict:
+    """What flashfx finds in the model as the step calls it (no_grad: a trace, no activations kept)."""
+    import flashfx
+
+    with torch.no_grad(), autocast():
+        report = flashfx.explain(model, x, y)
+    text = str(report)
+    print(text, flush=True)
+    return {"fused": report.fused, "sites": len(report.sites), "graphs": report.graphs,
+            "summary": text.splitlines()[0], "explain": text}
+
+
+def measure(variant: str, cfg: GPTConfig, seq: int, batch: int, args) -> dict:
+    """Train `variant` for warmup + steps steps at [batch, seq]; tokens/s, peak memory, losses."""
+    from torch._dynamo.utils import counters as dynamo_counters
+
+    from flashfx.passes.pipeline import counters as flashfx_counters
+
+    device = args.device
+    cuda = device == "cuda"
+    bf16 = args.dtype == "bf16"
+
+    def autocast():
+        return torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16)
+
+    torch._dynamo.reset()
+    x, y = make_batch(batch, seq, cfg.vocab_size, device, args.seed)
+    row = {"seq": seq, "batch": batch, "variant": variant}
+    if variant == "flashfx":
+        model, _, _ = build("eager", cfg, device, args.seed)
+        row["flashfx"] = explain_flashfx(model, x, y, autocast)
+        row["all_fused"] = row["flashfx"]["fused"] == row["flashfx"]["sites"] == cfg.n_layer
+        if not row["all_fused"]:
+            print(f"flashfx fused {row['flashfx']['fused']} of {row['flashfx']['sites']} sites; "
+                  f"the model has {cfg.n_layer}", flush=True)
+        del model
+        torch._dynamo.reset()
+
+    rewritten0 = flashfx_counters["rewritten"]
+    sdpa_rewrites0 = dynamo_counters["inductor"]["fuse_attention"]
+    model, run, opt = build(variant, cfg, device, args.seed)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    t0 = time.perf_counter()
+    losses = [train_step(run, opt, x, y, autocast).item()]  # the first step compiles
+    row["first_step_s"] = time.perf_counter() - t0
+    for _ in range(args.warmup - 1):
+        losses.append(train_step(run, opt, x, y, autocast).item())
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+    t0 = time.perf_counter()
+    timed = [train_step(run, opt, x, y, autocast) for _ in range(args.steps)]
+    if cuda:
+        end.record()
+    sync()
+    ms = (start.elapsed_time(end) if cuda else (time.perf_counter() - t0) * 1e3) / args.steps
+    losses += [t.item() for t in timed]
+
+    row.update(ms=ms, tokens_per_s=batch * seq / ms * 1e3, first_loss=losses[0], last_loss=losses[-1])
+    if cuda:
+        row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        row["reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+    if variant == "flashfx":
+        row["rewritten"] = flashfx_counters["rewritten"] - rewritten0
+        row["all_fused"] = row["all_fused"] and row["rewritten"] == cfg.n_layer
+    if variant.startswith("inductor"):
+        # inductor's own attention pattern matcher, which may turn the naive form into SDPA
+        row["inductor_sdpa_rewrites"] = dynamo_counters["inductor"]["fuse_attention"] - sdpa_rewrites0
+    return row
+
+
+def run_variant(variant, cfg, seq, batch, args) -> dict:
+    """measure(), with an out-of-memory or any other failure recorded instead of raised."""
+    try:
+        row = measure(variant, cfg, seq, batch, args)
+    except Exception as e:  # noqa: BLE001 - one failing variant must not lose the rest
+        oom = isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+        row = {"seq": seq, "batch": batch, "variant": variant,
+               "oom" if oom else "error": f"{type(e).__name__}: {str(e)[:300]}"}
+    gc.collect()  # the failure's traceback (and the variant's model) are gone by now
+    torch._dynamo.reset()
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def run_all(args) -> list[dict]:
+    cfg = GPTConfig(block_size=max(args.seqs), n_layer=args.layers)
+    rows = []
+    for seq in args.seqs:
+        batch = max(1, args.batch_tokens // seq)
+        for variant in args.variants:
+            t0 = time.perf_counter()
+            row = run_variant(variant, cfg, seq, batch, args)
+            row["wall_s"] = time.perf_counter() - t0
+            rows.append(row)
+            print(row_text(row), flush=True)
+            if args.partial:  # keep what is measured so far if the run is cut short
+                with open(args.partial, "w") as f:
+                    json.dump(rows, f, indent=1)
+    check_losses(rows)
+    return rows
+
+
+def check_losses(rows) -> None:
+    """Every variant's first-step loss against the first measured variant's, per sequence length."""
+    for seq in {r["seq"] for r in rows}:
+        done = [r for r in rows if r["seq"] == seq and "first_loss" in r]
+        for r in done:
+            ref = done[0]
+            r["loss_ref"] = ref["variant"]
+            r["loss_rel_diff"] = abs(r["first_loss"] - ref["first_loss"]) / abs(ref["first_loss"])
+            r["loss_ok"] = r["loss_rel_diff"] <= LOSS_RTOL
+
+
+# ---- reporting ---------------------------------------------------------------------------------
+
+
+def _find(rows, seq, variant):
+    return next((r for r in rows if r["seq"] == seq and r["variant"] == variant), {})
+
+
+def _ratio(rows, r, variant) -> str:
+    other = _find(rows, r["seq"], variant)
+    if "tokens_per_s" in r and "tokens_per_s" in other:
+        return f"{r['tokens_per_s'] / other['tokens_per_s']:.2f}"
+    return "—"
+
+
+def _status(r) -> str:
+    return "OOM" if "oom" in r else "error" if "error" in r else ""
+
+
+def row_text(r) -> str:
+    if "tokens_per_s" not in r:
+        return f"seq {r['seq']:5} {r['variant']:14} {_status(r)}: {r.get('oom') or r.get('error')}"
+    peak = f"  peak {r['peak_gib']:.2f} GiB" if "peak_gib" in r else ""
+    return (f"seq {r['seq']:5} {r['variant']:14} {r['tokens_per_s']:10.0f} tok/s  {r['ms']:8.1f} ms/step{peak}"
+            f"  loss {r['first_loss']:.4f}  (first step {r['first_step_s']:.1f} s, {r['wall_s']:.0f} s in all)")
+
+
+def table(rows) -> list[str]:
+    """seq, variant, tokens/s, ratios, peak GiB and loss: markdown, also printed as is."""
+    out = ["| seq | batch | variant | tokens/s | × inductor-sdpa | × eager | peak GiB | first loss | loss Δ |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["seq"], VARIANTS.index(r["variant"]))):
+        if "tokens_per_s" not in r:
+            out.append(f"| {r['seq']} | {r['batch']} | {r['variant']} | {_status(r)} | — | — | — | — | — |")
+            continue
+        peak = f"{r['peak_gib']:.2f}" if "peak_gib" in r else "—"
+        diff = f"{r['loss_rel_diff']:.1e}" + ("" if r.get("loss_ok", True) else " ✗") if "loss_rel_diff" in r else "—"
+        out.append(f"| {r['seq']} | {r['batch']} | {r['variant']} | {r['tokens_per_s']:,.0f} | "
+                   f"{_ratio(rows, r, 'inductor-sdpa')} | {_ratio(rows, r, 'eager')} | {peak} | "
+                   f"{r['first_loss']:.4f} | {diff} |")
+    return out
+
+
+def environment(device: str) -> dict:
+    import triton
+
+    env = {"torch": torch.__version__, "triton": triton.__version__, "device": device,
+           "date": datetime.date.today().isoformat()}
+    if device == "cuda":
+        env.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda)
+    else:
+        import platform
+
+        env.update(gpu=f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)")
+    return env
+
+
+def markdown(rows, env, args, cfg_line: str) -> str:
+    ffx = [r for r in rows if r["variant"] == "flashfx" and "flashfx" in r]
+    fused = "; ".join(f"seq {r['seq']}: {r['flashfx']['summary'].removeprefix('flashfx: ')}, "
+                      f"{r.get('rewritten', '—')} rewritten in the compiled step" for r in ffx)
+    bad = [r for r in rows if r.get("loss_ok") is False]
+    loss = (f"First-step losses agree within {LOSS_RTOL:g} (relative) of the first variant's at each "
+            f"length." if not bad else
+            "First-step losses DISAGREE: " + ", ".join(f"seq {r['seq']} {r['variant']}" for r in bad) + ".")
+    sdpa = [f"seq {r['seq']} {r['variant']}: {r['inductor_sdpa_rewrites']}" for r in rows if "inductor_sdpa_rewrites" in r]
+    lines = [
+        "## End-to-end training: GPT-2 small",
+        "",
+        f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}"
+        + (f", CUDA {env['cuda']}" if env.get("cuda") else "") + f"; {env['date']}; "
+        f"`{' '.join(['PYTHONPATH=. python3 benchmarks/gpt2_train.py'] + sys.argv[1:])}`.",
+        "",
+        f"{cfg_line} A step: forward under bf16 autocast with fp32 weights, cross entropy, backward, "
+        f"fused AdamW, zero_grad; {args.warmup} warm-up step{'s' if args.warmup > 1 else ''} (the first compiles), then the mean of "
+        f"{args.steps} timed steps. Peak: max_memory_allocated over the timed steps (weights, grads, "
+        f"AdamW state, activations). Every variant is a fresh model from the same seed.",
+        "",
+        "- **eager**: the model as written (attention by hand: `q @ kᵀ · scale`, `masked_fill` from "
+        "a tril buffer, softmax, `@ v`).",
+        "- **inductor**: `torch.compile(model)` of the same model.",
+        "- **inductor-sdpa**: `torch.compile(model)` with attention switched to "
+        "`F.scaled_dot_product_attention(q, k, v, is_causal=True)`.",
+        "- **flashfx**: `torch.compile(model, backend=\"flashfx\")` of the hand-written model.",
+        "",
+        *table(rows),
+        "",
+        f"flashfx: {fused or 'not run'}. {loss}",
+    ]
+    if sdpa:
+        lines.append(f"Attention sites inductor's own pattern matcher rewrote to SDPA: {'; '.join(sdpa)}.")
+    lines += ["", "Plot: `docs/gpt2_train.png`; raw results: `docs/gpt2_train.json`.", ""]
+    return "\n".join(lines)
+
+
+def plot(rows, path, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seqs = sorted({r["seq"] for r in rows})
+    names = [v for v in VARIANTS if any(r["variant"] == v for r in rows)]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    width = 0.8 / len(names)
+    for ax, key, label in ((axes[0], "tokens_per_s", "tokens/s (thousands)"), (axes[1], "peak_gib", "peak GiB")):
+        for i, name in enumerate(names):
+            xs = [j + i * width for j in range(len(seqs))]
+            rs = [_find(rows, s, name) for s in seqs]
+            ys = [r.get(key, 0) / (1e3 if key == "tokens_per_s" else 1) for r in rs]
+            bars = ax.bar(xs, ys, width, label=name)
+            for bar, r in zip(bars, rs):
+                if key not in r:
+                    ax.annotate(_status(r) or "—", (bar.get_x() + bar.get_width() / 2, 0), ha="center",
+                                va="bottom", fontsize=8)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(seqs))])
+        ax.set_xticklabels([f"seq {s}" for s in seqs])
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(rows, env, args, cfg_line):
+    """JSON, markdown and plot: to --out-dir if given (or on CPU), else docs/ plus copies under $OUT."""
+    md = markdown(rows, env, args, cfg_line)
+    result = {**env, "config": cfg_line, "args": vars(args), "rows": rows}
+    title = f"GPT-2 small training step, {env['gpu']}, torch {env['torch']}"
+    docs = args.device == "cuda" and not args.out_dir and not args.no_doc
+    dirs = [args.out_dir or os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "out")]
+    if docs:
+        dirs = [os.path.join(ROOT, "docs")] + ([os.environ["OUT"]] if os.environ.get("OUT") else [])
+    for d in dirs:
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, "gpt2_train.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        with open(os.path.join(d, "gpt2_train.md"), "w") as f:
+            f.write(md)
+        plot(rows, os.path.join(d, "gpt2_train.png"), title)
+    print(f"\nwrote gpt2_train.json, .md, .png under {', '.join(dirs)}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seqs", default="4096,1024", help="sequence lengths, run in this order (4096 first: "
+                   "the length that matters most is measured even if a run is cut short)")
+    p.add_argument("--batch-tokens", type=int, default=None,
+                   help="tokens per step; batch = this // seq (default 8192 on CUDA: 8×1024, 2×4096; 256 on CPU)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (the first one compiles)")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--layers", type=int, default=12, help="n_layer (fewer for quick runs)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="autocast dtype (fp32: no autocast)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", default=None, help="write JSON, markdown and plot here, not to docs/")
+    p.add_argument("--no-doc", action="store_true", help="do not write docs/ (results go to $OUT or benchmarks/out)")
+    p.add_argument("--partial", default=None, help="rewrite this JSON file after every variant")
+    args = p.parse_args(argv)
+    args.seqs = [int(s) for s in args.seqs.split(",")]
+    args.variants = [v for v in args.variants.split(",") if v]
+    unknown = set(args.variants) - set(VARIANTS)
+    if unknown:
+        p.error(f"unknown variants {sorted(unknown)}; known: {VARIANTS}")
+    args.batch_tokens = args.batch_tokens or (8192 if args.device == "cuda" else 256)
+    args.warmup = max(args.warmup, 1)
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            print("no CUDA GPU found; pass --device cpu for a quick run (its times mean nothing)")
+            return 1
+        torch.backends.cuda.matmul.allow_tf32 = True  # as nanoGPT: fp32 matmuls outside autocast
+        torch.backends.cudnn.allow_tf32 = True
+
+    import flashfx  # noqa: F401  (registers backend="flashfx" when running from a source tree)
+
+    env = environment(args.device)
+    cfg = GPTConfig(block_size=max(args.seqs), n_layer=args.layers)
+    with torch.device("meta"):  # count parameters without allocating them
+        n_params = GPT(cfg).num_params()
+    cfg_line = (f"GPT-2 small: {cfg.n_layer} layers, {cfg.n_head} heads, n_embd {cfg.n_embd}, vocab "
+                f"{cfg.vocab_size}, block_size {cfg.block_size}, {n_params / 1e6:.0f}M parameters (tied "
+                f"embeddings), dropout {cfg.dropout}; {args.batch_tokens} tokens a step, random ids.")
+    print(f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}\n{cfg_line}\n", flush=True)
+
+    t0 = time.perf_counter()
+    rows = run_all(args)
+    print(f"\n{cfg_line}  ({time.perf_counter() - t0:.0f} s)\n")
+    print("\n".join(table(rows)))
+    write(rows, env, args, cfg_line)
+
+    problems = [f"seq {r['seq']}: flashfx fused {r.get('flashfx', {}).get('fused')} of "
+                f"{r.get('flashfx', {}).get('sites')} sites, rewrote {r.get('rewritten')}"
+                for r in rows if r["variant"] == "flashfx" and r.get("all_fused") is False]
+    problems += [f"seq {r['seq']} {r['variant']}: first loss {r['first_loss']:.4f} vs {r['loss_ref']} "
+                 f"(relative {r['loss_rel_diff']:.1e})" for r in rows if r.get("loss_ok") is False]
+    problems += [f"seq {r['seq']} {r['variant']}: {r['error']}" for r in rows if "error" in r]
+    for line in problems:
+        print("PROBLEM:", line)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

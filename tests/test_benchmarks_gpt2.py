@@ -1,0 +1,88 @@
+"""The GPT-2 training benchmark on a tiny config, on CPU: both attention switches agree, flashfx
+fuses every layer's attention, and the benchmark's step and report run end to end."""
+
+import os
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import flashfx
+from flashfx.passes.pipeline import counters
+
+# benchmarks/ is a folder of scripts, not a package of flashfx: import it from the source tree.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import gpt2_train  # noqa: E402
+from benchmarks.gpt2 import GPT, GPTConfig  # noqa: E402
+
+TINY = GPTConfig(block_size=32, vocab_size=100, n_layer=2, n_head=4, n_embd=64)
+
+
+def _model(attn: str) -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**{**TINY.__dict__, "attn": attn}))
+
+
+def _batch(batch=2, seq=32):
+    return gpt2_train.make_batch(batch, seq, TINY.vocab_size, "cpu", seed=0)
+
+
+def test_switches_build_the_same_model_and_loss():
+    naive, sdpa = _model("naive"), _model("sdpa")
+    for (name, a), (_, b) in zip(naive.state_dict().items(), sdpa.state_dict().items()):
+        assert torch.equal(a, b), name
+    x, y = _batch()
+    _, loss_naive = naive(x, y)
+    _, loss_sdpa = sdpa(x, y)
+    torch.testing.assert_close(loss_naive, loss_sdpa, rtol=1e-5, atol=1e-6)
+    loss_naive.backward()
+    loss_sdpa.backward()
+    for (name, a), (_, b) in zip(naive.named_parameters(), sdpa.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_tied_embeddings_and_unknown_switch():
+    model = _model("naive")
+    assert model.lm_head.weight is model.transformer.wte.weight
+    with pytest.raises(ValueError, match="attn"):
+        GPT(GPTConfig(**{**TINY.__dict__, "attn": "flash"}))
+
+
+def test_flashfx_fuses_every_layer_and_matches_eager():
+    model = _model("naive")
+    x, y = _batch()
+    report = flashfx.explain(model, x, y)
+    assert report.fused == len(report.sites) == TINY.n_layer, str(report)
+
+    _, ref = model(x, y)
+    ref.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+
+    torch._dynamo.reset()
+    before = counters["rewritten"]
+    compiled = torch.compile(model, backend="flashfx", options={"inner": "aot_eager"})
+    _, loss = compiled(x, y)
+    assert counters["rewritten"] - before == TINY.n_layer, "flashfx did not rewrite every layer's attention"
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    loss.backward()
+    for p, g in zip(model.parameters(), grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-5)
+
+
+def test_benchmark_step_and_report(tmp_path):
+    """One eager training step through the benchmark's own harness, then its table, markdown and plot."""
+    args = SimpleNamespace(device="cpu", dtype="fp32", seed=0, warmup=1, steps=1)
+    row = gpt2_train.run_variant("eager", TINY, 32, 2, args)
+    assert row["tokens_per_s"] > 0 and row["first_loss"] == pytest.approx(torch.log(torch.tensor(100.0)).item(), rel=0.05)
+    rows = [row, {"seq": 32, "batch": 2, "variant": "flashfx", "oom": "OutOfMemoryError: (a test row)"}]
+    gpt2_train.check_losses(rows)
+    assert rows[0]["loss_ok"]
+    text = "\n".join(gpt2_train.table(rows))
+    assert "| 32 | 2 | eager |" in text and "| 32 | 2 | flashfx | OOM |" in text
+    env = {"gpu": "CPU", "torch": torch.__version__, "triton": "-", "date": "today"}
+    assert "GPT-2 small" in gpt2_train.markdown(rows, env, args, "tiny config.")
+    pytest.importorskip("matplotlib")
+    gpt2_train.plot(rows, tmp_path / "plot.png", "tiny")
+    assert (tmp_path / "plot.png").stat().st_size > 0
