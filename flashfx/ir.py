@@ -43,14 +43,20 @@ class ScoreProgram:
     causal: None, or the alignment of the causal diagonal: "top_left" (query i sees keys
             0..i, as SDPA's is_causal) or "bottom_right" (the last query sees every key, as a
             tril buffer sliced for a KV cache).
+    dropout: probability of zeroing each attention probability (training); kept ones are
+            scaled by 1 / (1 - dropout). The kernels draw the mask from a counter-based RNG
+            seeded per call, so the backward regenerates it instead of storing it.
     """
 
     ops: tuple[ScoreOp, ...] = ()
     causal: str | None = None
+    dropout: float = 0.0
 
     def __post_init__(self):
         if self.causal is not None and self.causal not in CAUSAL_ALIGNMENTS:
             raise ValueError(f"causal must be one of {CAUSAL_ALIGNMENTS} or None, got {self.causal!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
 
     @property
     def num_operands(self) -> int:
@@ -60,7 +66,10 @@ class ScoreProgram:
     def encode(self) -> str:
         """A stable, compact string: the custom op's `program` argument and the kernel cache key."""
         ops = [[op.name, op.operand, op.const] for op in self.ops]
-        return json.dumps({"ops": ops, "causal": self.causal}, separators=(",", ":"))
+        raw = {"ops": ops, "causal": self.causal}
+        if self.dropout:
+            raw["dropout"] = self.dropout
+        return json.dumps(raw, separators=(",", ":"))
 
     @staticmethod
     @lru_cache(maxsize=1024)  # called on every op call: parse each program once
@@ -68,7 +77,7 @@ class ScoreProgram:
         try:
             raw = json.loads(text)
             ops = tuple(ScoreOp(name, operand, const) for name, operand, const in raw["ops"])
-            return ScoreProgram(ops=ops, causal=raw["causal"])
+            return ScoreProgram(ops=ops, causal=raw["causal"], dropout=float(raw.get("dropout", 0.0)))
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"flashfx: malformed score program {text!r}: {e}") from None
 
@@ -81,12 +90,6 @@ class ScoreProgram:
             parts.append(f"{op.name}({arg})")
         if self.causal:
             parts.append(f"causal({self.causal})")
+        if self.dropout:
+            parts.append(f"dropout({self.dropout:g})")
         return " -> ".join(parts) if parts else "identity"
-
-
-@dataclass(frozen=True)
-class AttentionSpec:
-    """What the kernels need to know about one call, beyond the tensors themselves."""
-
-    program: ScoreProgram = field(default_factory=ScoreProgram)
-    dropout_p: float = 0.0

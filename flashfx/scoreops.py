@@ -5,6 +5,8 @@ An op says three things, once:
   triton:      the Triton expression for the same thing, in the names `s`, `x`, `c`
   triton_grad: the Triton expression for dL/ds given `g` = dL/ds' (and `s`, `x`, `c`)
   torch_grad:  the same derivative for the CPU backward
+  operand_grad, triton_operand_grad: dL/dx given g (torch, Triton), for float operands that
+               may require grad (a learned relative-position bias); None: not differentiable
 
 `x` is the op's tensor operand tile (already loaded, broadcast to the score tile), `c` its
 constant. Ops that only mask (keep/drop) have derivative zero where they mask; since the
@@ -30,6 +32,8 @@ class ScoreOpDef:
     triton_grad: str
     doc: str = ""
     pad: float = 0.0  # the operand's value outside the tensor (ragged tiles): harmless for the op
+    operand_grad: Callable | None = None  # (g, s, x, c) -> dL/dx, elementwise (before reduction)
+    triton_operand_grad: str | None = None
 
 
 _REGISTRY: dict[str, ScoreOpDef] = {}
@@ -46,11 +50,23 @@ def register_score_op(
     triton_grad: str,
     doc: str = "",
     pad: float = 0.0,
+    operand_grad: Callable | None = None,
+    triton_operand_grad: str | None = None,
 ) -> ScoreOpDef:
-    """Declare a score op. Re-registering a name replaces it (so a user can override ours)."""
+    """Declare a score op. Re-registering a name replaces it (so a user can override ours).
+
+    A float operand is differentiable when both `operand_grad` (torch) and
+    `triton_operand_grad` are given: dL/dx at each score, which the runtime then sums over
+    the dimensions the operand broadcasts along.
+    """
     if operand not in (None, "float", "bool"):
         raise ValueError(f"operand must be None, 'float' or 'bool', got {operand!r}")
-    op = ScoreOpDef(name, operand, has_const, torch, torch_grad, triton, triton_grad, doc, pad)
+    if (operand_grad is None) != (triton_operand_grad is None):
+        raise ValueError("give both operand_grad and triton_operand_grad, or neither")
+    if operand_grad is not None and operand != "float":
+        raise ValueError("only a float operand can have a gradient")
+    op = ScoreOpDef(name, operand, has_const, torch, torch_grad, triton, triton_grad, doc, pad,
+                    operand_grad, triton_operand_grad)
     _REGISTRY[name] = op
     return op
 
@@ -90,6 +106,8 @@ register_score_op(
     triton_grad="g * x",
     doc="multiply scores by a broadcastable tensor",
     pad=1.0,
+    operand_grad=lambda g, s, x, c: g * s,
+    triton_operand_grad="g * s",
 )
 register_score_op(
     "div_x",
@@ -100,6 +118,8 @@ register_score_op(
     triton_grad="g / x",
     doc="divide scores by a broadcastable tensor",
     pad=1.0,
+    operand_grad=lambda g, s, x, c: -g * s / (x * x),
+    triton_operand_grad="-g * s / (x * x)",
 )
 
 # s + x   (additive float mask or bias, broadcast to [B, H, Nq, Nk])
@@ -111,6 +131,8 @@ register_score_op(
     triton="s + x",
     triton_grad="g",
     doc="add a broadcastable float tensor (additive mask, relative-position bias)",
+    operand_grad=lambda g, s, x, c: g,
+    triton_operand_grad="g",
 )
 
 # where(x, s, c)   (boolean mask, True = attend: SDPA's convention; c is the fill, -inf
@@ -158,15 +180,48 @@ def apply_torch(program, s: torch.Tensor, operands, rows: slice, cols: slice) ->
     return s
 
 
-def grad_torch(program, g: torch.Tensor, s_raw: torch.Tensor, operands, rows: slice, cols: slice):
-    """dL/d(raw scores) from dL/d(program output), chaining the ops' derivatives backward."""
+def grad_torch(program, g: torch.Tensor, s_raw: torch.Tensor, operands, rows: slice, cols: slice,
+               want_operands=()):
+    """dL/d(raw scores) from dL/d(program output), chaining the ops' derivatives backward.
+
+    With `want_operands` (operand indices), returns (dL/d(raw scores), {index: dL/dx}) where
+    dL/dx is per score, not yet summed over the operand's broadcast dimensions.
+    """
     inputs = []  # each op's input, recomputed forward
     s = s_raw
     for op in program.ops:
         d = get(op.name)
         x = operands[op.operand][..., rows, cols] if op.operand is not None else None
-        inputs.append((d, s, x, op.const))
+        inputs.append((d, s, x, op))
         s = d.torch(s, x, op.const)
-    for d, s_in, x, c in reversed(inputs):
-        g = d.torch_grad(g, s_in, x, c)
-    return g
+    dx = {}
+    for d, s_in, x, op in reversed(inputs):
+        if op.operand in want_operands:
+            if d.operand_grad is None:
+                raise NotImplementedError(f"flashfx: score op {op.name!r} has no gradient for its operand")
+            term = d.operand_grad(g, s_in, x, op.const)
+            dx[op.operand] = term + dx[op.operand] if op.operand in dx else term
+        g = d.torch_grad(g, s_in, x, op.const)
+    return (g, dx) if want_operands else g
+
+
+# max(s, c), min(s, c)   (clamped scores: `s.clamp(min=lo, max=hi)` is clamp_min then
+# clamp_max; the gradient passes where the bound is not active, ties included, as torch's)
+register_score_op(
+    "clamp_min",
+    has_const=True,
+    torch=lambda s, x, c: s.clamp_min(c),
+    torch_grad=lambda g, s, x, c: g.masked_fill(s < c, 0.0),
+    triton="tl.maximum(s, c)",
+    triton_grad="tl.where(s < c, 0.0, g)",
+    doc="clamp the scores from below at the constant c",
+)
+register_score_op(
+    "clamp_max",
+    has_const=True,
+    torch=lambda s, x, c: s.clamp_max(c),
+    torch_grad=lambda g, s, x, c: g.masked_fill(s > c, 0.0),
+    triton="tl.minimum(s, c)",
+    triton_grad="tl.where(s > c, 0.0, g)",
+    doc="clamp the scores from above at the constant c",
+)

@@ -102,11 +102,13 @@ def _mask_lines(prog: ScoreProgram, var: str, masked: bool) -> list[str]:
     return lines
 
 
-def _grad_lines(ops: list[tuple], folded: bool) -> list[str]:
+def _grad_lines(ops: list[tuple], folded: bool, grad_operands: tuple = ()) -> list[str]:
     """Lines that turn g = dL/d(program output, natural units) into dL/d(raw scores) `g`.
 
     The value each op saw is recomputed forward (s0 = raw scores, s1, ...), then the ops'
     derivatives chain in reverse. Values a derivative does not use are dead code to Triton.
+    For operands in `grad_operands`, dL/dx per score is summed (an operand may feed several
+    ops) and stored into that operand's [B, H, Nq, Nk] gradient buffer DX<i>.
     """
     lines, chain = ["s0 = qk"], []
     for i, (name, operand, const) in enumerate(ops):
@@ -116,8 +118,19 @@ def _grad_lines(ops: list[tuple], folded: bool) -> list[str]:
             lines += _load_operand(i, operand, d)
         lines.append(f"s{i + 1} = " + _subst(d.triton, s=f"s{i}", x=f"x{i}", c=c))
         chain.append((d, i, c))
+    seen = set()
     for d, i, c in reversed(chain):
+        o = ops[i][1]
+        if o is not None and o in grad_operands:
+            if d.triton_operand_grad is None:
+                raise ValueError(f"flashfx: score op {ops[i][0]!r} has no gradient for its operand")
+            term = _subst(d.triton_operand_grad, g="g", s=f"s{i}", x=f"x{i}", c=c)
+            lines.append(f"dx{o} = dx{o} + {term}" if o in seen else f"dx{o} = {term}")
+            seen.add(o)
         lines.append("g = " + _subst(d.triton_grad, g="g", s=f"s{i}", x=f"x{i}", c=c))
+    for o in sorted(seen):
+        lines.append(f"tl.store(DX{o} + b * sdx{o}_b + h * sdx{o}_h + offs_m[:, None] * sdx{o}_m"
+                     f" + offs_n[None, :] * sdx{o}_n, dx{o}, mask=in_tile)")
     return lines
 
 
@@ -192,14 +205,27 @@ def _fwd_step(prog, ops, folded, masked: bool) -> str:
         "m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # a row masked so far stays 0",
         f"alpha = tl.exp2({_log2_units('m_i - m_use', folded)})",
         f"p = tl.exp2({_log2_units('s - m_use[:, None]', folded)})",
-        "l_i = l_i * alpha + tl.sum(p, 1)",
+        "l_i = l_i * alpha + tl.sum(p, 1)  # the softmax normalizer counts every probability",
+    ]
+    if prog.dropout:
+        lines += _keep_lines("pid_bh") + ["p = tl.where(keep, p, 0.0)  # dropped; 1/(1-p) at the end"]
+    lines += [
         "acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)",
         "m_i = m_new",
     ]
     return _block(lines, 8)
 
 
-def _bwd_step(prog, ops, folded, masked: bool, want: str) -> str:
+def _keep_lines(bh: str) -> list[str]:
+    """`keep`: which probabilities of this tile dropout keeps, from a counter-based RNG (Philox)
+    at the score's global index, so the backward regenerates exactly the forward's mask."""
+    return [
+        f"rng = ({bh} * N_Q + offs_m[:, None]).to(tl.int64) * N_K + offs_n[None, :]",
+        "keep = tl.rand(seed, rng) >= P_DROP",
+    ]
+
+
+def _bwd_step(prog, ops, folded, masked: bool, want: str, grad_operands: tuple = ()) -> str:
     """One (Q block, K block) tile of the backward, with its loads; want = "dkdv" or "dq"."""
     if want == "dkdv":  # K, V held; load this Q block's rows
         lines = [
@@ -231,12 +257,19 @@ def _bwd_step(prog, ops, folded, masked: bool, want: str) -> str:
         "# loses logsum when the row max is huge (a row of finfo.min fills: uniform weights)",
         f"p = tl.exp2({_log2_units('s - rowmax[:, None]', folded)} - logsum[:, None])",
         "dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BM, BN]",
-        "g = p * (dp - delta[:, None])  # dL/d(softmax input), natural units",
     ]
-    lines += _grad_lines(ops, folded)
+    if prog.dropout:  # out = (p ∘ keep / (1 - P)) v: the mask and scale sit between p and v
+        lines += _keep_lines("bh" if want == "dkdv" else "pid_bh") + [
+            "dp = tl.where(keep, dp * KEEP_SCALE, 0.0)",
+        ]
+        if want == "dkdv":
+            lines.append("pv = tl.where(keep, p * KEEP_SCALE, 0.0)  # what multiplied v")
+    lines.append("g = p * (dp - delta[:, None])  # dL/d(softmax input), natural units")
+    # operand gradients come from the dQ kernel only: it visits each score exactly once
+    lines += _grad_lines(ops, folded, grad_operands if want == "dq" else ())
     if want == "dkdv":
         lines += [
-            "dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)",
+            "dv += tl.dot(tl.trans({}.to(do.dtype)), do, input_precision=PRECISION)".format("pv" if prog.dropout else "p"),
             "dk += tl.dot(tl.trans(g.to(q.dtype)), q, input_precision=PRECISION)",
         ]
     else:
@@ -248,7 +281,7 @@ _FWD = '''
 
 @triton.jit
 def _attn_fwd(
-    Q, K, V, Out, Stats, {xptrs}                 # q: [B, H, Nq, D]; k, v: [B, Hk, Nk, D]
+    Q, K, V, Out, Stats, {seedparam}{xptrs}                 # q: [B, H, Nq, D]; k, v: [B, Hk, Nk, D]
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -271,7 +304,7 @@ def _attn_fwd(
     DIAG = 0
     if CAUSAL == 2:
         DIAG = N_K - N_Q  # query i sees keys j <= i + DIAG
-
+{seedload}
     # ---- load the Q tile once; it stays in registers for the whole loop ----
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -302,7 +335,7 @@ def _attn_fwd(
 
     # ---- normalize; rows that saw no key at all give 0, rowmax = -inf, logsum = 0 ----
     l_use = tl.where(l_i == 0.0, 1.0, l_i)
-    acc = acc / l_use[:, None]
+    acc = acc / l_use[:, None]{keep_scale}
     o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
     tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
     # stats, natural-log units: [0] the row max of the scores, [1] log Σ exp(s - max)
@@ -334,7 +367,7 @@ def _attn_bwd_delta(
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, dOut, Stats, Delta, dK, dV, {xptrs}
+    Q, K, V, dOut, Stats, Delta, dK, dV, {seedparam}{xptrs}
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -358,7 +391,7 @@ def _attn_bwd_dkdv(
     DIAG = 0
     if CAUSAL == 2:
         DIAG = N_K - N_Q
-
+{seedload}
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
@@ -396,7 +429,7 @@ def _attn_bwd_dkdv(
 
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, dOut, Stats, Delta, dQ, {xptrs}
+    Q, K, V, dOut, Stats, Delta, dQ, {seedparam}{xptrs}{dxparams}
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -417,7 +450,7 @@ def _attn_bwd_dq(
     DIAG = 0
     if CAUSAL == 2:
         DIAG = N_K - N_Q
-
+{seedload}
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
@@ -446,19 +479,30 @@ def _attn_bwd_dq(
 '''
 
 
-def emit(program: ScoreProgram) -> str:
-    """Triton source of the four kernels for `program` (see the module docstring)."""
+def emit(program: ScoreProgram, grad_operands: tuple = ()) -> str:
+    """Triton source of the four kernels for `program` (see the module docstring).
+
+    grad_operands: indices of float operands whose gradient the dQ kernel also writes.
+    """
     ops, folded = _fold_log2e(program)
     xptrs, xstrides = _operand_params(program.num_operands)
-    return _HEADER.format(program=program, log2e=LOG2E) + _FWD.format(
+    dxparams = "".join(f"DX{o}, sdx{o}_b, sdx{o}_h, sdx{o}_m, sdx{o}_n, " for o in grad_operands)
+    header = _HEADER.format(program=program, log2e=LOG2E)
+    if program.dropout:
+        header += f"P_DROP = tl.constexpr({program.dropout!r})\nKEEP_SCALE = tl.constexpr({1.0 / (1.0 - program.dropout)!r})\n"
+    return header + _FWD.format(
         xptrs=xptrs,
         xstrides=xstrides,
         step_full=_fwd_step(program, ops, folded, masked=False),
         step_masked=_fwd_step(program, ops, folded, masked=True),
         dkdv_full=_bwd_step(program, ops, folded, masked=False, want="dkdv"),
         dkdv_masked=_bwd_step(program, ops, folded, masked=True, want="dkdv"),
-        dq_full=_bwd_step(program, ops, folded, masked=False, want="dq"),
-        dq_masked=_bwd_step(program, ops, folded, masked=True, want="dq"),
+        dq_full=_bwd_step(program, ops, folded, masked=False, want="dq", grad_operands=grad_operands),
+        dq_masked=_bwd_step(program, ops, folded, masked=True, want="dq", grad_operands=grad_operands),
+        dxparams=dxparams,
+        seedparam="Seed, " if program.dropout else "",
+        seedload="    seed = tl.load(Seed)  # this call's dropout seed (int64)\n" if program.dropout else "",
+        keep_scale=" * KEEP_SCALE  # dropout kept 1 - P of the weights" if program.dropout else "",
         dq_stats=_block(_stats_lines("pid_bh", folded), 4),
         rowmax_nat="m_i * LN2" if folded else "m_i",
     )
@@ -478,15 +522,15 @@ def cache_dir() -> str:
     return path
 
 
-def load(program_text: str):
+def load(program_text: str, grad_operands: tuple = ()):
     """The compiled-on-demand kernel module for an encoded program (cached by source hash)."""
     # Triton decides at decoration time whether a kernel is interpreted: key on it too.
-    return _load(program_text, os.environ.get("TRITON_INTERPRET", "0") == "1")
+    return _load(program_text, os.environ.get("TRITON_INTERPRET", "0") == "1", tuple(grad_operands))
 
 
 @lru_cache(maxsize=None)
-def _load(program_text: str, interpret: bool):
-    source = emit(ScoreProgram.decode(program_text))
+def _load(program_text: str, interpret: bool, grad_operands: tuple = ()):
+    source = emit(ScoreProgram.decode(program_text), grad_operands)
     digest = hashlib.sha256(source.encode()).hexdigest()[:20]
     name = f"flashfx_attn_{digest}" + ("_interp" if interpret else "")
     path = os.path.join(cache_dir(), name + ".py")

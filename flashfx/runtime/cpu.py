@@ -152,7 +152,7 @@ def _block_scores(q_c: Tensor, k_c: Tensor, xs_c, program: ScoreProgram, mask: T
 
 
 @torch.no_grad()  # called directly (tests, benchmarks) with inputs that require grad: no graph
-def attention_forward(q, k, v, operands, program: ScoreProgram, *, q_chunk=None, k_chunk=None):
+def attention_forward(q, k, v, operands, program: ScoreProgram, *, q_chunk=None, k_chunk=None, seed=None):
     """(out, stats): softmax(program(q·kᵀ)) @ v one block at a time, with an online softmax.
 
     out: [B, H, Nq, D] in q's dtype and with q's strides. stats: [2, B, H, Nq], float32
@@ -194,13 +194,16 @@ def attention_forward(q, k, v, operands, program: ScoreProgram, *, q_chunk=None,
             p = s.sub_(m_safe).exp_()  # in place: the block's scores become its weights
             alpha = torch.exp(m - m_safe)  # rescales what was summed under the old max
             l = l.mul_(alpha).add_(p.sum(-1, keepdim=True))  # noqa: E741
+            if program.dropout:  # the normalizer l counts every weight; v sees the kept ones
+                p = p * dropout_keep(seed, program.dropout, (B, H, Hk, G, Nq, Nk), rows, cols)
             acc = acc.mul_(alpha).add_(p @ v_c)  # [B, Hk, G·cq, D]
             m = m_new
             del s, p
 
         seen = l > 0  # false only for fully masked rows: out = 0, max = -inf, log Σ = 0
         l_safe = torch.where(seen, l, torch.ones_like(l))
-        out_g[..., rows, :] = (acc / l_safe).unflatten(2, (G, cq))
+        keep_scale = 1.0 - program.dropout  # dropout's kept weights are scaled by 1 / (1 - p)
+        out_g[..., rows, :] = (acc / (l_safe * keep_scale)).unflatten(2, (G, cq))
         stats[0, ..., rows] = m.squeeze(-1).unflatten(2, (G, cq))
         stats[1, ..., rows] = torch.log(l_safe).squeeze(-1).unflatten(2, (G, cq))
     return out, stats.reshape(2, B, H, Nq)
@@ -210,9 +213,16 @@ def attention_forward(q, k, v, operands, program: ScoreProgram, *, q_chunk=None,
 
 
 @torch.no_grad()
-def attention_backward(dout, q, k, v, out, stats, operands, program: ScoreProgram, *, q_chunk=None, k_chunk=None):
+def attention_backward(dout, q, k, v, out, stats, operands, program: ScoreProgram, *, q_chunk=None, k_chunk=None,
+                       operand_grads: dict[int, tuple] | None = None, seed=None):
     """(dq, dk, dv), each with its input's dtype and strides; probabilities recomputed per
-    block from q, k and the saved row statistics, so memory stays O(N·chunk) like the forward."""
+    block from q, k and the saved row statistics, so memory stays O(N·chunk) like the forward.
+
+    operand_grads: {operand index: its 4-D shape (1 where it broadcasts)} for float operands
+    that require grad. Then returns (dq, dk, dv, {index: dL/d operand}) in the compute dtype;
+    each block's contribution is summed over the broadcast dims at once, so memory stays
+    O(operand) however large B·H·Nq·Nk is.
+    """
     B, H, Nq, D = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
     G = H // Hk
@@ -231,6 +241,7 @@ def attention_backward(dout, q, k, v, out, stats, operands, program: ScoreProgra
     # dk, dv collect from every query chunk: accumulate in the compute dtype, in k's and v's
     # strides (for fp32/fp64 inputs these are the results themselves, no final copy)
     dk = torch.zeros_like(k, dtype=ct)  # [B, Hk, Nk, D]
+    d_ops = {i: torch.zeros(shape, dtype=ct) for i, shape in (operand_grads or {}).items()}
     dv = torch.zeros_like(v, dtype=ct)
 
     for r0 in range(0, Nq, q_chunk):
@@ -251,13 +262,23 @@ def attention_backward(dout, q, k, v, out, stats, operands, program: ScoreProgra
             s, raw = _block_scores(q_c, k_c, xs_c, program, _causal_mask(diag, rows, cols), G)
             # p = exp(s - max - log Σ): the max first, so finfo.min rows keep their log Σ
             p = s.sub_(max_c).sub_(logsum_c).exp_()  # [B, Hk, G·cq, ck], in place
-            # dv += pᵀ · dout; the matmul over G·cq rows also sums the group's heads
-            dv[..., cols, :] += p.transpose(-2, -1) @ do_c  # [B, Hk, ck, D]
+            # dv += pᵀ · dout; the matmul over G·cq rows also sums the group's heads.
             # d(program output) = p · (dout · vᵀ - delta), the softmax backward
-            ds = (do_c @ v_c.transpose(-2, -1)).sub_(delta).mul_(p)  # [B, Hk, G·cq, ck]
+            if program.dropout:  # out = (p ∘ keep / (1 - P)) v, with the forward's mask
+                kept = dropout_keep(seed, program.dropout, (B, H, Hk, G, Nq, Nk), rows, cols).to(ct) / (1.0 - program.dropout)
+                dv[..., cols, :] += (p * kept).transpose(-2, -1) @ do_c
+                ds = (do_c @ v_c.transpose(-2, -1)).mul_(kept).sub_(delta).mul_(p)
+            else:
+                dv[..., cols, :] += p.transpose(-2, -1) @ do_c  # [B, Hk, ck, D]
+                ds = (do_c @ v_c.transpose(-2, -1)).sub_(delta).mul_(p)  # [B, Hk, G·cq, ck]
             del p, s
             # chained back through the program's ops, on the [B, Hk, G, cq, ck] views
-            ds5 = scoreops.grad_torch(program, ds.unflatten(2, (G, cq)), raw.unflatten(2, (G, cq)), xs_c, _ALL, _ALL)
+            ds5 = scoreops.grad_torch(program, ds.unflatten(2, (G, cq)), raw.unflatten(2, (G, cq)), xs_c, _ALL, _ALL,
+                                      want_operands=tuple(d_ops))
+            if d_ops:
+                ds5, dxs = ds5
+                for i, dx in dxs.items():
+                    _accumulate_operand_grad(d_ops[i], dx, rows, cols)
             ds = ds5.flatten(2, 3)  # d(q·kᵀ): [B, Hk, G·cq, ck]
             dq_c += ds @ k_c
             dk[..., cols, :] += ds.transpose(-2, -1) @ q_c  # [B, Hk, ck, D]
@@ -265,4 +286,50 @@ def attention_backward(dout, q, k, v, out, stats, operands, program: ScoreProgra
 
         dq_g[..., rows, :] = dq_c.unflatten(2, (G, cq))
     # each gradient has its input's dtype and strides, as the op's fake implementation promises
+    if operand_grads is not None:
+        return dq, dk.to(k.dtype), dv.to(v.dtype), d_ops
     return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _accumulate_operand_grad(acc: Tensor, dx: Tensor, rows: slice, cols: slice) -> None:
+    """acc[..., rows, cols] += dx summed to acc's shape; dx: [B, Hk, G, cq, ck] per score."""
+    dx = dx.expand(*dx.shape[:3], rows.stop - rows.start, cols.stop - cols.start).flatten(1, 2)  # [B, H, cq, ck]
+    dims = [d for d in range(4) if acc.shape[d] == 1 and dx.shape[d] != 1]
+    if dims:
+        dx = dx.sum(dims, keepdim=True)
+    acc[..., rows if acc.shape[2] != 1 else _ALL, cols if acc.shape[3] != 1 else _ALL] += dx
+
+
+# --- dropout -------------------------------------------------------------------------------------
+
+_GOLDEN, _MIX1, _MIX2 = -7046029254386353131, -4658895280553007687, -7723592293110705685  # splitmix64
+
+
+def _shr(z: Tensor, n: int) -> Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (z >> n) & ((1 << (64 - n)) - 1)
+
+
+def uniform_at(seed: int, index: Tensor) -> Tensor:
+    """A uniform [0, 1) float64 per int64 `index`, a pure function of (seed, index): the
+    splitmix64 finalizer, so any chunking of the scores draws the same number at a position."""
+    offset = ((seed + 1) * _GOLDEN + (1 << 63)) % (1 << 64) - (1 << 63)  # as a wrapped int64
+    z = index + offset  # int64 arithmetic wraps, as the hash wants
+    z = (z ^ _shr(z, 30)) * _MIX1
+    z = (z ^ _shr(z, 27)) * _MIX2
+    z = z ^ _shr(z, 31)
+    return _shr(z, 11).to(torch.float64) * 2.0**-53
+
+
+def dropout_keep(seed: int, p: float, sizes: tuple, rows: slice, cols: slice) -> Tensor:
+    """Which weights of a [B, Hk, G·cq, ck] block dropout keeps (as 0/1 float32), drawn at
+    the scores' global index ((b·H + h)·Nq + i)·Nk + j with h = hk·G + g."""
+    if seed is None:
+        raise ValueError("flashfx: a program with dropout needs a seed")
+    B, H, Hk, G, Nq, Nk = sizes
+    b = torch.arange(B).view(B, 1, 1, 1, 1)
+    h = torch.arange(H).view(1, Hk, G, 1, 1)
+    i = torch.arange(rows.start, rows.stop).view(1, 1, 1, -1, 1)
+    j = torch.arange(cols.start, cols.stop).view(1, 1, 1, 1, -1)
+    index = ((b * H + h) * Nq + i) * Nk + j  # [B, Hk, G, cq, ck]
+    return (uniform_at(seed, index) >= p).to(torch.float32).flatten(2, 3)

@@ -45,7 +45,15 @@ def _operand_args(operands):
     return ptrs, strides
 
 
-def forward(q, k, v, operands, program: ScoreProgram, tiles: TilePlan | None = None):
+def _seed_args(program: ScoreProgram, seed) -> list:
+    if not program.dropout:
+        return []
+    if seed is None:
+        raise ValueError("flashfx: a program with dropout needs a seed tensor")
+    return [seed]
+
+
+def forward(q, k, v, operands, program: ScoreProgram, tiles: TilePlan | None = None, seed=None):
     """(out [B, H, Nq, D], stats [2, B, H, Nq] fp32: row max, log-sum) via the forward kernel."""
     B, H, Nq, D = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
@@ -59,7 +67,7 @@ def forward(q, k, v, operands, program: ScoreProgram, tiles: TilePlan | None = N
     t = p.fwd
     grid = (triton_cdiv(Nq, t.block_m), B * H)
     kernels._attn_fwd[grid](
-        q, k, v, out, stats, *xptrs,
+        q, k, v, out, stats, *_seed_args(program, seed), *xptrs,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *xstrides,
         H, Nq, Nk, B * H * Nq,
@@ -71,11 +79,22 @@ def forward(q, k, v, operands, program: ScoreProgram, tiles: TilePlan | None = N
     return out, stats
 
 
-def backward(dout, q, k, v, out, stats, operands, program: ScoreProgram, tiles: TilePlan | None = None):
-    """(dq, dk, dv): recomputes P tile by tile from Q, K and the saved row statistics."""
+def backward(dout, q, k, v, out, stats, operands, program: ScoreProgram, tiles: TilePlan | None = None,
+             operand_grads: dict[int, tuple] | None = None, seed=None):
+    """(dq, dk, dv): recomputes P tile by tile from Q, K and the saved row statistics.
+
+    operand_grads: {operand index: 4-D shape} for operands that require grad; then returns
+    (dq, dk, dv, {index: gradient of that shape, fp32}). The dQ kernel, which visits every
+    score once, writes dL/dx per score into an fp32 [B, H, Nq, Nk] buffer (zero where blocks
+    are skipped), summed here over the operand's broadcast dimensions: deterministic, and as
+    large as the scores only while a bias that requires grad is being differentiated.
+    """
     B, H, Nq, D = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
-    kernels = codegen.load(program.encode())
+    wanted = tuple(sorted(operand_grads or {}))
+    kernels = codegen.load(program.encode(), wanted)
+    d_bufs = [torch.zeros((B, H, Nq, Nk), device=q.device, dtype=torch.float32) for _ in wanted]
+    dx_args = [a for buf in d_bufs for a in (buf, *buf.stride())]
     p = tiles or tile_plan(q)
     delta = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
     dq = torch.empty_like(q)
@@ -91,19 +110,26 @@ def backward(dout, q, k, v, out, stats, operands, program: ScoreProgram, tiles: 
     )
     t = p.bwd_dkdv
     kernels._attn_bwd_dkdv[(triton_cdiv(Nk, t.block_n), B * Hk)](
-        q, k, v, dout, stats, delta, dk, dv, *xptrs,
+        q, k, v, dout, stats, delta, dk, dv, *_seed_args(program, seed), *xptrs,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
         *xstrides, H, Nq, Nk, B * H * Nq, **common,
         BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps, num_stages=t.num_stages,
     )
     t = p.bwd_dq
     kernels._attn_bwd_dq[(triton_cdiv(Nq, t.block_m), B * H)](
-        q, k, v, dout, stats, delta, dq, *xptrs,
+        q, k, v, dout, stats, delta, dq, *_seed_args(program, seed), *xptrs, *dx_args,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
         *xstrides, H, Nq, Nk, B * H * Nq, **common,
         BLOCK_M=t.block_m, BLOCK_N=t.block_n, num_warps=t.num_warps, num_stages=t.num_stages,
     )
-    return dq, dk, dv
+    if operand_grads is None:
+        return dq, dk, dv
+    d_ops = {}
+    for i, buf in zip(wanted, d_bufs):
+        shape = operand_grads[i]
+        dims = [d for d in range(4) if shape[d] == 1 and buf.shape[d] != 1]
+        d_ops[i] = buf.sum(dims, keepdim=True) if dims else buf
+    return dq, dk, dv, d_ops
 
 
 def triton_cdiv(a: int, b: int) -> int:

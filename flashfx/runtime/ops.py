@@ -1,9 +1,11 @@
 """The flashfx custom op: one fused attention call, forward and backward.
 
-    out, stats = torch.ops.flashfx.attention(q, k, v, operands, program)
+    out, stats = torch.ops.flashfx.attention(q, k, v, operands, program, seed=None)
       q: [B, H, Nq, D]; k, v: [B, Hk, Nk, D] with H % Hk == 0 (GQA without copies)
       operands: tensors the score program reads, each broadcastable to [B, H, Nq, Nk]
       program: ScoreProgram.encode() — what happens to the scores before the softmax
+      seed: a one-element int64 tensor, needed when the program has dropout: the mask is a
+            function of (seed, position), so the backward regenerates it
       out: [B, H, Nq, D] in q's dtype
       stats: [2, B, H, Nq] fp32 (fp64 for fp64 inputs): the row max of the final scores and
              log Σ exp(s - max); their sum is the log-sum-exp (-inf for rows with no visible key)
@@ -15,10 +17,12 @@ chunked path (or, for tests, the Triton kernels under the interpreter).
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
-from flashfx import config
+from flashfx import config, scoreops
 from flashfx.ir import ScoreProgram
 from flashfx.runtime import cpu, gpu
 
@@ -66,17 +70,29 @@ def uses_triton(q: Tensor) -> bool:
 
 
 @torch.library.custom_op("flashfx::attention", mutates_args=())
-def attention(q: Tensor, k: Tensor, v: Tensor, operands: list[Tensor], program: str) -> tuple[Tensor, Tensor]:
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, operands: list[Tensor], program: str, seed: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor]:
     check_inputs(q, k, v)
     prog = ScoreProgram.decode(program)
+    _check_seed(prog, seed)
     xs = _broadcast_operands(operands, q, k)
     if uses_triton(q):
-        return gpu.forward(q, k, v, xs, prog)
-    return cpu.attention_forward(q, k, v, xs, prog)
+        return gpu.forward(q, k, v, xs, prog, seed=seed)
+    return cpu.attention_forward(q, k, v, xs, prog, seed=_seed_value(seed))
+
+
+def _check_seed(prog: ScoreProgram, seed) -> None:
+    if prog.dropout and (seed is None or seed.numel() != 1 or seed.dtype != torch.int64):
+        raise ValueError("flashfx: a program with dropout needs `seed`, a one-element int64 tensor")
+
+
+def _seed_value(seed) -> int | None:
+    return None if seed is None else int(seed.reshape(()).item())
 
 
 @attention.register_fake
-def _(q, k, v, operands, program):
+def _(q, k, v, operands, program, seed=None):
     B, H, Nq, D = q.shape
     torch._check(k.shape[-1] == D and v.shape[-1] == D, lambda: "flashfx: q, k, v head dims differ")
     stats_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -86,36 +102,57 @@ def _(q, k, v, operands, program):
 @torch.library.custom_op("flashfx::attention_backward", mutates_args=())
 def attention_backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, stats: Tensor,
-    operands: list[Tensor], program: str,
-) -> tuple[Tensor, Tensor, Tensor]:
+    operands: list[Tensor], program: str, grad_operands: list[int], seed: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+    """(dq, dk, dv, [dL/d operands[i] for i in grad_operands]); each operand gradient has the
+    operand's shape and dtype (summed over the dimensions it broadcasts along)."""
     prog = ScoreProgram.decode(program)
     xs = _broadcast_operands(operands, q, k)
+    shapes = {i: _shape4(operands[i]) for i in grad_operands}
     if uses_triton(q):
-        return gpu.backward(dout, q, k, v, out, stats, xs, prog)
-    return cpu.attention_backward(dout, q, k, v, out, stats, xs, prog)
+        dq, dk, dv, d_ops = gpu.backward(dout, q, k, v, out, stats, xs, prog, operand_grads=shapes, seed=seed)
+    else:
+        dq, dk, dv, d_ops = cpu.attention_backward(dout, q, k, v, out, stats, xs, prog, operand_grads=shapes,
+                                                   seed=_seed_value(seed))
+    grads = [d_ops[i].reshape(operands[i].shape).to(operands[i].dtype) for i in grad_operands]
+    return dq, dk, dv, grads
+
+
+def _shape4(x: Tensor) -> tuple:
+    return (1,) * (4 - x.dim()) + tuple(x.shape)
 
 
 @attention_backward.register_fake
-def _(dout, q, k, v, out, stats, operands, program):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def _(dout, q, k, v, out, stats, operands, program, grad_operands, seed=None):
+    grads = [operands[i].new_empty(operands[i].shape) for i in grad_operands]
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), grads
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, operands, program = inputs
+    q, k, v, operands, program, *rest = inputs
+    seed = rest[0] if rest else None
     out, stats = output
-    if any(x.requires_grad for x in operands):
-        # The matcher leaves such sites unfused; a direct caller gets told rather than
-        # silently receiving a zero gradient for its bias.
-        raise NotImplementedError("flashfx: gradients for score operands (biases, masks) are not supported yet")
-    ctx.save_for_backward(q, k, v, out, stats, *operands)
+    ctx.grad_operands = [i for i, x in enumerate(operands) if x.requires_grad]
+    if ctx.grad_operands:
+        prog = ScoreProgram.decode(program)
+        for op in prog.ops:
+            if op.operand in ctx.grad_operands and scoreops.get(op.name).operand_grad is None:
+                raise NotImplementedError(
+                    f"flashfx: score operand {op.operand} requires grad, but score op {op.name!r} "
+                    "has no gradient for its operand")
+    ctx.save_for_backward(q, k, v, out, stats, seed, *operands)
     ctx.program = program
     ctx.mark_non_differentiable(stats)
 
 
 def _backward(ctx, dout, dstats):
-    q, k, v, out, stats, *operands = ctx.saved_tensors
-    dq, dk, dv = attention_backward(dout, q, k, v, out, stats, operands, ctx.program)
-    return dq, dk, dv, [None] * len(operands), None
+    q, k, v, out, stats, seed, *operands = ctx.saved_tensors
+    dq, dk, dv, grads = attention_backward(dout, q, k, v, out, stats, operands, ctx.program, ctx.grad_operands, seed)
+    d_operands = [None] * len(operands)
+    for i, g in zip(ctx.grad_operands, grads):
+        d_operands[i] = g
+    # one gradient per argument the caller passed (seed may be left out)
+    return (dq, dk, dv, d_operands, None, None)[: len(ctx.needs_input_grad)]
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)

@@ -32,11 +32,46 @@ def test_gradcheck_chunked_float64():
     assert torch.autograd.gradcheck(f, (q, k, v), eps=1e-6, atol=1e-5)
 
 
-def test_bias_requiring_grad_is_an_error_not_a_zero_gradient():
-    q, k, v, xs = _inputs()
-    xs[0].requires_grad_()
-    with pytest.raises(NotImplementedError, match="gradients for score operands"):
-        torch.ops.flashfx.attention(q, k, v, xs, PROGRAM)
+BIAS_SHAPES = {"rel_pos": (1, 4, 19, 23), "padding": (2, 1, 1, 23), "per_head": (4, 1, 1), "full": (2, 4, 19, 23)}
+
+
+@pytest.mark.parametrize("kernel", ["chunked", "triton"])
+@pytest.mark.parametrize("shape", BIAS_SHAPES, ids=str)
+def test_gradients_of_score_operands(shape, kernel, monkeypatch):
+    """A learned bias (T5's relative positions) and a learned per-head scale get their
+    gradients, summed over the dims they broadcast along, as eager autograd gives them."""
+    monkeypatch.setattr(config, "cpu_kernel", kernel)
+    dtype = torch.float64 if kernel == "chunked" else torch.float32
+    q, k, v, _ = _inputs(dtype)
+    g = torch.Generator().manual_seed(3)
+    bias = torch.randn(BIAS_SHAPES[shape], generator=g, dtype=dtype).requires_grad_()
+    temp = (torch.rand(4, 1, 1, generator=g, dtype=dtype) + 0.5).requires_grad_()
+    program = ScoreProgram((ScoreOp("mul_x", 1), ScoreOp("bias", 0), ScoreOp("div_x", 1)), "bottom_right").encode()
+    dout = torch.randn(2, 4, 19, 16, generator=g, dtype=dtype)
+
+    out = torch.ops.flashfx.attention(q, k, v, [bias, temp], program)[0]
+    got = torch.autograd.grad(out, (q, k, v, bias, temp), dout)
+    kk, vv = (t.repeat_interleave(2, 1) for t in (k, v))
+    s = ((q @ kk.transpose(-2, -1)) * temp + bias) / temp
+    s = s.masked_fill(~torch.ones(19, 23, dtype=torch.bool).tril(23 - 19), float("-inf"))
+    want = torch.autograd.grad(torch.softmax(s, -1) @ vv, (q, k, v, bias, temp), dout)
+    tol = 1e-9 if dtype == torch.float64 else 2e-4
+    for name, a, b in zip(["q", "k", "v", "bias", "temp"], got, want):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=lambda m: f"d{name}: {m}")
+
+
+def test_operand_of_an_op_without_a_gradient_is_a_clear_error():
+    q, k, v, _ = _inputs()
+    mask = torch.ones(23, dtype=torch.bool)
+    program = ScoreProgram((ScoreOp("keep", 0, float("-inf")),)).encode()
+    torch.ops.flashfx.attention(q, k, v, [mask], program)  # a mask: nothing to differentiate
+    from flashfx import scoreops
+    scoreops.register_score_op("test_shift", operand="float", torch=lambda s, x, c: s - x,
+                               torch_grad=lambda g, s, x, c: g, triton="s - x", triton_grad="g")
+    shift = torch.randn(23).requires_grad_()
+    with pytest.raises(NotImplementedError, match="no gradient for its operand"):
+        torch.ops.flashfx.attention(q, k, v, [shift], ScoreProgram((ScoreOp("test_shift", 0),)).encode())
 
 
 @pytest.mark.parametrize("bad, match", [
