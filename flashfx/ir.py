@@ -16,7 +16,7 @@ with torch, how to emit it in Triton, and its derivative for the backward pass.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 
 CAUSAL_ALIGNMENTS = ("top_left", "bottom_right")
