@@ -19,7 +19,7 @@ _FUNCTIONS = {
     torch.baddbmm: "baddbmm",
     operator.mul: "mul", torch.mul: "mul",
     operator.truediv: "div", torch.div: "div", torch.true_divide: "div",
-    operator.add: "add", torch.add: "add",
+    operator.add: "add", torch.add: "add", operator.sub: "sub", torch.sub: "sub",
     # in-place forms on the scores (`scores += bias`): the scores have no other user, so
     # computing them out of place inside the kernel is the same result
     operator.iadd: "add", operator.imul: "mul", operator.itruediv: "div",
@@ -32,6 +32,8 @@ _FUNCTIONS = {
     operator.invert: "not", torch.logical_not: "not",
     torch.tanh: "tanh", torch.repeat_interleave: "repeat_interleave",
     torch.reshape: "reshape", torch.unsqueeze: "unsqueeze",
+    torch.flatten: "flatten", torch.unflatten: "unflatten",
+    torch.clamp: "clamp", torch.clip: "clamp", torch.clamp_min: "clamp", torch.clamp_max: "clamp",
 }
 
 # call_method names -> the function computing the same thing
@@ -40,7 +42,8 @@ _METHODS = {
     "add": torch.add, "softmax": torch.softmax, "transpose": torch.transpose,
     "permute": torch.permute, "masked_fill": torch.masked_fill, "eq": torch.eq, "ne": torch.ne,
     "logical_not": torch.logical_not, "tanh": torch.tanh,
-    "repeat_interleave": torch.repeat_interleave, "unsqueeze": torch.unsqueeze,
+    "repeat_interleave": torch.repeat_interleave, "unsqueeze": torch.unsqueeze, "sub": torch.sub,
+    "clamp": torch.clamp, "clip": torch.clip, "clamp_min": torch.clamp_min, "clamp_max": torch.clamp_max,
 }
 
 # call_method names that only change the dtype of a float tensor

@@ -14,31 +14,30 @@ from flashfx.passes.match import AttentionSite, _val
 def rewrite_site(gm: fx.GraphModule, site: AttentionSite) -> fx.Node:
     """Insert `torch.ops.flashfx.attention` for `site` and reroute the users of its output.
 
-    The op wants q: [B, H, Nq, D], k/v: [B, Hk, Nk, D]; 3-D attention gets a unit head dim
-    (and so do its rank-3 operands), Kᵀ written by the user gets transposed back.
+    The op wants q: [B, H, Nq, D], k/v: [B, Hk, Nk, D] and operands that broadcast to
+    [B, H, Nq, Nk]: the site's views take each tensor there from the user's layout (3-D
+    attention gets a unit head dim, [B·H, ...] is split into [B, H, ...], Kᵀ written by the
+    user is transposed back), and the output view takes the result back.
     """
     g = gm.graph
-    three_d = len(site.q_shape) == 3
     with g.inserting_before(site.output):
-        q, k, v = site.q, site.k, site.v
-        if site.k_transposed:
-            k = g.call_function(torch.transpose, (k, -2, -1))
-        operands = [_as_tensor(g, x, site) for x in site.operands]
-        if three_d:
-            q, k, v = (g.call_function(torch.unsqueeze, (x, 1)) for x in (q, k, v))
-            operands = [g.call_function(torch.unsqueeze, (x, 1)) if _rank(x) == 3 else x for x in operands]
-        call = g.call_function(torch.ops.flashfx.attention.default, (q, k, v, operands, site.program.encode()))
-        out = g.call_function(operator.getitem, (call, 0))
-        if three_d:
-            out = g.call_function(torch.squeeze, (out, 1))
+        q = site.q_view.emit(g, site.q)
+        k = site.k_view.emit(g, site.k)
+        v = site.v_view.emit(g, site.v)
+        operands = [x.view.emit(g, _as_tensor(g, x.node, site)) for x in site.operands]
+        seed = _seed(g, site) if site.program.dropout else None
+        call = g.call_function(torch.ops.flashfx.attention.default, (q, k, v, operands, site.program.encode(), seed))
+        out = site.out_view.emit(g, g.call_function(operator.getitem, (call, 0)))
     out.meta.update({k: v for k, v in site.output.meta.items() if k in ("stack_trace", "source_fn_stack")})
     site.output.replace_all_uses_with(out)
     return call
 
 
-def _rank(x: fx.Node) -> int:
-    v = _val(x)
-    return v.dim() if isinstance(v, torch.Tensor) else 0
+def _seed(g: fx.Graph, site: AttentionSite) -> fx.Node:
+    """A fresh dropout seed per call, drawn in the graph from torch's generator (so
+    torch.manual_seed makes runs repeatable, and the compiler sees the randomness)."""
+    device = _val(site.q).device
+    return g.call_function(torch.randint, (0, 2**62, (1,)), {"dtype": torch.int64, "device": device})
 
 
 def _as_tensor(g: fx.Graph, x: fx.Node, site: AttentionSite) -> fx.Node:

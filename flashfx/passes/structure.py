@@ -20,7 +20,7 @@ import torch
 from torch import fx
 
 from flashfx.ir import ScoreOp, ScoreProgram
-from flashfx.passes.match import AttentionSite
+from flashfx.passes.match import MASK_FILL_MAX, AttentionSite
 
 
 def _source_name(node: fx.Node) -> str:
@@ -123,9 +123,9 @@ def resolve_static_masks(site: AttentionSite, gm: fx.GraphModule, example_inputs
     for op in site.program.ops:
         x = site.operands[op.operand] if op.operand is not None else None
         kind = None
-        if op.name in ("keep", "drop") and _constant_cone(x):
+        if op.name in ("keep", "drop") and _constant_cone(x.node):
             try:
-                value = _evaluate(x, gm, inputs)
+                value = x.view.apply(_evaluate(x.node, gm, inputs))
             except Exception:  # noqa: BLE001 - anything odd: keep the mask as a runtime operand
                 value = None
             if isinstance(value, torch.Tensor) and value.dtype == torch.bool:
@@ -134,9 +134,11 @@ def resolve_static_masks(site: AttentionSite, gm: fx.GraphModule, example_inputs
             site.notes.append(f"boolean mask `{x.name}` keeps every score: dropped")
             continue
         # A finite fill (finfo.min) differs from skipping only on rows that see no key at all,
-        # which a causal mask has only when bottom-right aligned with Nq > Nk.
+        # which a causal mask has only when bottom-right aligned with Nq > Nk. A fill that is
+        # not a large negative number (a mask to 0, say) is a value, not a mask: kept as is.
         empty_rows = kind == "bottom_right" and nq > nk
-        if kind in ("top_left", "bottom_right") and causal is None and (op.const == float("-inf") or not empty_rows):
+        is_mask = op.const is not None and op.const <= MASK_FILL_MAX
+        if kind in ("top_left", "bottom_right") and causal is None and is_mask and (op.const == float("-inf") or not empty_rows):
             causal = kind
             site.notes.append(f"boolean mask `{x.name}` is causal ({kind.replace('_', '-')}): blocks above the diagonal are skipped")
             continue
@@ -145,5 +147,5 @@ def resolve_static_masks(site: AttentionSite, gm: fx.GraphModule, example_inputs
             op = ScoreOp(op.name, len(operands) - 1, op.const)
         keep_ops.append(op)
     site.operands = operands
-    site.program = ScoreProgram(tuple(keep_ops), causal)
+    site.program = ScoreProgram(tuple(keep_ops), causal, site.program.dropout)
 
