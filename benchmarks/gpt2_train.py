@@ -230,16 +230,19 @@ def row_text(r) -> str:
 
 def table(rows) -> list[str]:
     """seq, variant, tokens/s, ratios, peak GiB and loss: markdown, also printed as is."""
-    out = ["| seq | batch | variant | tokens/s | × inductor-sdpa | × eager | peak GiB | first loss | loss Δ |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    out = ["| seq | batch | variant | tokens/s | × inductor-sdpa | × eager | peak GiB | peak − sdpa MiB | first loss | loss Δ |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["seq"], VARIANTS.index(r["variant"]))):
         if "tokens_per_s" not in r:
-            out.append(f"| {r['seq']} | {r['batch']} | {r['variant']} | {_status(r)} | — | — | — | — | — |")
+            out.append(f"| {r['seq']} | {r['batch']} | {r['variant']} | {_status(r)} | — | — | — | — | — | — |")
             continue
-        peak = f"{r['peak_gib']:.2f}" if "peak_gib" in r else "—"
+        peak = f"{r['peak_gib']:.3f}" if "peak_gib" in r else "—"
+        sdpa = _find(rows, r["seq"], "inductor-sdpa")
+        # the peak against the SDPA model's, in MiB: a few MiB hide in the GiB column
+        dpeak = f"{(r['peak_gib'] - sdpa['peak_gib']) * 1024:+.1f}" if "peak_gib" in r and "peak_gib" in sdpa else "—"
         diff = f"{r['loss_rel_diff']:.1e}" + ("" if r.get("loss_ok", True) else " ✗") if "loss_rel_diff" in r else "—"
         out.append(f"| {r['seq']} | {r['batch']} | {r['variant']} | {r['tokens_per_s']:,.0f} | "
-                   f"{_ratio(rows, r, 'inductor-sdpa')} | {_ratio(rows, r, 'eager')} | {peak} | "
+                   f"{_ratio(rows, r, 'inductor-sdpa')} | {_ratio(rows, r, 'eager')} | {peak} | {dpeak} | "
                    f"{r['first_loss']:.4f} | {diff} |")
     return out
 
@@ -384,7 +387,7 @@ def main(argv=None) -> int:
         n_params = GPT(cfg).num_params()
     cfg_line = (f"GPT-2 small: {cfg.n_layer} layers, {cfg.n_head} heads, n_embd {cfg.n_embd}, vocab "
                 f"{cfg.vocab_size}, block_size {cfg.block_size}, {n_params / 1e6:.0f}M parameters (tied "
-                f"embeddings), dropout {cfg.dropout}; {args.batch_tokens} tokens a step, random ids.")
+                f"embeddings; wpe has block_size rows), dropout {cfg.dropout}; {args.batch_tokens} tokens a step, random ids.")
     print(f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}\n{cfg_line}\n", flush=True)
 
     t0 = time.perf_counter()
