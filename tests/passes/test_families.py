@@ -269,6 +269,160 @@ class BloomStyleAttention(nn.Module):
         return torch.bmm(probs, v).view(b, H, t, HD).transpose(1, 2).reshape(b, t, C)
 
 
+class BloomAttention(nn.Module):
+    """HF BLOOM: ALiBi via baddbmm on [B·H, N, D], viewed as [B, H, N, N] for the additive mask
+    and an fp32 softmax, viewed back to [B·H, N, N] for bmm with V."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(C, 3 * C)
+        self.register_buffer("slopes", torch.tensor([2 ** (-8 * (i + 1) / H) for i in range(H)]))
+
+    def forward(self, x, mask):  # mask: additive [B, 1, N, N]
+        b, t, _ = x.shape
+        fused = self.qkv(x).view(b, t, H, 3, HD)
+        q, k, v = (fused[..., i, :].transpose(1, 2) for i in range(3))  # [B, H, t, hd]
+        q = q.reshape(b * H, t, HD)
+        k = k.reshape(b * H, t, HD).transpose(-1, -2)
+        v = v.reshape(b * H, t, HD)
+        alibi = (self.slopes[:, None, None] * torch.arange(t, device=x.device)).repeat(b, 1, 1)  # [B·H, 1, t]
+        scores = alibi.baddbmm(batch1=q, batch2=k, beta=1.0, alpha=HD**-0.5)
+        w = scores.view(b, H, t, -1) + mask
+        probs = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+        probs = F.dropout(probs, 0.0, False)
+        ctx = torch.bmm(probs.view(b * H, t, -1), v)
+        return ctx.view(b, H, t, HD).permute(0, 2, 1, 3).reshape(b, t, C)
+
+
+def bloom_mask(x, pad):  # causal and padding, additive with finfo.min: [B, 1, N, N]
+    t = x.shape[1]
+    keep = torch.ones(t, t, dtype=torch.bool).tril()[None, None] & pad[:, None, None, :]
+    return torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)
+
+
+class GPTNeoAttention(nn.Module):
+    """HF GPT-Neo: no scaling; torch.where with a bool tril buffer and a 0-d tensor fill."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(C, C, bias=False) for _ in range(3))
+        self.register_buffer("bias", torch.tril(torch.ones(64, 64, dtype=torch.bool)).view(1, 1, 64, 64))
+
+    def forward(self, x, attention_mask):
+        q, k, v = _split(self.q(x), H), _split(self.k(x), H), _split(self.v(x), H)
+        q, k = q.to(torch.float32), k.to(torch.float32)
+        w = torch.matmul(q, k.transpose(-1, -2))
+        ql, kl = q.size(-2), k.size(-2)
+        causal = self.bias[:, :, kl - ql : kl, :kl]
+        mask_value = torch.tensor(torch.finfo(w.dtype).min, dtype=w.dtype, device=w.device)
+        w = torch.where(causal, w, mask_value)
+        w = w + attention_mask
+        w = nn.functional.softmax(w, dim=-1).to(v.dtype)
+        return _merge(torch.matmul(w, v))
+
+
+def padding_bias(x, pad):  # additive padding mask [B, 1, 1, N]
+    return (1.0 - pad[:, None, None, :].float()) * torch.finfo(torch.float32).min
+
+
+class Wav2Vec2Attention(nn.Module):
+    """Speech encoder (wav2vec2 / older BART and Whisper code): q scaled before the projection's
+    split, 3-D bmm, scores viewed to [B, H, N, N] to add the padding mask from feature lengths
+    and back to [B·H, N, N] for the softmax."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(C, C), nn.Linear(C, C), nn.Linear(C, C)
+        self.scaling = HD**-0.5
+
+    def forward(self, x, lengths):
+        b, t, _ = x.shape
+        valid = torch.arange(t, device=x.device)[None, :] < lengths[:, None]  # [B, t]
+        mask = (~valid)[:, None, None, :].to(x.dtype) * torch.finfo(x.dtype).min
+        q = self.q(x) * self.scaling
+        q = _split(q, H).reshape(b * H, t, HD)
+        k = _split(self.k(x), H).reshape(b * H, t, HD)
+        v = _split(self.v(x), H).reshape(b * H, t, HD)
+        w = torch.bmm(q, k.transpose(1, 2))
+        w = w.view(b, H, t, t) + mask
+        w = w.view(b * H, t, t)
+        w = nn.functional.softmax(w, dim=-1)
+        out = torch.bmm(F.dropout(w, p=0.1, training=self.training), v)
+        return out.view(b, H, t, HD).transpose(1, 2).reshape(b, t, C)
+
+
+class DebertaAttention(nn.Module):
+    """HF DeBERTa-v2: Kᵀ divided by a 0-d tensor scale inside the bmm, scores viewed to
+    [B, H, N, N] for masked_fill with ~mask, probabilities viewed back to [B·H, N, N]."""
+
+    def __init__(self):
+        super().__init__()
+        self.query_proj, self.key_proj, self.value_proj = nn.Linear(C, C), nn.Linear(C, C), nn.Linear(C, C)
+
+    @staticmethod
+    def transpose_for_scores(x):  # [B, t, C] -> [B·H, t, hd]
+        x = x.view(x.size()[:-1] + (H, -1))
+        return x.permute(0, 2, 1, 3).contiguous().view(-1, x.size(1), x.size(-1))
+
+    def forward(self, x, attention_mask):  # attention_mask: [B, 1, N, N] of 0/1
+        q = self.transpose_for_scores(self.query_proj(x))
+        k = self.transpose_for_scores(self.key_proj(x))
+        v = self.transpose_for_scores(self.value_proj(x))
+        scale = torch.sqrt(torch.tensor(q.size(-1), dtype=torch.float) * 1)
+        scores = torch.bmm(q, k.transpose(-1, -2) / scale.to(dtype=q.dtype))
+        scores = scores.view(-1, H, scores.size(-2), scores.size(-1))
+        scores = scores.masked_fill(~(attention_mask.bool()), torch.finfo(q.dtype).min)
+        probs = nn.functional.dropout(nn.functional.softmax(scores, dim=-1), 0.1, self.training)
+        ctx = torch.bmm(probs.view(-1, probs.size(-2), probs.size(-1)), v)
+        ctx = ctx.view(-1, H, ctx.size(-2), ctx.size(-1)).permute(0, 2, 1, 3).contiguous()
+        return ctx.view(ctx.size()[:-2] + (-1,))
+
+
+def deberta_mask(pad):  # [B, 1, N, N]: query and key both valid
+    m = pad[:, None, None, :].long()
+    return m * m.squeeze(-2).unsqueeze(-1)
+
+
+class FalconAlibiAttention(nn.Module):
+    """HF Falcon with ALiBi: multi-query K/V [B, 1, N, hd] broadcast by matmul, ALiBi added as a
+    [B, H, 1, N] view, scaled in place after, and the mask added inside the softmax call."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(C, C + 2 * HD)
+        self.register_buffer("slopes", torch.tensor([2 ** (-8 * (i + 1) / H) for i in range(H)]))
+        self.inv_norm_factor = 1.0 / math.sqrt(HD)
+
+    def forward(self, x, mask):
+        b, t, _ = x.shape
+        fused = self.qkv(x).view(b, t, H + 2, HD)
+        q = fused[:, :, :-2].transpose(1, 2)  # [B, H, t, hd]
+        k, v = fused[:, :, [-2]].transpose(1, 2), fused[:, :, [-1]].transpose(1, 2)  # [B, 1, t, hd]
+        alibi = (self.slopes[:, None] * torch.arange(t, device=x.device)).repeat(b, 1, 1).reshape(b * H, 1, t)
+        scores = (q @ k.transpose(-1, -2)).view(b, H, t, t)
+        logits = scores + alibi.view(b, H, 1, -1)
+        logits *= self.inv_norm_factor
+        probs = F.softmax(logits + mask, dim=-1, dtype=x.dtype)
+        out = (probs.view(b, H, t, t) @ v).flatten(0, 1)
+        return out.view(b, H, t, HD).permute(0, 2, 1, 3).reshape(b, t, C)
+
+
+class ClampedScoresAttention(nn.Module):
+    """Scores clamped for low-precision stability, with the bounds spelled two ways."""
+
+    def __init__(self, bound=0.5):
+        super().__init__()
+        self.bound = bound
+        self.qkv = nn.Linear(C, 3 * C)
+
+    def forward(self, x):
+        q, k, v = (_split(u, H) for u in self.qkv(x).chunk(3, dim=-1))
+        w = q @ k.transpose(-1, -2) * HD**-0.5
+        w = w.clamp(min=-self.bound)
+        w = torch.clamp_max(w, self.bound)
+        return _merge(torch.softmax(w, dim=-1) @ v)
+
+
 def _x(*shape, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
@@ -294,6 +448,12 @@ FAMILIES = {
     "bart-cross-padding": (CrossAttention, lambda: (_x(B, N, C), _x(B, 19, C, seed=2), _pad(11)[:, :19]), None),
     "sdpa-encoder": (SDPAEncoder, lambda: (_x(B, N, C), _pad(9)), None),
     "bloom-alibi-baddbmm": (BloomStyleAttention, lambda: (_x(B, N, C), _pad(13)), None),
+    "bloom-hf-views": (BloomAttention, lambda: (x := _x(B, N, C), bloom_mask(x, _pad(15))), None),
+    "gpt-neo-tensor-fill": (GPTNeoAttention, lambda: (x := _x(B, N, C), padding_bias(x, _pad(19))), "top_left"),
+    "wav2vec2-speech-encoder": (Wav2Vec2Attention, lambda: (_x(B, N, C), torch.tensor([N, 16])), None),
+    "deberta-v2": (DebertaAttention, lambda: (_x(B, N, C), deberta_mask(_pad(18))), None),
+    "falcon-alibi-mqa": (FalconAlibiAttention, lambda: (x := _x(B, N, C), llama_mask(x)), None),
+    "clamped-scores": (ClampedScoresAttention, lambda: (_x(B, N, C),), None),
 }
 
 
