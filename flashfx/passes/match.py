@@ -272,6 +272,13 @@ def _single_user(node: fx.Node) -> bool:
     return sum(not _reads_only_metadata(u, node) for u in node.users) == 1
 
 
+def _used_only_by(node: fx.Node, inside: set) -> bool:
+    """One user, or only users among `inside` (a pattern that reads the scores twice, as
+    sign(s) * log1p(abs(s)) does)."""
+    users = [u for u in node.users if not _reads_only_metadata(u, node)]
+    return len(users) == 1 or (bool(users) and all(u in inside for u in users))
+
+
 # ---- numbers known while compiling -------------------------------------------------------------
 
 _CONST_FUNCTIONS = {
@@ -422,8 +429,9 @@ def match_softmax(sm: fx.Node) -> AttentionSite | None:
         return _reaches_qk(n, nq, nk)
 
     chain, node = [], sm.args[0]  # chain: (name, const, operand node, lead, scores dtype), output first
+    inside: set = set()  # the nodes the last pattern matched: they may all read the scores
     while canon(node) not in _QK:
-        if not _single_user(node):
+        if not _used_only_by(node, inside):
             return site.reject("the attention scores have another user")
         if is_float_cast(node):
             node = node.args[0]
@@ -439,7 +447,7 @@ def match_softmax(sm: fx.Node) -> AttentionSite | None:
             return site.reject(f"unsupported op in the score program: {name}")
         if isinstance(m, str):
             return site.reject(m)
-        if any(not _single_user(n) for n in m.nodes if n is not node):
+        if any(not _used_only_by(n, set(m.nodes)) for n in m.nodes if n is not node):
             return site.reject("the attention scores have another user")
         out_shape, in_shape = _shape(node), _shape(m.scores)
         if out_shape is None or in_shape is None or not _same(out_shape, in_shape):
@@ -447,8 +455,8 @@ def match_softmax(sm: fx.Node) -> AttentionSite | None:
         lead, dtype = tuple(out_shape[:-2]), _val(node).dtype
         for step in reversed(m.steps):
             chain.append((step.name, step.c, step.x.node if step.x is not None else None, lead, dtype))
-        node = m.scores
-    if not _single_user(node):
+        node, inside = m.scores, set(m.nodes)
+    if not _used_only_by(node, inside):
         return site.reject("the attention scores QKᵀ have another user")
     qk = node
     qk_val = _val(qk)

@@ -5,7 +5,7 @@ arguments, traced once with torch.fx and normalized like the user's graph:
 
     register_pattern("softcap", lambda s, cap: torch.tanh(s / cap) * cap,
                      lambda cap: [Step("scale", c=1 / cap.value), Step("tanh"), Step("scale", c=cap.value)]
-                                 if cap.value else "softcap by a tensor")
+                                 if cap.value is not None else "softcap by a tensor")
 
 The matcher walks back from each softmax towards QKᵀ. At each node it tries the registered
 patterns whose output is that node, the largest first. A pattern matches when the ops agree
@@ -30,6 +30,7 @@ from typing import Any, Callable
 import torch
 from torch import fx
 
+from flashfx import scoreops
 from flashfx.passes.normalize import canon, is_float_cast, normalize
 
 
@@ -167,35 +168,66 @@ _SIGNATURES = {
 _BINARY = {"mul", "div", "add", "sub"}
 _COMMUTATIVE = {"mul", "add"}
 _DEFAULTS = {"min": None, "max": None, "alpha": 1, "rounding_mode": None}
+# Tensor methods that are the torch function of the same name with the same arguments, so a
+# pattern written `torch.sign(s)` matches a model's `s.sign()` (and back).
+_SAME_AS_FUNCTION = {
+    "abs", "exp", "exp2", "expm1", "log", "log1p", "log2", "sign", "sigmoid", "relu", "neg",
+    "sqrt", "rsqrt", "square", "reciprocal", "sin", "cos", "erf", "floor", "ceil", "round",
+    "trunc", "nan_to_num", "pow", "maximum", "minimum", "logaddexp", "atan", "softplus",
+}
+_NO_DEFAULT = object()
 
 
-def _op_name(node: fx.Node) -> str | None:
+def _op_name(node: fx.Node):
+    """What op a node computes, alike for every spelling we know of it; the target otherwise."""
     if node.op == "call_function" and node.target in _SIGNATURES:
         return _SIGNATURES[node.target][0]
-    return canon(node)
+    c = canon(node)
+    if c is not None:
+        return c
+    if node.op == "call_method":
+        return getattr(torch, node.target) if node.target in _SAME_AS_FUNCTION and hasattr(torch, node.target) else ("method", node.target)
+    if node.op == "call_function":
+        return node.target
+    return None
 
 
-def _call_args(node: fx.Node) -> dict[str, Any] | None:
-    """The node's arguments by parameter name, or None when we do not know its signature."""
-    name = _op_name(node)
+def _parameters(node: fx.Node) -> tuple[tuple, dict] | None:
+    """Parameter names, in order, and their defaults, for the op `node` calls (None: unknown)."""
     if node.op == "call_function" and node.target in _SIGNATURES:
-        names = _SIGNATURES[node.target][1]
-    elif name in _BINARY:
-        names = ("input", "other")
-    elif name is not None and len(node.args) == 1:
-        names = ("input",)
-    else:
+        return _SIGNATURES[node.target][1], _DEFAULTS
+    if _op_name(node) in _BINARY:
+        return ("input", "other"), _DEFAULTS
+    target = node.target if node.op == "call_function" else getattr(torch, node.target, None)
+    try:
+        sig = inspect.signature(target)
+    except (TypeError, ValueError):  # a builtin without a Python signature: positions only
         return None
+    names = tuple(p for p in sig.parameters if sig.parameters[p].kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD))
+    defaults = {p: sig.parameters[p].default for p in names if sig.parameters[p].default is not inspect.Parameter.empty}
+    return names, defaults
+
+
+def _call_args(node: fx.Node) -> tuple[dict[str, Any], dict] | None:
+    """The node's arguments by parameter name (by position when unknown), and the defaults."""
+    params = _parameters(node)
+    if params is None:
+        if node.kwargs:
+            return None
+        return {str(i): a for i, a in enumerate(node.args)}, {}
+    names, defaults = params
     if len(node.args) > len(names):
         return None
     out = dict(zip(names, node.args))
     for key, value in node.kwargs.items():
         out["input" if key == "self" else key] = value
-    return out
+    return out, defaults
 
 
-def _strip_casts(x):
+def _strip_casts(x, into: list):
+    """The value under float casts (the kernels hold scores in fp32); the casts go to `into`."""
     while isinstance(x, fx.Node) and is_float_cast(x):
+        into.append(x)
         x = x.args[0]
     return x
 
@@ -217,22 +249,24 @@ class _Matcher:
         if isinstance(p, fx.Node) and p.op == "placeholder":
             return self._bind(p, u)
         if isinstance(p, fx.Node):
-            u = _strip_casts(u)
+            casts = []
+            u = _strip_casts(u, casts)
             if not isinstance(u, fx.Node) or u.op not in ("call_function", "call_method"):
                 return False
             name = _op_name(p)
             if name is None or name != _op_name(u):
                 return False
-            pa, ua = _call_args(p), _call_args(u)
-            if pa is None or ua is None:
+            pcall, ucall = _call_args(p), _call_args(u)
+            if pcall is None or ucall is None:
                 return False
+            (pa, defaults), ua = pcall, ucall[0]
             orders = [ua]
             if name in _COMMUTATIVE and "other" in ua:
                 orders.append({**ua, "input": ua["other"], "other": ua["input"]})
             for order in orders:
                 saved = dict(self.bound), list(self.nodes)
-                if self._match_args(pa, order):
-                    self.nodes.append(u)
+                if self._match_args(pa, order, defaults):
+                    self.nodes += casts + [u]
                     return True
                 self.bound, self.nodes = saved
             return False
@@ -240,20 +274,22 @@ class _Matcher:
             return False  # a literal in the pattern, a graph value in the user's code
         return _literal_eq(p, u)
 
-    def _match_args(self, pa: dict, ua: dict) -> bool:
-        for key in set(pa) | set(ua):
-            if key not in pa and key not in _DEFAULTS or key not in ua and key not in _DEFAULTS:
-                return False
-            if not self.match(pa.get(key, _DEFAULTS.get(key)), ua.get(key, _DEFAULTS.get(key))):
+    def _match_args(self, pa: dict, ua: dict, defaults: dict) -> bool:
+        """Argument by argument; one left out on either side stands for its default."""
+        for key in sorted(set(pa) | set(ua), key=lambda k: k != "input"):
+            p, u = pa.get(key, defaults.get(key, _NO_DEFAULT)), ua.get(key, defaults.get(key, _NO_DEFAULT))
+            if p is _NO_DEFAULT or u is _NO_DEFAULT or not self.match(p, u):
                 return False
         return True
 
     def _bind(self, p: fx.Node, u) -> bool:
         name = p.target
         if name == "s":
-            u = _strip_casts(u)
+            casts = []
+            u = _strip_casts(u, casts)
             if not (isinstance(u, fx.Node) and self.is_scores(u)):
                 return False
+            self.nodes += casts
         if name in self.bound:
             prev = self.bound[name]
             return prev is u if isinstance(prev, fx.Node) or isinstance(u, fx.Node) else _literal_eq(prev, u)
@@ -288,8 +324,29 @@ def match_at(node: fx.Node, is_scores: Callable[[fx.Node], bool], constant: Call
         if isinstance(result, str):
             reason = reason or result
             continue
-        return Match(pat, list(result), m.bound["s"], m.nodes)
+        steps = list(result)
+        bad = next((why for why in map(_check_step, steps) if why), None)
+        if bad:
+            return f"pattern {pat.name!r}: {bad}"
+        return Match(pat, steps, m.bound["s"], m.nodes)
     return reason
+
+
+def _check_step(step) -> str | None:
+    """What is wrong with a replacement's step, if anything."""
+    if not isinstance(step, Step):
+        return f"a replacement returns Steps, got {step!r}"
+    try:
+        d = scoreops.get(step.name)
+    except KeyError as e:
+        return str(e.args[0])
+    if d.operand is not None and (step.x is None or step.x.node is None):
+        return f"score op {step.name!r} needs a tensor operand x"
+    if d.operand is None and step.x is not None:
+        return f"score op {step.name!r} takes no operand"
+    if d.has_const and not isinstance(step.c, (int, float)):
+        return f"score op {step.name!r} needs a constant c"
+    return None
 
 
 # ---- the built-in steps, declared through the same API ----------------------------------------
