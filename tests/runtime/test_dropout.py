@@ -23,46 +23,52 @@ def _seed(x):
     return torch.tensor(x, dtype=torch.int64)
 
 
-def _kept(seed, dtype):
+def _kept(seed, dtype, device="cpu"):
     """The op's keep mask [B, H, N, N], read back with v = identity: out = p ∘ keep / (1 - P)."""
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(B, H, N, D, generator=g, dtype=dtype)
-    k = torch.randn(B, Hk, N, D, generator=g, dtype=dtype)
-    eye = torch.eye(N, D, dtype=dtype).expand(B, Hk, N, D)
-    out = torch.ops.flashfx.attention(q, k, eye, [], _program(), _seed(seed))[0]
-    return out[..., :N] != 0
+    q = torch.randn(B, H, N, D, generator=g, dtype=dtype).to(device)
+    k = torch.randn(B, Hk, N, D, generator=g, dtype=dtype).to(device)
+    eye = torch.eye(N, D, dtype=dtype, device=device).expand(B, Hk, N, D)
+    out = torch.ops.flashfx.attention(q, k, eye, [], _program(), _seed(seed).to(device))[0]
+    return (out[..., :N] != 0).cpu()
 
 
-@pytest.fixture(params=["chunked", "triton"])
+@pytest.fixture(params=["chunked", "triton", pytest.param("cuda", marks=pytest.mark.gpu)])
 def kernel(request, monkeypatch):
-    monkeypatch.setattr(config, "cpu_kernel", request.param)
+    monkeypatch.setattr(config, "cpu_kernel", "chunked" if request.param == "cuda" else request.param)
     return request.param
 
 
+def _device(kernel):
+    return "cuda" if kernel == "cuda" else "cpu"
+
+
 def test_mask_rate_and_independence(kernel):
-    keep = _kept(1234, torch.float32)
+    dev = _device(kernel)
+    keep = _kept(1234, torch.float32, dev)
     n = keep.numel()
     rate = 1 - keep.float().mean().item()
     assert abs(rate - P) < 5 * math.sqrt(P * (1 - P) / n), rate  # 5 sigma of a binomial
     assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0], keep[1])
-    assert not torch.equal(keep, _kept(1235, torch.float32))  # another seed, another mask
-    assert torch.equal(keep, _kept(1234, torch.float32))  # the same seed, the same mask
+    assert not torch.equal(keep, _kept(1235, torch.float32, dev))  # another seed, another mask
+    assert torch.equal(keep, _kept(1234, torch.float32, dev))  # the same seed, the same mask
 
 
 @pytest.mark.parametrize("causal", [None, "top_left"])
 def test_forward_and_backward_match_a_reference_with_the_same_mask(kernel, causal):
     dtype = torch.float64 if kernel == "chunked" else torch.float32
-    keep = _kept(77, dtype)
+    dev = _device(kernel)
+    keep = _kept(77, dtype, dev).to(dev)
     g = torch.Generator().manual_seed(1)
-    q = torch.randn(B, H, N, D, generator=g, dtype=dtype).requires_grad_()
-    k, v = (torch.randn(B, Hk, N, D, generator=g, dtype=dtype).requires_grad_() for _ in range(2))
-    dout = torch.randn(B, H, N, D, generator=g, dtype=dtype)
+    q = torch.randn(B, H, N, D, generator=g, dtype=dtype).to(dev).requires_grad_()
+    k, v = (torch.randn(B, Hk, N, D, generator=g, dtype=dtype).to(dev).requires_grad_() for _ in range(2))
+    dout = torch.randn(B, H, N, D, generator=g, dtype=dtype).to(dev)
 
-    out = torch.ops.flashfx.attention(q, k, v, [], _program(causal), _seed(77))[0]
+    out = torch.ops.flashfx.attention(q, k, v, [], _program(causal), _seed(77).to(dev))[0]
     got = torch.autograd.grad(out, (q, k, v), dout)
     s = q @ k.repeat_interleave(H // Hk, 1).transpose(-2, -1) * 0.3
     if causal:
-        s = s.masked_fill(~torch.ones(N, N, dtype=torch.bool).tril(), float("-inf"))
+        s = s.masked_fill(~torch.ones(N, N, dtype=torch.bool, device=dev).tril(), float("-inf"))
     ref = (torch.softmax(s, -1) * keep / (1 - P)) @ v.repeat_interleave(H // Hk, 1)
     want = torch.autograd.grad(ref, (q, k, v), dout)
     tol = 1e-10 if dtype == torch.float64 else 2e-4

@@ -35,25 +35,26 @@ def test_gradcheck_chunked_float64():
 BIAS_SHAPES = {"rel_pos": (1, 4, 19, 23), "padding": (2, 1, 1, 23), "per_head": (4, 1, 1), "full": (2, 4, 19, 23)}
 
 
-@pytest.mark.parametrize("kernel", ["chunked", "triton"])
+@pytest.mark.parametrize("kernel", ["chunked", "triton", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("shape", BIAS_SHAPES, ids=str)
 def test_gradients_of_score_operands(shape, kernel, monkeypatch):
     """A learned bias (T5's relative positions) and a learned per-head scale get their
     gradients, summed over the dims they broadcast along, as eager autograd gives them."""
-    monkeypatch.setattr(config, "cpu_kernel", kernel)
+    monkeypatch.setattr(config, "cpu_kernel", "chunked" if kernel == "cuda" else kernel)
     dtype = torch.float64 if kernel == "chunked" else torch.float32
-    q, k, v, _ = _inputs(dtype)
+    dev = "cuda" if kernel == "cuda" else "cpu"
+    q, k, v = (t.detach().to(dev).requires_grad_() for t in _inputs(dtype)[:3])
     g = torch.Generator().manual_seed(3)
-    bias = torch.randn(BIAS_SHAPES[shape], generator=g, dtype=dtype).requires_grad_()
-    temp = (torch.rand(4, 1, 1, generator=g, dtype=dtype) + 0.5).requires_grad_()
+    bias = torch.randn(BIAS_SHAPES[shape], generator=g, dtype=dtype).to(dev).requires_grad_()
+    temp = (torch.rand(4, 1, 1, generator=g, dtype=dtype) + 0.5).to(dev).requires_grad_()
     program = ScoreProgram((ScoreOp("mul_x", 1), ScoreOp("bias", 0), ScoreOp("div_x", 1)), "bottom_right").encode()
-    dout = torch.randn(2, 4, 19, 16, generator=g, dtype=dtype)
+    dout = torch.randn(2, 4, 19, 16, generator=g, dtype=dtype).to(dev)
 
     out = torch.ops.flashfx.attention(q, k, v, [bias, temp], program)[0]
     got = torch.autograd.grad(out, (q, k, v, bias, temp), dout)
     kk, vv = (t.repeat_interleave(2, 1) for t in (k, v))
     s = ((q @ kk.transpose(-2, -1)) * temp + bias) / temp
-    s = s.masked_fill(~torch.ones(19, 23, dtype=torch.bool).tril(23 - 19), float("-inf"))
+    s = s.masked_fill(~torch.ones(19, 23, dtype=torch.bool, device=dev).tril(23 - 19), float("-inf"))
     want = torch.autograd.grad(torch.softmax(s, -1) @ vv, (q, k, v, bias, temp), dout)
     tol = 1e-9 if dtype == torch.float64 else 2e-4
     for name, a, b in zip(["q", "k", "v", "bias", "temp"], got, want):
@@ -87,19 +88,20 @@ def test_bad_input_is_a_clear_error(bad, match):
         torch.ops.flashfx.attention(*args)
 
 
-@pytest.mark.parametrize("kernel", ["chunked", "triton"])
+@pytest.mark.parametrize("kernel", ["chunked", "triton", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_rows_of_finfo_min_fills_match_eager(kernel, monkeypatch):
     """Left padding with an additive finfo.min mask (Hugging Face's eager style): rows whose
     every key is masked have all scores ≈ finfo.min. Eager softmax gives them uniform weights
     and autograd sends gradient through them; the fused op must do the same, in both passes."""
-    monkeypatch.setattr(config, "cpu_kernel", kernel)
+    monkeypatch.setattr(config, "cpu_kernel", "chunked" if kernel == "cuda" else kernel)
+    dev = "cuda" if kernel == "cuda" else "cpu"
     g = torch.Generator().manual_seed(1)
     B, H, N, D = 2, 2, 24, 16
-    q, k, v = (torch.randn(B, H, N, D, generator=g).requires_grad_() for _ in range(3))
+    q, k, v = (torch.randn(B, H, N, D, generator=g).to(dev).requires_grad_() for _ in range(3))
     visible = torch.ones(N, N, dtype=torch.bool).tril().expand(B, 1, N, N).clone()
     visible[1, :, :, :5] = False  # batch 1 is left-padded: its first 5 rows see no key at all
-    mask = torch.zeros(B, 1, N, N).masked_fill(~visible, torch.finfo(torch.float32).min)
-    dout = torch.randn(B, H, N, D, generator=g)
+    mask = torch.zeros(B, 1, N, N).masked_fill(~visible, torch.finfo(torch.float32).min).to(dev)
+    dout = torch.randn(B, H, N, D, generator=g).to(dev)
 
     eager = torch.softmax(q @ k.transpose(-2, -1) * 0.25 + mask, -1) @ v
     want = torch.autograd.grad(eager, (q, k, v), dout)
