@@ -6,6 +6,10 @@ Options:
 
 from __future__ import annotations
 
+import hashlib
+import os
+from functools import lru_cache
+
 from torch import fx
 
 from flashfx.passes import pipeline
@@ -32,9 +36,44 @@ def inner_compile(gm: fx.GraphModule, example_inputs, inner: str):
         from torch._dynamo.backends.registry import lookup_backend
 
         return lookup_backend("aot_eager")(gm, example_inputs)
+    import torch._inductor.config as inductor_config
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, example_inputs)
+    patches = {}
+    if inductor_config.post_grad_custom_post_pass is None:  # never replace a user's own pass
+        patches["post_grad_custom_post_pass"] = _runtime_version()
+    return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+def _runtime_files() -> list[str]:
+    root = os.path.dirname(os.path.abspath(__file__))
+    return [os.path.join(root, *rel) for rel in (("runtime", "ops.py"), ("runtime", "gpu.py"),
+                                                 ("runtime", "cpu.py"), ("codegen", "attention.py"))]
+
+
+@lru_cache(maxsize=None)
+def _runtime_version():
+    """A no-op inductor pass whose uuid is a hash of flashfx's op and kernel sources.
+
+    Inductor's on-disk graph cache keys a graph by its code, not by what a custom op it calls
+    does: after flashfx changes the op's schema or outputs, a cached graph would call it the
+    old way. Inductor folds a custom pass's uuid into the key, so this makes the cache follow
+    flashfx's runtime.
+    """
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    class RuntimeVersion(CustomGraphPass):
+        def __call__(self, graph):  # changes nothing
+            return None
+
+        def uuid(self):
+            digest = hashlib.sha256()
+            for path in _runtime_files():
+                with open(path, "rb") as f:
+                    digest.update(f.read())
+            return digest.hexdigest()
+
+    return RuntimeVersion()
 
 
 def flashfx_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, mode: str | None = None):

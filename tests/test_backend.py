@@ -314,3 +314,16 @@ def test_dropout_in_training_is_fused_and_its_gradient_is_exact(sdpa):
     assert torch.autograd.gradcheck(seeded, (q, k, v), eps=1e-6, atol=1e-5)
     # the masks change from call to call
     assert not torch.allclose(compiled(q, k, v), compiled(q, k, v))
+
+
+def test_inductor_cache_key_follows_the_runtime_sources(tmp_path, monkeypatch):
+    """Inductor caches compiled graphs on disk by their code; flashfx's no-op pass puts a hash
+    of its op and kernel sources into that key, so a changed op is never called the old way."""
+    from flashfx import backend
+
+    src = tmp_path / "ops.py"
+    src.write_text("v1")
+    monkeypatch.setattr(backend, "_runtime_files", lambda: [str(src)])
+    first = backend._runtime_version().uuid()
+    src.write_text("v2")
+    assert backend._runtime_version().uuid() != first
