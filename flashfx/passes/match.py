@@ -367,6 +367,24 @@ def _peel_scales(node):
     return node, steps
 
 
+def _peel_upcasts(q, k, vv):
+    """q and k under a cast to fp32 from v's lower precision (GPT-J, GPT-Neo keep QKᵀ in fp32).
+
+    Products of fp16/bf16 numbers are exact in fp32 and the kernels accumulate QKᵀ in fp32, so
+    reading the narrow q and k computes the same scores, and q, k, v share one dtype again."""
+    def source(x):
+        if isinstance(x, fx.Node) and is_float_cast(x) and isinstance(x.args[0], fx.Node):
+            xv, sv = _val(x), _val(x.args[0])
+            if isinstance(xv, torch.Tensor) and isinstance(sv, torch.Tensor) and xv.dtype == torch.float32:
+                return x.args[0], sv.dtype
+        return None, None
+
+    (qs, qd), (ks, kd) = source(q), source(k)
+    if qs is not None and ks is not None and qd == kd and isinstance(vv, torch.Tensor) and vv.dtype == qd != torch.float32:
+        return qs, ks
+    return q, k
+
+
 # ---- the walk ----------------------------------------------------------------------------------
 
 
@@ -488,6 +506,7 @@ def match_softmax(sm: fx.Node) -> AttentionSite | None:
         k_scales += more
     else:
         k, site.k_transposed = kt, True
+    q, k = _peel_upcasts(q, k, _val(site.v))
     # (name, const, operand, lead, dtype) in the order applied: scales, baddbmm, the chain
     pre = [(n, c, x, qk_lead, qk_val.dtype) for n, c, x in q_scales + k_scales] + post
 

@@ -247,3 +247,17 @@ def test_unfused_softmax_is_reported_with_a_reason(fn, extra, why):
     assert not site.fused and why in site.reason, site.reason
     out = torch.compile(fn, backend="flashfx", options={"inner": "eager"})(*args)
     torch.testing.assert_close(out, fn(*args))
+
+
+def upcast_qk(q, k, v):  # GPT-J / GPT-Neo: QKᵀ in fp32 from bf16 q and k, probabilities cast back
+    s = torch.matmul(q.to(torch.float32), k.to(torch.float32).transpose(-1, -2)) / 4.0
+    return torch.matmul(torch.softmax(s, dim=-1).to(v.dtype), v)
+
+
+def test_fp32_upcast_of_q_and_k_reads_the_narrow_tensors():
+    q, k, v = (x.bfloat16() for x in _qkv(seed=8))
+    site = _explain(upcast_qk, q, k, v)
+    assert site.fused and site.dtype == "bfloat16", site.reason
+    out = torch.compile(upcast_qk, backend="flashfx", options={"inner": "aot_eager"})(q, k, v)
+    ref = upcast_qk(q.double(), k.double(), v.double())
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
