@@ -1,0 +1,323 @@
+"""The cost model of the attention kernels: sympy expressions, then a predicted time.
+
+Symbols (all per (batch, query head) unless said otherwise):
+
+    Nq, Nk   query and key rows                                   [rows]
+    d        head dim, padded to a power of two (tl.dot's width)  [elements]
+    BM, BN   query rows and key rows of one tile                  [rows]
+    e        bytes per element of q, k, v                         [bytes]
+    rho      fraction of (query tile, key block) pairs visited: 1 dense, ~1/2 causal
+    G        query heads per K/V head (GQA)
+    S        pipeline stages (buffered copies of the streamed tiles)
+    T        threads of one program (32 · warps)
+    M        SRAM of one SM in elements of e bytes
+
+Each kernel holds one side in SRAM or registers and streams the other (codegen/attention.py):
+
+    fwd    holds a Q tile [BM, d], streams K, V blocks [BN, d]          grid Nq/BM · B·H
+    dkdv   holds K, V blocks [BN, d], streams Q, dO tiles [BM, d]       grid Nk/BN · B·Hk
+    dq     holds Q, dO tiles [BM, d], streams K, V blocks [BN, d]       grid Nq/BM · B·H
+
+Traffic. `tile_bytes` is what moves between memory (L2 or HBM) and SRAM: the held side
+once, the streamed side once per held tile. For the forward
+
+    tile_bytes = e·d·(2·Nq + 2·rho·Nk·⌈Nq/BM⌉) + 8·Nq                        [bytes]
+
+With BM = Θ(M/d) (a Q tile fills a fixed share of SRAM) this is FlashAttention's
+Θ(Nq·Nk·d²/M). Saha and Ye (2024) prove Ω(N²d²/M) for any algorithm when M ≥ d², so
+`lower_bound` = e·max(compulsory I/O, rho·Nq·Nk·d²/M) and the plan reports tile_bytes over
+it (≥ 1, since a Q tile never exceeds SRAM: BM·d ≤ M). `hbm_bytes` is what reaches DRAM: the
+compulsory reads and writes, plus the K/V re-reads that miss L2 (heads whose programs run
+together share K/V in L2; only when that working set exceeds L2 do re-reads reach DRAM).
+
+SRAM. Triton's shared memory for a pipelined loop, checked against what Triton 3.9 reports
+(`kernel.metadata.shared`, compiled for sm90 and sm80 without a GPU; tests/planner keep the
+measured points):
+
+    wgmma (sm90+): the held tiles live in SRAM (warp-group MMA reads its A operand there)
+        fwd   e·d·(BM + S·2·BN)                      exact at BM ≥ 64
+        dq    e·d·(2·BM + S·2·BN)                    exact at BM ≥ 64
+        dkdv  e·d·(2·BN + S·2·BM) + S·12·BM          upper bound (+ row stats, 3 fp32 a row)
+    mma.sync (sm8x): the pipeliner keeps S-1 copies of the streamed tiles; the held tiles
+    and a [BM, BN] tile pass through SRAM for layout conversion
+        fwd   e·d·(BM + max(S-1, 1)·2·BN) + e·BM·BN           upper bound, exact at 32x32
+        dq    e·d·(2·BM + max(S-1, 1)·2·BN) + e·BM·BN         upper bound, exact at 32x32
+        dkdv  e·d·(2·BN + max(S-1, 1)·2·BM) + e·BM·BN + S·12·BM   within 2% above
+
+Registers per thread: the fp32 accumulators and about two live fp32 copies of the [BM, BN]
+score tile (s and p; dp and ds in the backward), spread over T threads, plus a base for
+pointers, offsets and row statistics. On mma.sync the held operand tiles add e·rows·d/(4T).
+
+Time. See `predict`: per-iteration compute terms (tensor cores, exp2 on the special-function
+units, fp32 ALU work on the score tile), per-iteration and per-program overheads, SRAM
+occupancy, load latency against pipeline depth, waves of programs over the SMs, and the HBM
+roofline; the constants are calibrated in `Calibration`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import sympy as sp
+
+from flashfx.planner.hardware import GPU
+
+Nq, Nk, d, BM, BN, e, rho, G, S, T, M = sp.symbols("Nq Nk d BM BN e rho G S T M", positive=True)
+
+
+@dataclass(frozen=True)
+class KernelModel:
+    """The expressions of one kernel (see the module docstring for the symbols)."""
+
+    name: str
+    matmuls: int  # [rows, cols, d] products per (query tile, key block) pair
+    sram_wgmma: sp.Expr  # bytes of shared memory of one program, sm90+
+    sram_mma: sp.Expr  # bytes, sm8x
+    regs: sp.Expr  # 32-bit registers per thread (wgmma; mma.sync adds held operands)
+    regs_held: sp.Expr  # registers per thread the held operand tiles add on mma.sync
+    tile_bytes: sp.Expr  # memory -> SRAM traffic per (batch, query head)
+    compulsory: sp.Expr  # inputs read once and outputs written once per (batch, query head)
+    alu_per_score: int  # fp32 operations per score element besides the MMAs (calibrated)
+
+    @property
+    def flops(self) -> sp.Expr:
+        return 2 * self.matmuls * rho * Nq * Nk * d
+
+    @property
+    def lower_bound(self) -> sp.Expr:
+        """Saha-Ye: no algorithm moves fewer bytes (M >= d²; compulsory I/O otherwise)."""
+        return sp.Max(self.compulsory, e * rho * Nq * Nk * d**2 / M)
+
+
+_stats = 12  # bytes a query row of row statistics costs the backward: max, log-sum, delta (fp32)
+
+FWD = KernelModel(
+    "fwd", 2,
+    sram_wgmma=e * d * (BM + S * 2 * BN),
+    sram_mma=e * d * (BM + sp.Max(S - 1, 1) * 2 * BN) + e * BM * BN,
+    regs=(BM * d + 2 * BM * BN) / T + 56,
+    regs_held=e * BM * d / (4 * T),
+    tile_bytes=e * d * (2 * Nq + 2 * rho * Nk * sp.ceiling(Nq / BM)) + 8 * Nq,
+    compulsory=e * d * (2 * Nq + 2 * Nk / G) + 8 * Nq,
+    alu_per_score=6,
+)
+DKDV = KernelModel(
+    "dkdv", 4,
+    sram_wgmma=e * d * (2 * BN + S * 2 * BM) + S * _stats * BM,
+    sram_mma=e * d * (2 * BN + sp.Max(S - 1, 1) * 2 * BM) + e * BM * BN + S * _stats * BM,
+    regs=(2 * BN * d + 3 * BM * BN) / T + 80,
+    regs_held=2 * e * BN * d / (4 * T),
+    tile_bytes=4 * e * Nk * d / G + rho * Nq * sp.ceiling(Nk / BN) * (2 * e * d + _stats),
+    compulsory=e * d * (2 * Nq + 4 * Nk / G) + _stats * Nq,
+    alu_per_score=10,
+)
+DQ = KernelModel(
+    "dq", 3,
+    sram_wgmma=e * d * (2 * BM + S * 2 * BN),
+    sram_mma=e * d * (2 * BM + sp.Max(S - 1, 1) * 2 * BN) + e * BM * BN,
+    regs=(BM * d + 3 * BM * BN) / T + 56,
+    regs_held=2 * e * BM * d / (4 * T),
+    tile_bytes=e * d * (3 * Nq + 2 * rho * Nk * sp.ceiling(Nq / BM)) + _stats * Nq,
+    compulsory=e * d * (3 * Nq + 2 * Nk / G) + _stats * Nq,
+    alu_per_score=8,
+)
+KERNELS = {k.name: k for k in (FWD, DKDV, DQ)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Constants fitted to an exhaustive sweep on an H200 (bf16, Triton 3.6, N=4096, B·N=16384,
+    H·d=2048), which found: fwd d=64 best at 64x64, 4 warps, 3 stages (~421 TFLOP/s); fwd
+    d=128 at 128x64, 8 warps, 3 stages (~467 TFLOP/s); dK/dV at BM=64, BN=64 and dQ at BM=64,
+    BN=32, 4 warps, 2 stages.
+
+    mma_efficiency: fraction of the data-sheet matrix rate a Triton tl.dot loop sustains
+        (wgmma fed from SRAM). 0.75 puts fwd d=128 at ~470 TFLOP/s with the terms below.
+    overlap: how much co-resident programs hide one another's serial phases (MMA, then
+        exp2 and softmax ALU work, then MMA): a tile step costs L / P**overlap where P is the
+        number of programs on the SM. Ideal overlap would be 1; Triton programs synchronise on
+        shared SM resources, and 0.3 is what reproduces the measured rates: d=64 (3 programs
+        of 4 warps per SM) at ~420 TFLOP/s while its serial phases alone give ~330.
+    warpgroup_overlap: a second warp group inside one program counts as this fraction of an
+        independent program (its phases are barrier-coupled to the first).
+    step_cycles: fixed cost of one loop iteration of one program (loop control, barrier,
+        wgmma wait); load_issue: cycles per 16-byte async copy a thread issues. Together these
+        are the per-tile overhead that makes small tiles lose (64x32 vs 64x64 at d=64) and
+        makes 8 warps issue the loads of a 128-row tile faster than 4 (fwd d=128).
+    latency: cycles from issuing a tile's load to its use, under load, which S-1 iterations
+        of one program must cover; what is left is exposed. With ~2000 cycles fwd needs 3
+        stages at both head dims. latency_bwd: the same for the backward kernels, whose
+        steps issue 3-4 dependent MMAs and 3 row-statistic loads between tile loads, hiding
+        most of a load inside one step; fitted to the sweep, where 2 stages won for both
+        backward kernels (a third costs registers and SRAM and gains nothing measurable).
+    spill_cycles, regs_headroom: cycles per iteration per register predicted past
+        (limit - headroom): ptxas spills or serialises once a tile's live values come within
+        ~16 registers of the 255 limit (fwd 128x32 and 128x128 at d=128 compile to 244-254
+        registers and lose to 128x64 with 8 warps at 183). regs_tolerance: predictions past
+        1.1 x the limit are rejected outright (heavy spilling).
+    program_cycles: prologue and epilogue of one program (load the held tile, store results).
+    launch_s: launch and tail of one kernel.
+    l2_bytes_per_cycle: the L2 -> SM bandwidth share of one SM. Every program streams its own
+        copy of the K/V (or Q/dO) tiles from L2, so 64-row tiles at d=128 (32 KiB per 2 MFLOP)
+        cap near 460 TFLOP/s on an H200 while 128-row tiles halve that traffic: why fwd d=128
+        prefers 128x64 with 8 warps although it fits only one program per SM.
+    """
+
+    mma_efficiency: float = 0.75
+    overlap: float = 0.3
+    warpgroup_overlap: float = 0.25
+    step_cycles: float = 60.0
+    load_issue: float = 4.0
+    latency: float = 2500.0
+    latency_bwd: float = 600.0
+    spill_cycles: float = 30.0
+    regs_tolerance: float = 1.1
+    regs_headroom: int = 16
+    program_cycles: float = 1500.0
+    launch_s: float = 4e-6
+    l2_bytes_per_cycle: float = 28.0  # L2 -> SM bandwidth per SM (~6.8 TB/s on an H200)
+    smem_reserved: int = 1024  # bytes the driver reserves per program (sm80+)
+
+
+CALIBRATION = Calibration()
+
+
+# ---------------------------------------------------------------------------------------------
+# Numeric evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=None)
+def _fn(kernel: str, what: str):
+    k = KERNELS[kernel]
+    expr = getattr(k, what)
+    return sp.lambdify((Nq, Nk, d, BM, BN, e, rho, G, S, T, M), expr,
+                       modules=[{"ceiling": math.ceil, "Max": max}, "math"])
+
+
+def evaluate(kernel: str, what: str, **values) -> float:
+    """`what` of `kernel` ("sram_wgmma", "regs", "tile_bytes", ...) at numeric symbol values."""
+    args = [values.get(s.name, 1) for s in (Nq, Nk, d, BM, BN, e, rho, G, S, T, M)]
+    return float(_fn(kernel, what)(*args))
+
+
+def density(n_q: int, n_k: int, block_m: int, block_n: int, causal: bool) -> float:
+    """Fraction of (query tile, key block) pairs a kernel visits (causal: bottom-right aligned
+    when n_k > n_q, as in a KV cache; top-left otherwise, the same when n_q == n_k)."""
+    if not causal:
+        return 1.0
+    tiles, blocks = -(-n_q // block_m), -(-n_k // block_n)
+    diag = max(n_k - n_q, 0)
+    seen = sum(min(blocks, -(-min(n_k, (i + 1) * block_m + diag) // block_n)) for i in range(tiles))
+    return seen / (tiles * blocks)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    kernel: str
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    sram_bytes: int  # shared memory of one program
+    regs: int  # registers per thread (predicted)
+    programs_per_sm: int  # occupancy
+    time_s: float
+    flops: float
+    tile_bytes: float  # memory -> SRAM, whole call
+    hbm_bytes: float  # reaching DRAM, whole call
+    lower_bound_bytes: float  # Saha-Ye / compulsory, whole call
+    fits: bool  # within SRAM and register limits
+
+    @property
+    def bound_ratio(self) -> float:
+        return self.tile_bytes / self.lower_bound_bytes
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The call the plan is for: rows, head dim, dtype size, mask, GQA group, batch x heads."""
+
+    n_q: int
+    n_k: int
+    head_dim: int  # padded
+    elt: int
+    causal: bool = False
+    group: int = 1
+    batch_heads: int = 1  # B·H (query heads)
+
+
+def predict(kernel: str, shape: Shape, gpu: GPU, block_m: int, block_n: int, warps: int,
+            stages: int, cal: Calibration = CALIBRATION) -> Prediction:
+    """Predicted resources and time of `kernel` with these tiles on `gpu`."""
+    k = KERNELS[kernel]
+    a = gpu.arch
+    threads = 32 * warps
+    r = density(shape.n_q, shape.n_k, block_m, block_n, shape.causal)
+    vals = dict(Nq=shape.n_q, Nk=shape.n_k, d=shape.head_dim, BM=block_m, BN=block_n,
+                e=shape.elt, rho=r, G=shape.group, S=stages, T=threads,
+                M=gpu.smem_per_sm / shape.elt)
+    sram = int(evaluate(kernel, "sram_wgmma" if a.wgmma else "sram_mma", **vals))
+    regs = evaluate(kernel, "regs", **vals) + (0 if a.wgmma else evaluate(kernel, "regs_held", **vals))
+    regs = int(math.ceil(regs))
+    spilled = max(0, regs - (gpu.max_regs_per_thread - cal.regs_headroom))
+    fits = sram <= gpu.smem_per_block and regs <= cal.regs_tolerance * gpu.max_regs_per_thread
+
+    # ---- occupancy: programs per SM, from SRAM, registers (8-register, per-warp grain), threads
+    alloc = 8 * math.ceil(min(regs, gpu.max_regs_per_thread) / 8) * 32  # registers per warp
+    occ = min(gpu.smem_per_sm // (sram + cal.smem_reserved),
+              (gpu.regs_per_sm // alloc) // warps,
+              gpu.max_threads_per_sm // threads, gpu.max_blocks_per_sm)
+    occ = max(occ, 1) if sram <= gpu.smem_per_block else 0
+
+    # ---- one (query tile, key block) step of one program, in SM cycles at full rate
+    dt = "bf16" if shape.elt <= 2 else "tf32"
+    mma_rate = gpu.flops(dt) / (gpu.sm_count * gpu.clock_hz)  # FLOP per cycle per SM
+    scores = block_m * block_n
+    mma = 2 * k.matmuls * scores * shape.head_dim / (mma_rate * cal.mma_efficiency)
+    sfu = scores / a.sfu_per_clk
+    alu = (k.alu_per_score * scores + block_m * shape.head_dim) / a.fp32_per_clk
+    stream_rows = block_m if kernel == "dkdv" else block_n
+    loads = 2 * stream_rows * shape.head_dim * shape.elt / (16 * threads)  # 16-byte copies a thread
+    step = mma + sfu + alu + cal.step_cycles + cal.load_issue * loads + cal.spill_cycles * spilled
+    parallel = max(occ, 1) * (1 + cal.warpgroup_overlap * (max(warps // 4, 1) - 1))
+    l2 = 2 * stream_rows * shape.head_dim * shape.elt / cal.l2_bytes_per_cycle  # streamed tiles in
+    per_step = max(mma * cal.mma_efficiency / 0.95, l2, step / parallel**cal.overlap)  # SM cycles
+    wall_step = per_step * max(occ, 1)  # one program's step, sharing the SM with the others
+    latency = cal.latency if kernel == "fwd" else cal.latency_bwd
+    exposed = max(0.0, latency - (stages - 1) * wall_step)
+    per_step += exposed / max(occ, 1)
+
+    # ---- programs, waves and steps
+    bh = shape.batch_heads if kernel != "dkdv" else max(shape.batch_heads // shape.group, 1)
+    held_rows, other_rows = (block_n, block_m) if kernel == "dkdv" else (block_m, block_n)
+    n_held, n_other = (shape.n_k, shape.n_q) if kernel == "dkdv" else (shape.n_q, shape.n_k)
+    programs = -(-n_held // held_rows) * bh
+    steps = r * -(-n_other // other_rows) * (shape.group if kernel == "dkdv" else 1)
+    slots = gpu.sm_count * max(occ, 1)
+    waves = programs / slots if shape.causal else math.ceil(programs / slots)
+    cycles = waves * max(occ, 1) * (steps * per_step + cal.program_cycles)
+    compute_s = cycles / gpu.clock_hz
+
+    # ---- bytes: tiles, DRAM (K/V re-reads reach DRAM only when heads in flight overflow L2)
+    per_head = dict(vals, Nq=shape.n_q, Nk=shape.n_k)
+    tile = evaluate(kernel, "tile_bytes", **per_head) * shape.batch_heads
+    comp = evaluate(kernel, "compulsory", **per_head) * shape.batch_heads
+    lb = evaluate(kernel, "lower_bound", **per_head) * shape.batch_heads
+    kv_head = 2 * n_other * shape.head_dim * shape.elt
+    heads_in_flight = min(slots / max(-(-n_held // held_rows), 1) + 1, bh)
+    working = heads_in_flight * kv_head
+    miss = 0.0 if working <= gpu.l2_bytes / 2 else 1 - gpu.l2_bytes / 2 / working
+    hbm = comp + miss * max(tile - comp, 0.0)
+    memory_s = hbm / gpu.hbm_bytes_per_s
+    # heavy spills are ranked (a fallback may need them) but only SRAM overflow is impossible
+    time = max(compute_s, memory_s) + cal.launch_s if sram <= gpu.smem_per_block else math.inf
+    return Prediction(kernel, block_m, block_n, warps, stages, sram, regs, occ, time,
+                      evaluate(kernel, "flops", **per_head) * shape.batch_heads, tile, hbm, lb, fits)
