@@ -1,24 +1,30 @@
-"""Tile plans: block sizes, warps and pipeline depth for the generated kernels.
+"""Tile plans: block sizes, warps and pipeline depth for the generated kernels, chosen by
+the cost model in `cost.py`.
 
-A plan must fit the GPU's shared memory. The footprint of the forward kernel is the Q tile,
-held for the whole loop, plus `stages` buffered copies of a K tile and a V tile:
+For each kernel the planner enumerates block sizes (32, 64, 128 rows each side), warps (4, 8)
+and stages (1-4), drops every candidate whose predicted SRAM exceeds the GPU's per-block
+limit or whose registers would spill heavily, and keeps the one of least predicted time
+(ties: less SRAM). A plan that does not fit is never returned: when nothing fits (fp32 at
+d=256 on a 99 KiB GPU) the planner falls back to 16-row tiles and one stage, and raises if
+even those do not fit.
 
-    sram_fwd = elt · (BLOCK_M·D + stages · 2·BLOCK_N·D)            [bytes]
-
-and of the backward kernels, which hold one side (K, V or Q, dO) and stream the other:
-
-    sram_bwd = elt · (2·BLOCK_hold·D + stages · 2·BLOCK_stream·D)  [bytes]
-
-`plan` starts from the block shapes that suit each head dim on recent GPUs and shrinks
-stages, then the streamed block, until the footprint fits.
+    plan(head_dim, elem_size, gpu)                          the call shape is unknown: plans
+                                                            for N=4096 and 2**25 / (N·d) B·H
+    plan(head_dim, elem_size, gpu, n_q=..., n_k=..., causal=..., group=..., batch_heads=...)
+    candidates(kernel, head_dim, elem_size, gpu, k=5, ...)  the model's top-k, for autotuning
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from functools import lru_cache
 
+from flashfx.planner import cost
 from flashfx.planner.hardware import GPU
+
+DEFAULT_N = 4096
+DEFAULT_TOKENS_X_WIDTH = 2**25  # B·N·H·d of the benchmark shapes (16384 tokens x 2048 wide)
 
 
 @dataclass(frozen=True)
@@ -28,6 +34,16 @@ class KernelTiles:
     num_warps: int
     num_stages: int
     sram_bytes: int  # predicted shared memory of one program
+    regs: int = 0  # predicted registers per thread
+    time_s: float = 0.0  # predicted time of this kernel for the planned shape
+    hbm_bytes: float = 0.0  # predicted DRAM bytes (after L2 reuse) for the planned shape
+    tile_bytes: float = 0.0  # predicted memory -> SRAM bytes
+    lower_bound_bytes: float = 0.0  # Saha-Ye / compulsory I/O lower bound
+
+    @property
+    def bound_ratio(self) -> float:
+        """Bytes moved into SRAM over the I/O lower bound (>= 1; FlashAttention's is O(1))."""
+        return self.tile_bytes / self.lower_bound_bytes if self.lower_bound_bytes else 0.0
 
 
 @dataclass(frozen=True)
@@ -37,15 +53,33 @@ class TilePlan:
     bwd_dkdv: KernelTiles  # one program holds a K/V block, streams Q blocks
     bwd_dq: KernelTiles  # one program holds a Q block, streams K/V blocks
     sram_limit: int  # bytes of shared memory one program may use on this GPU
+    gpu: str = ""
+    shape: str = ""  # the call the times and bytes are predicted for
+
+    @property
+    def sram_used(self) -> int:
+        return max(t.sram_bytes for t in (self.fwd, self.bwd_dkdv, self.bwd_dq))
+
+    @property
+    def predicted_time_s(self) -> dict[str, float]:
+        return {"fwd": self.fwd.time_s, "bwd_dkdv": self.bwd_dkdv.time_s, "bwd_dq": self.bwd_dq.time_s}
 
     def summary(self) -> str:
-        f, a, b = self.fwd, self.bwd_dkdv, self.bwd_dq
-        return (
-            f"fwd {f.block_m}x{f.block_n} w{f.num_warps} s{f.num_stages} "
-            f"({f.sram_bytes // 1024} KiB), bwd dkdv {a.block_m}x{a.block_n} w{a.num_warps} "
-            f"s{a.num_stages}, dq {b.block_m}x{b.block_n} w{b.num_warps} s{b.num_stages}; "
-            f"SRAM limit {self.sram_limit // 1024} KiB"
-        )
+        def one(name, t):
+            text = (f"{name} {t.block_m}x{t.block_n} w{t.num_warps} s{t.num_stages} "
+                    f"SRAM {t.sram_bytes // 1024}/{self.sram_limit // 1024} KiB")
+            if t.time_s:
+                text += (f", {t.time_s * 1e6:.0f} us, HBM {_mib(t.hbm_bytes)},"
+                         f" tiles {t.bound_ratio:.1f}x lower bound")
+            return text
+
+        head = f"{self.gpu}, {self.shape}: " if self.gpu else ""
+        return head + "; ".join(one(n, t) for n, t in
+                                (("fwd", self.fwd), ("bwd dkdv", self.bwd_dkdv), ("dq", self.bwd_dq)))
+
+
+def _mib(b: float) -> str:
+    return f"{b / 2**20:.1f} MiB" if b < 2**30 else f"{b / 2**30:.2f} GiB"
 
 
 def _pow2_at_least(x: int, lo: int = 16) -> int:
@@ -55,59 +89,94 @@ def _pow2_at_least(x: int, lo: int = 16) -> int:
     return p
 
 
-def _fit(hold: int, stream: int, d_pad: int, elt: int, warps: int, stages: int, limit: int,
-         hold_tiles: int, stream_tiles: int) -> tuple[int, int, int, int, int]:
-    """Shrink pipeline stages, then the streamed block, until the tiles fit `limit` bytes.
+_BLOCKS = (32, 64, 128)
+_WARPS = (4, 8)
+_STAGES = (1, 2, 3, 4)
 
-    Returns (hold block, stream block, warps, stages, bytes).
+
+def _legal(kernel: str, gpu: GPU, bm: int, bn: int, warps: int) -> bool:
+    """Tile shapes the MMA instructions can use without idle warps.
+
+    wgmma (sm90+) gives each warp group of 4 warps 64 rows of the held tile; mma.sync gives
+    each warp 16 rows.
     """
-    while True:
-        sram = elt * d_pad * (hold_tiles * hold + stages * stream_tiles * stream)
-        if sram <= limit:
-            return hold, stream, warps, stages, sram
-        if stages > 1:
-            stages -= 1
-        elif stream > 16:
-            stream //= 2
-        elif hold > 16:
-            hold //= 2
-        else:
-            raise ValueError(
-                f"flashfx: no tile plan fits {limit} bytes of shared memory at head dim {d_pad}"
-            )
+    held = bn if kernel == "dkdv" else bm
+    return held >= (16 * warps if gpu.arch.wgmma else 4 * warps)
+
+
+def _ranked(kernel: str, shape: cost.Shape, gpu: GPU) -> list[cost.Prediction]:
+    preds = [cost.predict(kernel, shape, gpu, bm, bn, w, s)
+             for bm, bn, w, s in itertools.product(_BLOCKS, _BLOCKS, _WARPS, _STAGES)
+             if _legal(kernel, gpu, bm, bn, w)]
+    fitting = [p for p in preds if p.fits]
+    if not fitting:  # every candidate spills: rank those that fit SRAM, 16-row tiles too
+        preds += [cost.predict(kernel, shape, gpu, bm, bn, 4, s)
+                  for bm, bn, s in itertools.product((16, 32), (16, 32), (1, 2))]
+        fitting = [p for p in preds if p.sram_bytes <= gpu.smem_per_block]
+    preds = fitting
+    preds.sort(key=lambda p: (p.time_s, p.sram_bytes, p.num_warps))
+    return preds
+
+
+def _tiles(p: cost.Prediction) -> KernelTiles:
+    return KernelTiles(p.block_m, p.block_n, p.num_warps, p.num_stages, p.sram_bytes, p.regs,
+                       p.time_s if p.time_s != float("inf") else 0.0, p.hbm_bytes, p.tile_bytes,
+                       p.lower_bound_bytes)
+
+
+def _shape(head_dim, elem_size, n_q, n_k, causal, group, batch_heads) -> cost.Shape:
+    d_pad = _pow2_at_least(head_dim)
+    n_q = n_q or n_k or DEFAULT_N
+    n_k = n_k or n_q
+    if batch_heads is None:
+        batch_heads = max(group, DEFAULT_TOKENS_X_WIDTH // (n_q * d_pad))
+    return cost.Shape(n_q, n_k, d_pad, elem_size, bool(causal), group, batch_heads)
+
+
+def candidates(kernel: str, head_dim: int, elem_size: int, gpu: GPU, k: int = 5, *,
+               n_q: int | None = None, n_k: int | None = None, causal: bool = False,
+               group: int = 1, batch_heads: int | None = None) -> list[KernelTiles]:
+    """The model's k best tiles for `kernel` ("fwd", "dkdv" or "dq"), best first: all fit."""
+    _check(head_dim)
+    shape = _shape(head_dim, elem_size, n_q, n_k, causal, group, batch_heads)
+    return [_tiles(p) for p in _ranked(kernel, shape, gpu)[:k]]
+
+
+def _check(head_dim: int) -> None:
+    if not 1 <= head_dim <= 256:
+        raise ValueError(f"flashfx: head dim must be in 1..256, got {head_dim}")
 
 
 @lru_cache(maxsize=None)
-def plan(head_dim: int, elt_bytes: int, gpu: GPU, *, interpret: bool = False) -> TilePlan:
+def plan(head_dim: int, elt_bytes: int, gpu: GPU, interpret: bool = False, *,
+         n_q: int | None = None, n_k: int | None = None, causal: bool = False, group: int = 1,
+         batch_heads: int | None = None) -> TilePlan:
     """Choose tiles for one attention site's kernels on `gpu`.
 
     head_dim:  D of q/k/v (any size 1..256)
     elt_bytes: bytes per element of q/k/v (2 for fp16/bf16, 4 for fp32)
     interpret: the Triton interpreter (CPU): small tiles keep it fast; SRAM does not matter
+    n_q, n_k, causal, group (query heads per K/V head), batch_heads (B·H): the call, when
+               known; the choice depends on it only through waves, L2 reuse and causal blocks
     """
-    if not 1 <= head_dim <= 256:
-        raise ValueError(f"flashfx: head dim must be in 1..256, got {head_dim}")
+    _check(head_dim)
     d_pad = _pow2_at_least(head_dim)
     limit = gpu.smem_per_block
 
     if interpret:
         t = KernelTiles(16, 16, 4, 1, elt_bytes * d_pad * 48)
-        return TilePlan(d_pad, t, t, t, limit)
+        return TilePlan(d_pad, t, t, t, limit, gpu.name, "interpreter")
 
-    # Starting shapes measured on an H100-class GPU (bf16, N=4096, a sweep of block shapes,
-    # warps and stages): D<=64 fwd 64x64 w4; D=128 fwd 128x64 w8; bwd 64x64 (dK/dV) and
-    # 64x32 (dQ) with 4 warps, 2 stages. fp32 and D>128 start at half the rows.
-    big = elt_bytes >= 4 or d_pad > 128
-    if big:
-        fwd = KernelTiles(*_fit(64, 32, d_pad, elt_bytes, 4, 3, limit, 1, 2))
-    elif d_pad <= 64:
-        fwd = KernelTiles(*_fit(64, 64, d_pad, elt_bytes, 4, 3, limit, 1, 2))
-    else:
-        fwd = KernelTiles(*_fit(128, 64, d_pad, elt_bytes, 8, 3, limit, 1, 2))
-    # backward: the held side keeps 2 tiles (K, V / Q, dO); the streamed side 2 a stage
-    kv_rows, q_rows = (32, 32) if big else (64, 64)
-    kv_rows, q_rows, w, st, sram = _fit(kv_rows, q_rows, d_pad, elt_bytes, 4, 2, limit, 2, 2)
-    dkdv = KernelTiles(q_rows, kv_rows, w, st, sram)  # K/V held, Q streamed
-    q_hold, kv_stream = (32, 16) if big else (64, 32)
-    dq = KernelTiles(*_fit(q_hold, kv_stream, d_pad, elt_bytes, 4, 2, limit, 2, 2))  # Q held
-    return TilePlan(d_pad, fwd, dkdv, dq, limit)
+    shape = _shape(head_dim, elt_bytes, n_q, n_k, causal, group, batch_heads)
+    chosen = {}
+    for kernel in ("fwd", "dkdv", "dq"):
+        ranked = _ranked(kernel, shape, gpu)
+        if not ranked:
+            raise ValueError(
+                f"flashfx: no tile plan fits {limit} bytes of shared memory at head dim {d_pad}"
+            )
+        chosen[kernel] = _tiles(ranked[0])
+    desc = (f"N={shape.n_q}" + (f"x{shape.n_k}" if shape.n_k != shape.n_q else "")
+            + f" d={d_pad} B·H={shape.batch_heads}" + (" causal" if shape.causal else "")
+            + (f" GQA {shape.group}" if shape.group > 1 else ""))
+    return TilePlan(d_pad, chosen["fwd"], chosen["dkdv"], chosen["dq"], limit, gpu.name, desc)
