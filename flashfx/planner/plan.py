@@ -4,9 +4,9 @@ the cost model in `cost.py`.
 For each kernel the planner enumerates block sizes (32, 64, 128 rows each side), warps (4, 8)
 and stages (1-4), drops every candidate whose predicted SRAM exceeds the GPU's per-block
 limit or whose registers would spill heavily, and keeps the one of least predicted time
-(ties: less SRAM). A plan that does not fit is never returned: when nothing fits (fp32 at
-d=256 on a 99 KiB GPU) the planner falls back to 16-row tiles and one stage, and raises if
-even those do not fit.
+(ties: less SRAM). A plan that does not fit SRAM is never returned: when every candidate
+would spill, the spilling ones are ranked (the model charges for spills); when none fits
+SRAM, 16-row tiles with one or two stages; the planner raises if even those do not fit.
 
     plan(head_dim, elem_size, gpu)                          the call shape is unknown: plans
                                                             for N=4096 and 2**25 / (N·d) B·H
@@ -105,17 +105,24 @@ def _legal(kernel: str, gpu: GPU, bm: int, bn: int, warps: int) -> bool:
 
 
 def _ranked(kernel: str, shape: cost.Shape, gpu: GPU) -> list[cost.Prediction]:
-    preds = [cost.predict(kernel, shape, gpu, bm, bn, w, s)
-             for bm, bn, w, s in itertools.product(_BLOCKS, _BLOCKS, _WARPS, _STAGES)
-             if _legal(kernel, gpu, bm, bn, w)]
-    fitting = [p for p in preds if p.fits]
-    if not fitting:  # every candidate spills: rank those that fit SRAM, 16-row tiles too
-        preds += [cost.predict(kernel, shape, gpu, bm, bn, 4, s)
-                  for bm, bn, s in itertools.product((16, 32), (16, 32), (1, 2))]
-        fitting = [p for p in preds if p.sram_bytes <= gpu.smem_per_block]
-    preds = fitting
-    preds.sort(key=lambda p: (p.time_s, p.sram_bytes, p.num_warps))
-    return preds
+    """Candidates best first, from the first non-empty tier: legal shapes that fit SRAM and
+    registers; any shape that fits both (held tiles smaller than the MMA wants: d=256 needs
+    32-row dK/dV accumulators); legal shapes that fit SRAM but spill (the model charges for
+    spills); 16-row tiles with one or two stages."""
+    grid = list(itertools.product(_BLOCKS, _BLOCKS, _WARPS, _STAGES))
+    preds = [(cost.predict(kernel, shape, gpu, bm, bn, w, s), _legal(kernel, gpu, bm, bn, w))
+             for bm, bn, w, s in grid]
+    small = [(cost.predict(kernel, shape, gpu, bm, bn, 4, s), False)
+             for bm, bn, s in itertools.product((16, 32), (16, 32), (1, 2))]
+    tiers = (
+        [p for p, legal in preds if legal and p.fits],
+        [p for p, legal in preds if p.fits],
+        [p for p, legal in preds if legal and p.sram_bytes <= gpu.smem_per_block],
+        [p for p, legal in small if p.sram_bytes <= gpu.smem_per_block],
+    )
+    ranked = next((t for t in tiers if t), [])
+    ranked.sort(key=lambda p: (p.time_s, p.sram_bytes, p.num_warps))
+    return ranked
 
 
 def _tiles(p: cost.Prediction) -> KernelTiles:
