@@ -199,9 +199,10 @@ def test_unfused_sites_say_why_and_run_as_written(fn, why):
     out = torch.compile(fn, backend="flashfx", options={"inner": "eager"})(q, k, v)
     torch.manual_seed(0)
     ref = fn(q, k, v)
-    if fn is not dropout_twice:  # unfused dropout draws eager's masks: compare shapes only
+    if fn is dropout_twice:  # unfused dropout draws its own masks: compare shapes only
+        assert out.shape == ref.shape and torch.isfinite(out).all()
+    else:
         torch.testing.assert_close(out, ref)
-    assert out.shape == ref.shape
 
 
 def test_graph_without_attention_is_unchanged():
