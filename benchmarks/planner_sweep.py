@@ -65,6 +65,7 @@ TOKENS = 16384  # B·N of every shape
 TINY_TOKENS = 32
 COMPILE_N = 128  # rows of the workers' tensors: a multiple of 16, as every real N is
 MIN_CUT_REPS = 5
+MAX_ERROR = 2e-2  # normwise, against fp32: bf16 kernels land near 4e-3; a broken tile far above
 # seconds to compile one config on one core (sm90, bf16, causal GQA; Triton 3.9 on a server CPU):
 # what --dry-run's estimate uses
 EST_COMPILE_S = {64: {"fwd": 1.3, "delta": 0.5, "dkdv": 2.6, "dq": 1.9},
@@ -138,12 +139,18 @@ def select(shapes: list[Shape], shape_filter: str | None, family_filter: str | N
 
 
 def grid(kernel: str, size: str) -> list[Config]:
+    """The configs searched: tile shapes the kernels compute correctly with (the planner's
+    `_sound`: 8 warps need 128-row dots); every timed config's output is checked as well."""
+    from flashfx.planner.plan import _sound
+
     if size == "tiny":  # two configs, for the interpreter
         return [(16, 16, 4, 1), (32, 16, 4, 2)]
     if size == "small":
-        return list(itertools.product((64, 128), (64, 128), (4, 8), (2, 3)))
-    stages = (2, 3, 4) if kernel == "fwd" else (1, 2, 3)
-    return list(itertools.product((32, 64, 128), (32, 64, 128), (4, 8), stages))
+        configs = itertools.product((64, 128), (64, 128), (4, 8), (2, 3))
+    else:
+        stages = (2, 3, 4) if kernel == "fwd" else (1, 2, 3)
+        configs = itertools.product((32, 64, 128), (32, 64, 128), (4, 8), stages)
+    return [c for c in configs if _sound(kernel, *c[:3])]
 
 
 def cfg_text(c: Config | None) -> str:
@@ -274,6 +281,7 @@ class Case:
         from flashfx.runtime import gpu
 
         self.shape, self.base, self.gpu = shape, base_plan, gpu
+        self._ref = None
         self.program = program_for(shape)
         self.module = codegen.load(self.program.encode())
         B, H, Hk, N, D = shape.B, shape.H, shape.Hk, shape.N, shape.D
@@ -289,6 +297,22 @@ class Case:
         else:
             self.out = torch.empty_like(self.q)
             self.stats = torch.empty((2, B, H, N), device=device, dtype=torch.float32)
+
+    def error(self, kernel: str, launch: Launch) -> float:
+        """Normwise relative error of what `launch` wrote against an fp32 reference (SDPA on
+        fp32 copies, autograd for the gradients): a config that computes wrong loses."""
+        import torch
+
+        if self._ref is None:
+            q, k, v = (t.float().requires_grad_() for t in (self.q, self.k, self.v))
+            g = self.shape.group
+            kk, vv = (t.repeat_interleave(g, 1) for t in (k, v)) if g > 1 else (k, v)
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q, kk, vv, is_causal=self.shape.causal, scale=self.shape.D ** -0.5)
+            dq, dk, dv = torch.autograd.grad(out, (q, k, v), self.dout.float())
+            self._ref = {"fwd": [out.detach()], "dkdv": [dk, dv], "dq": [dq]}
+        got = {"fwd": [launch.args[3]], "dkdv": [launch.args[6], launch.args[7]], "dq": [launch.args[6]]}[kernel]
+        return max(float((a.float() - b).norm() / b.norm().clamp_min(1e-30)) for a, b in zip(got, self._ref[kernel]))
 
     def launch(self, kernel: str, cfg: Config) -> tuple[Launch, list[Launch]]:
         """(the launch of `kernel` with tiles `cfg`, launches to run once before timing it)."""
@@ -452,8 +476,11 @@ def time_unit(case: Case, kernel: str, configs: list[Config], compiled: dict, ti
             if time.perf_counter() - t0 > 0.5:
                 row["compiled_here"] = True
             t, n, cut = timer(launch, best)
-            row.update(status="ok", us=to_us(t), reps=n, cut=cut)
-            best = t if best is None else min(best, t)
+            err = case.error(kernel, launch)
+            row.update(status="ok" if err <= MAX_ERROR else "wrong", us=to_us(t), reps=n, cut=cut,
+                       err=float(f"{err:.2e}"))
+            if row["status"] == "ok":
+                best = t if best is None else min(best, t)
         except Exception as e:  # noqa: BLE001 - a config that fails to run is counted, not fatal
             row.update(status=_failure(e), error=_first_line(e))
         rows.append(row)
@@ -476,6 +503,8 @@ def kernel_result(unit: dict, tp, kernel: str) -> dict:
     """Planner and best of one kernel at one shape."""
     ok = [r for r in unit["configs"] if r.get("status") == "ok"]
     mine = next((r for r in unit["configs"] if r["cfg"] == unit["planner"]), {})
+    if mine.get("status") != "ok":  # the planner's choice failed or computed wrong: no ratio
+        mine = {}
     best = min(ok, key=lambda r: r["us"]) if ok else {}
     t = {"fwd": tp.fwd, "dkdv": tp.bwd_dkdv, "dq": tp.bwd_dq}[kernel]
     return {
@@ -485,6 +514,7 @@ def kernel_result(unit: dict, tp, kernel: str) -> dict:
         "best": best.get("cfg"), "best_us": best.get("us"),
         "timed": len(ok), "cut": sum(1 for r in ok if r.get("cut")),
         "failed": sum(1 for r in unit["configs"] if r.get("status") not in ("ok", None)),
+        "wrong": sum(1 for r in unit["configs"] if r.get("status") == "wrong"),
         "compiled_here": sum(1 for r in unit["configs"] if r.get("compiled_here")),
     }
 

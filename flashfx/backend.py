@@ -1,7 +1,10 @@
 """The torch.compile backend: `torch.compile(model, backend="flashfx", options={...})`.
 
 Options:
-  inner: the compiler for the rest of the graph, "inductor" (default), "aot_eager", "eager"
+  inner:    the compiler for the rest of the graph, "inductor" (default), "aot_eager", "eager"
+  autotune: False (default): the planner's tiles. True: on the first call of each site at a
+            new GPU and shape bucket, time the planner's top candidates and keep the fastest
+            in an on-disk cache (FLASHFX_CACHE_DIR, else ~/.cache/flashfx/autotune.json).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from torch import fx
 from flashfx.passes import pipeline
 
 INNER = ("inductor", "aot_eager", "eager")
-_OPTIONS = {"inner": "inductor"}
+_OPTIONS = {"inner": "inductor", "autotune": False}
 
 
 def parse_options(options: dict | None) -> dict:
@@ -26,6 +29,8 @@ def parse_options(options: dict | None) -> dict:
         opts[key] = value
     if opts["inner"] not in INNER:
         raise ValueError(f"flashfx: option inner={opts['inner']!r}; expected one of {INNER}")
+    if not isinstance(opts["autotune"], bool):
+        raise ValueError(f"flashfx: option autotune={opts['autotune']!r}; expected True or False")
     return opts
 
 
@@ -83,7 +88,25 @@ def flashfx_backend(gm: fx.GraphModule, example_inputs, options: dict | None = N
     """
     opts = parse_options(options)
     pipeline.run(gm, example_inputs)
+    if opts["autotune"]:
+        _autotune_sites(gm)
     return inner_compile(gm, example_inputs, opts["inner"])
+
+
+def _autotune_sites(gm: fx.GraphModule) -> None:
+    """Mark every fused site's program for tuning (its kernels stay the same)."""
+    import dataclasses
+
+    import torch
+
+    from flashfx.ir import ScoreProgram
+
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.flashfx.attention.default:
+            args = list(node.args)
+            args[4] = dataclasses.replace(ScoreProgram.decode(args[4]), autotune=True).encode()
+            node.args = tuple(args)
+    gm.recompile()
 
 
 def register_if_not_installed() -> None:

@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from flashfx.ir import ScoreProgram
 from flashfx.passes import pipeline
-from flashfx.runtime import gpu, ops
+from flashfx.runtime import ops
+from flashfx.runtime import tiles as tiling
 
 
 @dataclass
@@ -70,6 +72,13 @@ def _short(path_line: str) -> str:
     return f"{path}:{line}" if path else path_line
 
 
+def _hint(x) -> int:
+    """A dimension as an int: a symbolic one by the value it was traced with."""
+    if isinstance(x, torch.SymInt):
+        return x.node.hint if x.node.has_hint() else 1024
+    return int(x)
+
+
 def _plan_text(site) -> str | None:
     if not site.fused:
         return None
@@ -77,7 +86,9 @@ def _plan_text(site) -> str | None:
     q = torch.empty((1,) * (len(site.q_shape) - 1) + (int(site.q_shape[-1]),), dtype=site.dtype, device=dev)
     if ops.uses_triton(q):
         where = "" if dev.type == "cuda" else " (Triton interpreter)"
-        return f"Triton kernels{where}, " + gpu.tile_plan(q).summary()
+        shapes = [tuple(_hint(x) for x in s) for s in (site.q_shape, site.k_shape)]
+        program = site.program or ScoreProgram()
+        return f"Triton kernels{where}, " + tiling.for_shape(*shapes, site.dtype, dev, program).summary()
     return "CPU chunked path (Rabe-Staats: query and key chunks, running max and sum)"
 
 

@@ -46,11 +46,15 @@ class ScoreProgram:
     dropout: probability of zeroing each attention probability (training); kept ones are
             scaled by 1 / (1 - dropout). The kernels draw the mask from a counter-based RNG
             seeded per call, so the backward regenerates it instead of storing it.
+    autotune: measure the planner's top tile candidates on first use (per GPU and shape
+            bucket, cached on disk) instead of taking its first choice. Not part of the math:
+            the kernels' source does not depend on it.
     """
 
     ops: tuple[ScoreOp, ...] = ()
     causal: str | None = None
     dropout: float = 0.0
+    autotune: bool = False
 
     def __post_init__(self):
         if self.causal is not None and self.causal not in CAUSAL_ALIGNMENTS:
@@ -69,6 +73,8 @@ class ScoreProgram:
         raw = {"ops": ops, "causal": self.causal}
         if self.dropout:
             raw["dropout"] = self.dropout
+        if self.autotune:
+            raw["autotune"] = True
         return json.dumps(raw, separators=(",", ":"))
 
     @staticmethod
@@ -77,7 +83,8 @@ class ScoreProgram:
         try:
             raw = json.loads(text)
             ops = tuple(ScoreOp(name, operand, const) for name, operand, const in raw["ops"])
-            return ScoreProgram(ops=ops, causal=raw["causal"], dropout=float(raw.get("dropout", 0.0)))
+            return ScoreProgram(ops=ops, causal=raw["causal"], dropout=float(raw.get("dropout", 0.0)),
+                                autotune=bool(raw.get("autotune", False)))
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"flashfx: malformed score program {text!r}: {e}") from None
 

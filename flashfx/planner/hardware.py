@@ -174,8 +174,8 @@ def overridden(gpu: GPU | str, **changes):
         override(previous)
 
 
-def current(device=None) -> GPU:
-    """The GPU the planner plans for: the override if any, else CUDA device `device`."""
+def chosen_by_user() -> GPU | None:
+    """The override, else the table entry FLASHFX_GPU names, else None (plan for the device)."""
     if _override is not None:
         return _override
     env = os.environ.get("FLASHFX_GPU")
@@ -183,6 +183,14 @@ def current(device=None) -> GPU:
         if env not in KNOWN:
             raise KeyError(f"flashfx: FLASHFX_GPU={env!r} is not one of {', '.join(sorted(KNOWN))}")
         return KNOWN[env]
+    return None
+
+
+def current(device=None) -> GPU:
+    """The GPU the planner plans for: the override if any, else CUDA device `device`."""
+    chosen = chosen_by_user()
+    if chosen is not None:
+        return chosen
     import torch
 
     if device is None:

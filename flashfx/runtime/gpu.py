@@ -2,33 +2,29 @@
 
 from __future__ import annotations
 
-import os
-from functools import lru_cache
+import dataclasses
 
 import torch
 
 from flashfx.codegen import attention as codegen
 from flashfx.ir import ScoreProgram
-from flashfx.planner import hardware
-from flashfx.planner.plan import TilePlan, plan
+from flashfx.planner.plan import TilePlan
+from flashfx.runtime import tiles as tiling
+from flashfx.runtime.tiles import interpreting  # noqa: F401 - re-exported
 
 _CAUSAL_CODE = {None: 0, "top_left": 1, "bottom_right": 2}
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+def tile_plan(q: torch.Tensor, k: torch.Tensor | None = None, program: ScoreProgram | None = None) -> TilePlan:
+    """The planner's plan for a call with these q and k (k defaults to q's shape)."""
+    return tiling.for_call(q, q if k is None else k, program or ScoreProgram())
 
 
-@lru_cache(maxsize=None)
-def _gpu(device_index: int) -> hardware.GPU:
-    return hardware.current(device_index)
-
-
-def tile_plan(q: torch.Tensor) -> TilePlan:
-    if q.device.type == "cuda" and not interpreting():
-        gpu = _gpu(q.device.index if q.device.index is not None else torch.cuda.current_device())
-        return plan(q.shape[-1], q.element_size(), gpu)
-    return plan(q.shape[-1], q.element_size(), hardware.INTERPRETER, interpret=True)
+def _kernels(program: ScoreProgram, grad_operands: tuple = ()):
+    # tuning does not change the kernels' source: one module for tuned and untuned programs
+    if program.autotune:
+        program = dataclasses.replace(program, autotune=False)
+    return codegen.load(program.encode(), grad_operands)
 
 
 def _precision(q: torch.Tensor) -> str:
@@ -57,8 +53,15 @@ def forward(q, k, v, operands, program: ScoreProgram, tiles: TilePlan | None = N
     """(out [B, H, Nq, D], stats [2, B, H, Nq] fp32: row max, log-sum) via the forward kernel."""
     B, H, Nq, D = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
-    kernels = codegen.load(program.encode())
-    p = tiles or tile_plan(q)
+    kernels = _kernels(program)
+    if tiles is None:
+        tiles = tiling.for_call(q, k, program)
+        if program.autotune:
+            tiles = tiling.tuned(
+                tiles, {"fwd": tiling.tune_key("fwd", q, k, program)},
+                lambda t: forward(q, k, v, operands, program, t, seed),
+                lambda kernel: tiling.candidate_tiles(kernel, q, k, program), q.device)
+    p = tiles
     out = torch.empty_like(q)
     # fp64 for fp64 inputs, as the op's fake implementation promises (the kernel computes fp32)
     stats_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -92,10 +95,18 @@ def backward(dout, q, k, v, out, stats, operands, program: ScoreProgram, tiles: 
     B, H, Nq, D = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
     wanted = tuple(sorted(operand_grads or {}))
-    kernels = codegen.load(program.encode(), wanted)
+    kernels = _kernels(program, wanted)
+    if tiles is None:
+        tiles = tiling.for_call(q, k, program)
+        if program.autotune:
+            extra = "+grad" + ",".join(map(str, wanted)) if wanted else ""
+            tiles = tiling.tuned(
+                tiles, {kern: tiling.tune_key(kern, q, k, program, extra) for kern in ("dkdv", "dq")},
+                lambda t: backward(dout, q, k, v, out, stats, operands, program, t, operand_grads, seed),
+                lambda kernel: tiling.candidate_tiles(kernel, q, k, program), q.device)
     d_bufs = [torch.zeros((B, H, Nq, Nk), device=q.device, dtype=torch.float32) for _ in wanted]
     dx_args = [a for buf in d_bufs for a in (buf, *buf.stride())]
-    p = tiles or tile_plan(q)
+    p = tiles
     delta = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
     dq = torch.empty_like(q)
     dk, dv = torch.empty_like(k), torch.empty_like(v)  # the strides the fake impl promises

@@ -1,0 +1,194 @@
+"""The tiles one call's kernels run with: the planner's plan for the call's shape, or, with
+`options={"autotune": True}`, the fastest of the planner's top candidates, measured once per
+GPU and shape bucket and kept on disk.
+
+Shape buckets: sequence lengths and batch x heads rounded up to powers of two, so that a
+model whose sequence length changes plans (and tunes) once per octave, not per length.
+
+    for_call(q, k, program)                 the plan for this call (the forward's and backward's)
+    tuned(base, key, kernels, run, cands)   `base` with each kernel in `kernels` replaced by the
+                                            fastest candidate, from the cache or measured now
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import statistics
+import tempfile
+import threading
+import time
+from functools import lru_cache
+from typing import Callable
+
+import torch
+
+from flashfx.ir import ScoreProgram
+from flashfx.planner import hardware
+from flashfx.planner.plan import KernelTiles, TilePlan, candidates, plan
+
+FIELD = {"fwd": "fwd", "dkdv": "bwd_dkdv", "dq": "bwd_dq"}
+TOP_K = 4  # candidates measured per kernel
+WARMUP, REPS = 2, 7
+# the Triton interpreter has no SRAM to plan for: tuning there picks among small tiles
+INTERPRETER_CANDIDATES = (KernelTiles(16, 16, 4, 1, 0), KernelTiles(32, 16, 4, 1, 0))
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def bucket(n: int, lo: int = 16) -> int:
+    """n rounded up to a power of two (at least `lo`)."""
+    p = lo
+    while p < n:
+        p *= 2
+    return p
+
+
+def gpu_of(device: torch.device) -> hardware.GPU:
+    """What to plan for on `device`: the user's override, else the device's properties."""
+    chosen = hardware.chosen_by_user()
+    if chosen is not None:
+        return chosen
+    return _device_gpu(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@lru_cache(maxsize=None)
+def _device_gpu(index: int) -> hardware.GPU:  # properties do not change while a process runs
+    return hardware.current(index)
+
+
+def call_shape(q_shape, k_shape, program: ScoreProgram) -> dict:
+    """The planner's shape keywords for a call, bucketed."""
+    B, H, Nq, _ = (int(x) for x in q_shape)
+    Hk, Nk = int(k_shape[1]), int(k_shape[2])
+    return dict(n_q=bucket(Nq), n_k=bucket(Nk), causal=program.causal is not None,
+                group=max(1, H // Hk), batch_heads=bucket(B * H, lo=1))
+
+
+def for_shape(q_shape, k_shape, dtype: torch.dtype, device: torch.device, program: ScoreProgram) -> TilePlan:
+    """The planner's plan for a call of these shapes (no tuning)."""
+    elt = torch.empty((), dtype=dtype).element_size()
+    if device.type == "cuda" and not interpreting():
+        return plan(int(q_shape[-1]), elt, gpu_of(device), **call_shape(q_shape, k_shape, program))
+    return plan(int(q_shape[-1]), elt, hardware.INTERPRETER, interpret=True)
+
+
+def for_call(q: torch.Tensor, k: torch.Tensor, program: ScoreProgram) -> TilePlan:
+    return for_shape(q.shape, k.shape, q.dtype, q.device, program)
+
+
+def candidate_tiles(kernel: str, q: torch.Tensor, k: torch.Tensor, program: ScoreProgram) -> list[KernelTiles]:
+    if q.device.type != "cuda" or interpreting():
+        return list(INTERPRETER_CANDIDATES)
+    return candidates(kernel, q.shape[-1], q.element_size(), gpu_of(q.device), k=TOP_K,
+                      **call_shape(q.shape, k.shape, program))
+
+
+def tune_key(kernel: str, q: torch.Tensor, k: torch.Tensor, program: ScoreProgram, extra: str = "") -> str:
+    """What a tuned choice is valid for: GPU, kernel, score program, head dim, dtype, bucket."""
+    where = "interpreter" if q.device.type != "cuda" or interpreting() else gpu_of(q.device).name
+    shape = call_shape(q.shape, k.shape, program)
+    prog = hashlib.sha256(dataclasses.replace(program, autotune=False).encode().encode()).hexdigest()[:12]
+    return (f"{where}|{kernel}{extra}|{prog}|d{q.shape[-1]}|{str(q.dtype).removeprefix('torch.')}|"
+            f"nq{shape['n_q']}|nk{shape['n_k']}|g{shape['group']}|bh{shape['batch_heads']}")
+
+
+# ---- the on-disk cache ------------------------------------------------------------------------
+
+_lock = threading.Lock()
+_memory: dict[str, list] | None = None
+
+
+def cache_path() -> str:
+    root = os.environ.get("FLASHFX_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "flashfx")
+    os.makedirs(root, exist_ok=True)
+    return os.path.join(root, "autotune.json")
+
+
+def _entries() -> dict[str, list]:
+    global _memory
+    if _memory is None:
+        try:
+            with open(cache_path()) as f:
+                _memory = json.load(f)
+        except (OSError, ValueError):
+            _memory = {}
+    return _memory
+
+
+def _store(key: str, tiles: KernelTiles) -> None:
+    with _lock:
+        entries = _entries()
+        entries[key] = [tiles.block_m, tiles.block_n, tiles.num_warps, tiles.num_stages]
+        try:  # merge with what other processes wrote meanwhile, then replace atomically
+            with open(cache_path()) as f:
+                entries = {**json.load(f), **entries}
+        except (OSError, ValueError):
+            pass
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(cache_path()), suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump(entries, f, indent=0, sort_keys=True)
+        os.replace(tmp, cache_path())
+
+
+def clear_memory() -> None:
+    """Forget what was read from disk (the next lookup reads the file again)."""
+    global _memory
+    _memory = None
+
+
+# ---- measuring --------------------------------------------------------------------------------
+
+
+def _seconds(run: Callable[[], None], device: torch.device) -> float:
+    for _ in range(WARMUP):
+        run()
+    times = []
+    for _ in range(REPS):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e-3)
+        else:
+            t = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def tuned(base: TilePlan, keys: dict[str, str], run: Callable[[TilePlan], None],
+          cands: Callable[[str], list[KernelTiles]], device: torch.device) -> TilePlan:
+    """`base` with each kernel of `keys` ({kernel: cache key}) replaced by its cached winner,
+    or by the fastest of `cands(kernel)`, timed by `run(plan)` with the other kernels' tiles
+    as they stand. Inside CUDA graph capture nothing is measured: the cache or `base`."""
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    plan_now = base
+    for kernel, key in keys.items():
+        hit = _entries().get(key)
+        if hit is not None:
+            bm, bn, w, s = hit
+            plan_now = dataclasses.replace(plan_now, **{FIELD[kernel]: KernelTiles(bm, bn, w, s, 0)})
+            continue
+        if capturing:
+            continue
+        best, best_t = None, float("inf")
+        for tiles in cands(kernel):
+            trial = dataclasses.replace(plan_now, **{FIELD[kernel]: tiles})
+            try:
+                t = _seconds(lambda: run(trial), device)
+            except Exception:  # noqa: BLE001 - a candidate that cannot run loses
+                continue
+            if t < best_t:
+                best, best_t = tiles, t
+        if best is not None:
+            _store(key, best)
+            plan_now = dataclasses.replace(plan_now, **{FIELD[kernel]: best})
+    return plan_now
