@@ -79,6 +79,11 @@ def _hint(x) -> int:
     return int(x)
 
 
+def _element_size(node) -> int:
+    val = node.meta.get("example_value", node.meta.get("val")) if hasattr(node, "meta") else None
+    return val.element_size() if isinstance(val, torch.Tensor) else 4
+
+
 def _plan_text(site) -> str | None:
     if not site.fused:
         return None
@@ -88,7 +93,9 @@ def _plan_text(site) -> str | None:
         where = "" if dev.type == "cuda" else " (Triton interpreter)"
         shapes = [tuple(_hint(x) for x in s) for s in (site.q_shape, site.k_shape)]
         program = site.program or ScoreProgram()
-        return f"Triton kernels{where}, " + tiling.for_shape(*shapes, site.dtype, dev, program).summary()
+        op_bytes = sum(_element_size(x.node) for x in site.operands)
+        plan = tiling.for_shape(*shapes, site.dtype, dev, program, op_bytes)
+        return f"Triton kernels{where}, " + plan.summary()
     return "CPU chunked path (Rabe-Staats: query and key chunks, running max and sum)"
 
 

@@ -11,6 +11,8 @@ Symbols (all per (batch, query head) unless said otherwise):
     S        pipeline stages (buffered copies of the streamed tiles)
     T        threads of one program (32 · warps)
     M        SRAM of one SM in elements of e bytes
+    X        bytes the score program loads per score: its operands' element sizes summed
+             (a bias in bf16 and a bool mask: X = 3); 0 for scale and causal programs
 
 Each kernel holds one side in SRAM or registers and streams the other (codegen/attention.py):
 
@@ -44,6 +46,11 @@ measured points):
         dq    e·d·(2·BM + max(S-1, 1)·2·BN) + e·BM·BN         upper bound, exact at 32x32
         dkdv  e·d·(2·BN + max(S-1, 1)·2·BM) + e·BM·BN + S·12·BM   within 2% above
 
+Score operands (biases, masks) are loaded as [BM, BN] tiles inside the loop, and Triton
+pipelines those loads through SRAM like the streamed tiles: every kernel adds S·BM·BN·X
+(sm90+) or max(S-1, 1)·BM·BN·X (sm8x), an upper bound (an H100 run of the bias-and-mask
+programs at D=16..256 overflowed without this term; broadcast operands may need less).
+
 Registers per thread: the fp32 accumulators and about two live fp32 copies of the [BM, BN]
 score tile (s and p; dp and ds in the backward), spread over T threads, plus a base for
 pointers, offsets and row statistics. On mma.sync the held operand tiles add e·rows·d/(4T).
@@ -65,6 +72,7 @@ import sympy as sp
 from flashfx.planner.hardware import GPU
 
 Nq, Nk, d, BM, BN, e, rho, G, S, T, M = sp.symbols("Nq Nk d BM BN e rho G S T M", positive=True)
+X = sp.Symbol("X", nonnegative=True)
 
 
 @dataclass(frozen=True)
@@ -95,31 +103,32 @@ _stats = 12  # bytes a query row of row statistics costs the backward: max, log-
 
 FWD = KernelModel(
     "fwd", 2,
-    sram_wgmma=e * d * (BM + S * 2 * BN),
-    sram_mma=e * d * (BM + sp.Max(S - 1, 1) * 2 * BN) + e * BM * BN,
+    sram_wgmma=e * d * (BM + S * 2 * BN) + S * BM * BN * X,
+    sram_mma=e * d * (BM + sp.Max(S - 1, 1) * 2 * BN) + e * BM * BN + sp.Max(S - 1, 1) * BM * BN * X,
     regs=(BM * d + 2 * BM * BN) / T + 56,
     regs_held=e * BM * d / (4 * T),
-    tile_bytes=e * d * (2 * Nq + 2 * rho * Nk * sp.ceiling(Nq / BM)) + 8 * Nq,
+    tile_bytes=e * d * (2 * Nq + 2 * rho * Nk * sp.ceiling(Nq / BM)) + 8 * Nq + rho * Nq * Nk * X,
     compulsory=e * d * (2 * Nq + 2 * Nk / G) + 8 * Nq,
     alu_per_score=6,
 )
 DKDV = KernelModel(
     "dkdv", 4,
-    sram_wgmma=e * d * (2 * BN + S * 2 * BM) + S * _stats * BM,
-    sram_mma=e * d * (2 * BN + sp.Max(S - 1, 1) * 2 * BM) + e * BM * BN + S * _stats * BM,
+    sram_wgmma=e * d * (2 * BN + S * 2 * BM) + S * _stats * BM + S * BM * BN * X,
+    sram_mma=(e * d * (2 * BN + sp.Max(S - 1, 1) * 2 * BM) + e * BM * BN + S * _stats * BM
+              + sp.Max(S - 1, 1) * BM * BN * X),
     regs=(2 * BN * d + 3 * BM * BN) / T + 80,
     regs_held=2 * e * BN * d / (4 * T),
-    tile_bytes=4 * e * Nk * d / G + rho * Nq * sp.ceiling(Nk / BN) * (2 * e * d + _stats),
+    tile_bytes=4 * e * Nk * d / G + rho * Nq * sp.ceiling(Nk / BN) * (2 * e * d + _stats) + rho * Nq * Nk * X,
     compulsory=e * d * (2 * Nq + 4 * Nk / G) + _stats * Nq,
     alu_per_score=10,
 )
 DQ = KernelModel(
     "dq", 3,
-    sram_wgmma=e * d * (2 * BM + S * 2 * BN),
-    sram_mma=e * d * (2 * BM + sp.Max(S - 1, 1) * 2 * BN) + e * BM * BN,
+    sram_wgmma=e * d * (2 * BM + S * 2 * BN) + S * BM * BN * X,
+    sram_mma=e * d * (2 * BM + sp.Max(S - 1, 1) * 2 * BN) + e * BM * BN + sp.Max(S - 1, 1) * BM * BN * X,
     regs=(BM * d + 3 * BM * BN) / T + 56,
     regs_held=2 * e * BM * d / (4 * T),
-    tile_bytes=e * d * (3 * Nq + 2 * rho * Nk * sp.ceiling(Nq / BM)) + _stats * Nq,
+    tile_bytes=e * d * (3 * Nq + 2 * rho * Nk * sp.ceiling(Nq / BM)) + _stats * Nq + rho * Nq * Nk * X,
     compulsory=e * d * (3 * Nq + 2 * Nk / G) + _stats * Nq,
     alu_per_score=8,
 )
@@ -198,13 +207,13 @@ CALIBRATION = Calibration()
 def _fn(kernel: str, what: str):
     k = KERNELS[kernel]
     expr = getattr(k, what)
-    return sp.lambdify((Nq, Nk, d, BM, BN, e, rho, G, S, T, M), expr,
+    return sp.lambdify((Nq, Nk, d, BM, BN, e, rho, G, S, T, M, X), expr,
                        modules=[{"ceiling": math.ceil, "Max": max}, "math"])
 
 
 def evaluate(kernel: str, what: str, **values) -> float:
     """`what` of `kernel` ("sram_wgmma", "regs", "tile_bytes", ...) at numeric symbol values."""
-    args = [values.get(s.name, 1) for s in (Nq, Nk, d, BM, BN, e, rho, G, S, T, M)]
+    args = [values.get(s.name, 1) for s in (Nq, Nk, d, BM, BN, e, rho, G, S, T, M)] + [values.get("X", 0)]
     return float(_fn(kernel, what)(*args))
 
 
@@ -252,6 +261,7 @@ class Shape:
     causal: bool = False
     group: int = 1
     batch_heads: int = 1  # B·H (query heads)
+    operand_bytes: int = 0  # X: bytes of score operands loaded per score
 
 
 def predict(kernel: str, shape: Shape, gpu: GPU, block_m: int, block_n: int, warps: int,
@@ -262,7 +272,7 @@ def predict(kernel: str, shape: Shape, gpu: GPU, block_m: int, block_n: int, war
     threads = 32 * warps
     r = density(shape.n_q, shape.n_k, block_m, block_n, shape.causal)
     vals = dict(Nq=shape.n_q, Nk=shape.n_k, d=shape.head_dim, BM=block_m, BN=block_n,
-                e=shape.elt, rho=r, G=shape.group, S=stages, T=threads,
+                e=shape.elt, rho=r, G=shape.group, S=stages, T=threads, X=shape.operand_bytes,
                 M=gpu.smem_per_sm / shape.elt)
     sram = int(evaluate(kernel, "sram_wgmma" if a.wgmma else "sram_mma", **vals))
     regs = evaluate(kernel, "regs", **vals) + (0 if a.wgmma else evaluate(kernel, "regs_held", **vals))

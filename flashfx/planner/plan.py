@@ -141,21 +141,21 @@ def _tiles(p: cost.Prediction) -> KernelTiles:
                        p.lower_bound_bytes)
 
 
-def _shape(head_dim, elem_size, n_q, n_k, causal, group, batch_heads) -> cost.Shape:
+def _shape(head_dim, elem_size, n_q, n_k, causal, group, batch_heads, operand_bytes=0) -> cost.Shape:
     d_pad = _pow2_at_least(head_dim)
     n_q = n_q or n_k or DEFAULT_N
     n_k = n_k or n_q
     if batch_heads is None:
         batch_heads = max(group, DEFAULT_TOKENS_X_WIDTH // (n_q * d_pad))
-    return cost.Shape(n_q, n_k, d_pad, elem_size, bool(causal), group, batch_heads)
+    return cost.Shape(n_q, n_k, d_pad, elem_size, bool(causal), group, batch_heads, operand_bytes)
 
 
 def candidates(kernel: str, head_dim: int, elem_size: int, gpu: GPU, k: int = 5, *,
                n_q: int | None = None, n_k: int | None = None, causal: bool = False,
-               group: int = 1, batch_heads: int | None = None) -> list[KernelTiles]:
+               group: int = 1, batch_heads: int | None = None, operand_bytes: int = 0) -> list[KernelTiles]:
     """The model's k best tiles for `kernel` ("fwd", "dkdv" or "dq"), best first: all fit."""
     _check(head_dim)
-    shape = _shape(head_dim, elem_size, n_q, n_k, causal, group, batch_heads)
+    shape = _shape(head_dim, elem_size, n_q, n_k, causal, group, batch_heads, operand_bytes)
     return [_tiles(p) for p in _ranked(kernel, shape, gpu)[:k]]
 
 
@@ -167,7 +167,7 @@ def _check(head_dim: int) -> None:
 @lru_cache(maxsize=None)
 def plan(head_dim: int, elt_bytes: int, gpu: GPU, interpret: bool = False, *,
          n_q: int | None = None, n_k: int | None = None, causal: bool = False, group: int = 1,
-         batch_heads: int | None = None) -> TilePlan:
+         batch_heads: int | None = None, operand_bytes: int = 0) -> TilePlan:
     """Choose tiles for one attention site's kernels on `gpu`.
 
     head_dim:  D of q/k/v (any size 1..256)
@@ -175,6 +175,8 @@ def plan(head_dim: int, elt_bytes: int, gpu: GPU, interpret: bool = False, *,
     interpret: the Triton interpreter (CPU): small tiles keep it fast; SRAM does not matter
     n_q, n_k, causal, group (query heads per K/V head), batch_heads (B·H): the call, when
                known; the choice depends on it only through waves, L2 reuse and causal blocks
+    operand_bytes: bytes of score operands (biases, masks) the program loads per score; they
+               are pipelined through SRAM with the streamed tiles
     """
     _check(head_dim)
     d_pad = _pow2_at_least(head_dim)
@@ -184,7 +186,7 @@ def plan(head_dim: int, elt_bytes: int, gpu: GPU, interpret: bool = False, *,
         t = KernelTiles(16, 16, 4, 1, elt_bytes * d_pad * 48)
         return TilePlan(d_pad, t, t, t, limit, gpu.name, "interpreter")
 
-    shape = _shape(head_dim, elt_bytes, n_q, n_k, causal, group, batch_heads)
+    shape = _shape(head_dim, elt_bytes, n_q, n_k, causal, group, batch_heads, operand_bytes)
     chosen = {}
     for kernel in ("fwd", "dkdv", "dq"):
         ranked = _ranked(kernel, shape, gpu)
@@ -195,5 +197,6 @@ def plan(head_dim: int, elt_bytes: int, gpu: GPU, interpret: bool = False, *,
         chosen[kernel] = _tiles(ranked[0])
     desc = (f"N={shape.n_q}" + (f"x{shape.n_k}" if shape.n_k != shape.n_q else "")
             + f" d={d_pad} B·H={shape.batch_heads}" + (" causal" if shape.causal else "")
-            + (f" GQA {shape.group}" if shape.group > 1 else ""))
+            + (f" GQA {shape.group}" if shape.group > 1 else "")
+            + (f" operands {operand_bytes} B/score" if operand_bytes else ""))
     return TilePlan(d_pad, chosen["fwd"], chosen["dkdv"], chosen["dq"], limit, gpu.name, desc)

@@ -15,9 +15,10 @@ from flashfx.runtime.tiles import interpreting  # noqa: F401 - re-exported
 _CAUSAL_CODE = {None: 0, "top_left": 1, "bottom_right": 2}
 
 
-def tile_plan(q: torch.Tensor, k: torch.Tensor | None = None, program: ScoreProgram | None = None) -> TilePlan:
+def tile_plan(q: torch.Tensor, k: torch.Tensor | None = None, program: ScoreProgram | None = None,
+              operands=()) -> TilePlan:
     """The planner's plan for a call with these q and k (k defaults to q's shape)."""
-    return tiling.for_call(q, q if k is None else k, program or ScoreProgram())
+    return tiling.for_call(q, q if k is None else k, program or ScoreProgram(), operands)
 
 
 def _kernels(program: ScoreProgram, grad_operands: tuple = ()):
@@ -53,14 +54,10 @@ def forward(q, k, v, operands, program: ScoreProgram, tiles: TilePlan | None = N
     """(out [B, H, Nq, D], stats [2, B, H, Nq] fp32: row max, log-sum) via the forward kernel."""
     B, H, Nq, D = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
-    kernels = _kernels(program)
     if tiles is None:
-        tiles = tiling.for_call(q, k, program)
-        if program.autotune:
-            tiles = tiling.tuned(
-                tiles, {"fwd": tiling.tune_key("fwd", q, k, program)},
-                lambda t: forward(q, k, v, operands, program, t, seed),
-                lambda kernel: tiling.candidate_tiles(kernel, q, k, program), q.device)
+        return tiling.run_planned(lambda t: forward(q, k, v, operands, program, t, seed),
+                                  q, k, program, operands, ("fwd",))
+    kernels = _kernels(program)
     p = tiles
     out = torch.empty_like(q)
     # fp64 for fp64 inputs, as the op's fake implementation promises (the kernel computes fp32)
@@ -95,15 +92,11 @@ def backward(dout, q, k, v, out, stats, operands, program: ScoreProgram, tiles: 
     B, H, Nq, D = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
     wanted = tuple(sorted(operand_grads or {}))
-    kernels = _kernels(program, wanted)
     if tiles is None:
-        tiles = tiling.for_call(q, k, program)
-        if program.autotune:
-            extra = "+grad" + ",".join(map(str, wanted)) if wanted else ""
-            tiles = tiling.tuned(
-                tiles, {kern: tiling.tune_key(kern, q, k, program, extra) for kern in ("dkdv", "dq")},
-                lambda t: backward(dout, q, k, v, out, stats, operands, program, t, operand_grads, seed),
-                lambda kernel: tiling.candidate_tiles(kernel, q, k, program), q.device)
+        return tiling.run_planned(
+            lambda t: backward(dout, q, k, v, out, stats, operands, program, t, operand_grads, seed),
+            q, k, program, operands, ("dkdv", "dq"), "+grad" + ",".join(map(str, wanted)) if wanted else "")
+    kernels = _kernels(program, wanted)
     d_bufs = [torch.zeros((B, H, Nq, Nk), device=q.device, dtype=torch.float32) for _ in wanted]
     dx_args = [a for buf in d_bufs for a in (buf, *buf.stride())]
     p = tiles

@@ -15,7 +15,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
+import re
 import statistics
 import tempfile
 import threading
@@ -28,6 +30,8 @@ import torch
 from flashfx.ir import ScoreProgram
 from flashfx.planner import hardware
 from flashfx.planner.plan import KernelTiles, TilePlan, candidates, plan
+
+log = logging.getLogger("flashfx")
 
 FIELD = {"fwd": "fwd", "dkdv": "bwd_dkdv", "dq": "bwd_dq"}
 TOP_K = 4  # candidates measured per kernel
@@ -61,40 +65,104 @@ def _device_gpu(index: int) -> hardware.GPU:  # properties do not change while a
     return hardware.current(index)
 
 
-def call_shape(q_shape, k_shape, program: ScoreProgram) -> dict:
+def operand_bytes(operands) -> int:
+    """Bytes the program's operands add per score (each loaded as a [BM, BN] tile)."""
+    return sum(x.element_size() for x in operands)
+
+
+def call_shape(q_shape, k_shape, program: ScoreProgram, op_bytes: int = 0) -> dict:
     """The planner's shape keywords for a call, bucketed."""
     B, H, Nq, _ = (int(x) for x in q_shape)
     Hk, Nk = int(k_shape[1]), int(k_shape[2])
     return dict(n_q=bucket(Nq), n_k=bucket(Nk), causal=program.causal is not None,
-                group=max(1, H // Hk), batch_heads=bucket(B * H, lo=1))
+                group=max(1, H // Hk), batch_heads=bucket(B * H, lo=1), operand_bytes=op_bytes)
 
 
-def for_shape(q_shape, k_shape, dtype: torch.dtype, device: torch.device, program: ScoreProgram) -> TilePlan:
+def for_shape(q_shape, k_shape, dtype: torch.dtype, device: torch.device, program: ScoreProgram,
+              op_bytes: int = 0) -> TilePlan:
     """The planner's plan for a call of these shapes (no tuning)."""
     elt = torch.empty((), dtype=dtype).element_size()
     if device.type == "cuda" and not interpreting():
-        return plan(int(q_shape[-1]), elt, gpu_of(device), **call_shape(q_shape, k_shape, program))
+        gpu = gpu_of(device)
+        margin = _margins.get(_margin_key(gpu, program, q_shape[-1], dtype))
+        if margin:  # a launch overflowed this plan's SRAM before: plan within less
+            gpu = dataclasses.replace(gpu, smem_per_block=gpu.smem_per_block - margin)
+        return plan(int(q_shape[-1]), elt, gpu, **call_shape(q_shape, k_shape, program, op_bytes))
     return plan(int(q_shape[-1]), elt, hardware.INTERPRETER, interpret=True)
 
 
-def for_call(q: torch.Tensor, k: torch.Tensor, program: ScoreProgram) -> TilePlan:
-    return for_shape(q.shape, k.shape, q.dtype, q.device, program)
+def margin(device: torch.device, program: ScoreProgram, head_dim: int, dtype: torch.dtype) -> int:
+    """Bytes below the SRAM limit that plans for this program are made within (0 until a
+    launch ran out of shared memory)."""
+    where = gpu_of(device) if device.type == "cuda" else hardware.INTERPRETER
+    return _margins.get(_margin_key(where, program, head_dim, dtype), 0)
 
 
-def candidate_tiles(kernel: str, q: torch.Tensor, k: torch.Tensor, program: ScoreProgram) -> list[KernelTiles]:
+def for_call(q: torch.Tensor, k: torch.Tensor, program: ScoreProgram, operands=()) -> TilePlan:
+    return for_shape(q.shape, k.shape, q.dtype, q.device, program, operand_bytes(operands))
+
+
+def candidate_tiles(kernel: str, q: torch.Tensor, k: torch.Tensor, program: ScoreProgram,
+                    operands=()) -> list[KernelTiles]:
     if q.device.type != "cuda" or interpreting():
         return list(INTERPRETER_CANDIDATES)
     return candidates(kernel, q.shape[-1], q.element_size(), gpu_of(q.device), k=TOP_K,
-                      **call_shape(q.shape, k.shape, program))
+                      **call_shape(q.shape, k.shape, program, operand_bytes(operands)))
 
 
-def tune_key(kernel: str, q: torch.Tensor, k: torch.Tensor, program: ScoreProgram, extra: str = "") -> str:
+# ---- when the model under-counts SRAM ---------------------------------------------------------
+
+_margins: dict[tuple, int] = {}  # (GPU, program, head dim, dtype) -> bytes to plan below the limit
+MAX_REPLANS = 3
+
+
+def _margin_key(gpu: hardware.GPU, program: ScoreProgram, head_dim, dtype) -> tuple:
+    return (gpu.name, dataclasses.replace(program, autotune=False).encode(), int(head_dim), dtype)
+
+
+def _overflow(e: Exception) -> int | None:
+    """Bytes by which a launch exceeded shared memory, if `e` says so (Triton's OutOfResources)."""
+    if type(e).__name__ != "OutOfResources" or "shared memory" not in str(e):
+        return None
+    required, limit = getattr(e, "required", None), getattr(e, "limit", None)
+    if required is None or limit is None:
+        m = re.search(r"Required: (\d+), Hardware limit: (\d+)", str(e))
+        if not m:
+            return None
+        required, limit = int(m.group(1)), int(m.group(2))
+    return max(int(required) - int(limit), 1024)
+
+
+def run_planned(run: Callable[[TilePlan], object], q: torch.Tensor, k: torch.Tensor,
+                program: ScoreProgram, operands, kernels: tuple[str, ...], wanted: str = ""):
+    """`run(plan)` with the plan for this call (tuned when the program asks). Should a launch
+    still run out of shared memory (the model under-counted what the compiler allocates), plan
+    again within that much less, remember the margin for this program, and retry."""
+    for attempt in range(MAX_REPLANS + 1):
+        tiles = for_call(q, k, program, operands)
+        if program.autotune:
+            tiles = tuned(tiles, {kern: tune_key(kern, q, k, program, operands, wanted) for kern in kernels},
+                          run, lambda kern: candidate_tiles(kern, q, k, program, operands), q.device)
+        try:
+            return run(tiles)
+        except Exception as e:  # noqa: BLE001 - only shared-memory overflows are retried
+            extra = _overflow(e)
+            if extra is None or attempt == MAX_REPLANS:
+                raise
+            where = gpu_of(q.device) if q.device.type == "cuda" else hardware.INTERPRETER
+            key = _margin_key(where, program, q.shape[-1], q.dtype)
+            _margins[key] = _margins.get(key, 0) + extra
+            log.info("flashfx: %s; planning again within %d fewer bytes", str(e).splitlines()[0], _margins[key])
+
+
+def tune_key(kernel: str, q: torch.Tensor, k: torch.Tensor, program: ScoreProgram, operands=(),
+             extra: str = "") -> str:
     """What a tuned choice is valid for: GPU, kernel, score program, head dim, dtype, bucket."""
     where = "interpreter" if q.device.type != "cuda" or interpreting() else gpu_of(q.device).name
-    shape = call_shape(q.shape, k.shape, program)
+    shape = call_shape(q.shape, k.shape, program, operand_bytes(operands))
     prog = hashlib.sha256(dataclasses.replace(program, autotune=False).encode().encode()).hexdigest()[:12]
     return (f"{where}|{kernel}{extra}|{prog}|d{q.shape[-1]}|{str(q.dtype).removeprefix('torch.')}|"
-            f"nq{shape['n_q']}|nk{shape['n_k']}|g{shape['group']}|bh{shape['batch_heads']}")
+            f"nq{shape['n_q']}|nk{shape['n_k']}|g{shape['group']}|bh{shape['batch_heads']}|x{shape['operand_bytes']}")
 
 
 # ---- the on-disk cache ------------------------------------------------------------------------

@@ -202,10 +202,11 @@ def test_sram_exact_where_plans_land():
 
 
 @pytest.mark.parametrize("kernel", sorted(cost.KERNELS))
-def test_traffic_monotone_in_n(kernel):
+@pytest.mark.parametrize("x_", [0, 3])  # no score operands; a bf16 bias and a bool mask
+def test_traffic_monotone_in_n(kernel, x_):
     k = cost.KERNELS[kernel]
     n = sp.Symbol("n", positive=True)
-    t = k.tile_bytes.replace(sp.ceiling, lambda x: x).subs({Nq: n, Nk: n})
+    t = k.tile_bytes.replace(sp.ceiling, lambda x: x).subs({Nq: n, Nk: n, cost.X: x_})
     assert sp.simplify(sp.diff(t, n)).subs({d: 64, BM: 64, BN: 64, e: 2, rho: 1, G: 1, n: 1}) > 0
     vals = [float(t.subs({n: x, d: 64, BM: 64, BN: 64, e: 2, rho: 1, G: 1})) for x in (256, 1024, 4096)]
     assert vals == sorted(vals)
@@ -226,7 +227,8 @@ def test_forward_traffic_is_flashattention_theta():
     # Θ(N²d²/M): the ratio tends to a positive constant as N grows
     c, n = sp.Symbol("c", positive=True), sp.Symbol("n", positive=True)
     t = cost.FWD.tile_bytes.replace(sp.ceiling, lambda x: x)  # large N: ⌈N/BM⌉ ~ N/BM
-    t = t.subs({Nq: n, Nk: n, BM: c * M / d, rho: 1})
+    # q, k, v traffic (score operands, X bytes a score, are read once each: n²·X more)
+    t = t.subs({Nq: n, Nk: n, BM: c * M / d, rho: 1, cost.X: 0})
     ratio = sp.limit(t / (n**2 * d**2 / M), n, sp.oo)
     assert sp.simplify(ratio - 2 * e / c) == 0
     # and the lower bound has the same form: tiles / bound -> 2/c, a constant

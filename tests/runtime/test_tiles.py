@@ -156,3 +156,28 @@ def test_every_candidate_the_tuner_may_pick_computes_right(head_dim, causal):
             dq, dk, dv = gpu.backward(dout, q, k, v, out, stats, [], program, plan)
             for name, got in (("dq", dq), ("dk", dk), ("dv", dv)):
                 assert err(got, want[name]) < 2e-2, (kernel, cand, name)
+
+
+class OutOfResources(Exception):  # what Triton raises, by name
+    pass
+
+
+def test_a_shared_memory_overflow_plans_again_within_less(monkeypatch):
+    q, k, _ = _qkv()
+    program = ScoreProgram((ScoreOp("scale", None, 0.5), ScoreOp("bias", 0)))
+    calls = []
+
+    def run(plan):
+        calls.append(tiling.margin(q.device, program, 16, q.dtype))
+        if len(calls) == 1:
+            raise OutOfResources("out of resource: shared memory, Required: 239616, Hardware limit: 232448. "
+                                 "Reducing block sizes or `num_stages` may help.")
+        return "ran"
+
+    monkeypatch.setattr(tiling, "_margins", {})
+    assert tiling.run_planned(run, q, k, program, [], ("fwd",)) == "ran"
+    assert calls == [0, 239616 - 232448]
+    # anything else is the caller's error, not retried
+    with pytest.raises(RuntimeError, match="boom"):
+        tiling.run_planned(lambda plan: (_ for _ in ()).throw(RuntimeError("boom")), q, k, program, [], ("fwd",))
+    assert tiling._overflow(OutOfResources("out of resource: registers")) is None
