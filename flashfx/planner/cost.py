@@ -195,7 +195,20 @@ class Calibration:
     smem_reserved: int = 1024  # bytes the driver reserves per program (sm80+)
 
 
-CALIBRATION = Calibration()
+# Fitted to the H200 sweep of docs/planner_sweep.json (24 shapes, every sound tile config
+# timed) by benchmarks/planner_fit.py, the forward's constants to the forward's score and the
+# backward's to the backward's: the backward kernels issue 3-4 dependent MMAs a step, hold two
+# accumulators and spill at 64x64, and no one set of constants ranks both well.
+CALIBRATION = Calibration(
+    mma_efficiency=0.95, warpgroup_overlap=0.14, step_cycles=106.0, load_issue=1.74, latency=2143.0,
+    spill_cycles=16.9, regs_tolerance=1.32, program_cycles=1065.0, l2_bytes_per_cycle=36.2)
+CALIBRATION_BWD = Calibration(
+    mma_efficiency=0.85, overlap=0.62, warpgroup_overlap=0.167, step_cycles=333.0, load_issue=3.29,
+    latency_bwd=2276.0, spill_cycles=35.6, regs_tolerance=1.6, program_cycles=65.0, l2_bytes_per_cycle=71.0)
+
+
+def calibration(kernel: str) -> Calibration:
+    return CALIBRATION if kernel == "fwd" else CALIBRATION_BWD
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,8 +278,9 @@ class Shape:
 
 
 def predict(kernel: str, shape: Shape, gpu: GPU, block_m: int, block_n: int, warps: int,
-            stages: int, cal: Calibration = CALIBRATION) -> Prediction:
+            stages: int, cal: Calibration | None = None) -> Prediction:
     """Predicted resources and time of `kernel` with these tiles on `gpu`."""
+    cal = cal or calibration(kernel)
     k = KERNELS[kernel]
     a = gpu.arch
     threads = 32 * warps

@@ -114,15 +114,15 @@ def _legal(kernel: str, gpu: GPU, bm: int, bn: int, warps: int) -> bool:
     return rows >= (16 * warps if gpu.arch.wgmma else 4 * warps)
 
 
-def _ranked(kernel: str, shape: cost.Shape, gpu: GPU) -> list[cost.Prediction]:
+def _ranked(kernel: str, shape: cost.Shape, gpu: GPU, cal: cost.Calibration | None = None) -> list[cost.Prediction]:
     """Candidates best first, from the first non-empty tier: legal shapes that fit SRAM and
     registers; any shape that fits both (held tiles smaller than the MMA wants: d=256 needs
     32-row dK/dV accumulators); legal shapes that fit SRAM but spill (the model charges for
     spills); 16-row tiles with one or two stages."""
     grid = [c for c in itertools.product(_BLOCKS, _BLOCKS, _WARPS, _STAGES) if _sound(kernel, *c[:3])]
-    preds = [(cost.predict(kernel, shape, gpu, bm, bn, w, s), _legal(kernel, gpu, bm, bn, w))
+    preds = [(cost.predict(kernel, shape, gpu, bm, bn, w, s, cal), _legal(kernel, gpu, bm, bn, w))
              for bm, bn, w, s in grid]
-    small = [(cost.predict(kernel, shape, gpu, bm, bn, 4, s), False)
+    small = [(cost.predict(kernel, shape, gpu, bm, bn, 4, s, cal), False)
              for bm, bn, s in itertools.product((16, 32), (16, 32), (1, 2))]
     tiers = (
         [p for p, legal in preds if legal and p.fits],
