@@ -274,7 +274,7 @@ def _bwd_step(prog, ops, folded, masked: bool, want: str, grad_operands: tuple =
         ]
     else:
         lines += ["dq += tl.dot(g.to(k.dtype), k, input_precision=PRECISION)"]
-    return _block(lines, 12 if want == "dkdv" else 8)
+    return _block(lines, 8)
 
 
 _FWD = '''
@@ -405,20 +405,37 @@ def _attn_bwd_dkdv(
 
     # Query blocks, in three runs: [lo, m_full) cross the causal diagonal (masked);
     # [m_full, m_even) see the whole key block (no masks); [m_even, N_Q) is the ragged end.
+    # Each run is one loop over (query head of the group, query block) pairs, not a loop per
+    # head: one pipeline prologue per run instead of one per head (causal GQA's short runs
+    # otherwise pay it GROUP times).
     lo = 0
     m_full = 0
     if CAUSAL != 0:
         lo = tl.maximum(pid_n * BLOCK_N - DIAG, 0) // BLOCK_M * BLOCK_M
         m_full = (tl.maximum(pid_n * BLOCK_N + BLOCK_N - 1 - DIAG, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     m_even = N_Q // BLOCK_M * BLOCK_M
-    for g_head in range(GROUP):
+    run_lo = tl.minimum(m_full, N_Q)
+    n_diag = (tl.maximum(run_lo - lo, 0) + BLOCK_M - 1) // BLOCK_M
+    for i in range(0, GROUP * n_diag):
+        g_head = i // tl.maximum(n_diag, 1)  # never 0: a pipeliner may evaluate it for a loop that runs 0 times
+        m = lo + (i - g_head * n_diag) * BLOCK_M
         h = hk * GROUP + g_head
         bh = b * H + h
-        for m in range(lo, tl.minimum(m_full, N_Q), BLOCK_M):
 {dkdv_masked}
-        for m in range(m_full, m_even, BLOCK_M):
+    n_body = tl.maximum(m_even - m_full, 0) // BLOCK_M
+    for i in range(0, GROUP * n_body):
+        g_head = i // tl.maximum(n_body, 1)
+        m = m_full + (i - g_head * n_body) * BLOCK_M
+        h = hk * GROUP + g_head
+        bh = b * H + h
 {dkdv_full}
-        for m in range(tl.maximum(m_full, m_even), N_Q, BLOCK_M):
+    tail = tl.maximum(m_full, m_even)
+    n_tail = (tl.maximum(N_Q - tail, 0) + BLOCK_M - 1) // BLOCK_M
+    for i in range(0, GROUP * n_tail):
+        g_head = i // tl.maximum(n_tail, 1)
+        m = tail + (i - g_head * n_tail) * BLOCK_M
+        h = hk * GROUP + g_head
+        bh = b * H + h
 {dkdv_masked}
 
     dk_ptrs = dK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
