@@ -11,9 +11,11 @@ the backward (dK/dV + dQ). A config the sweep did not time (skipped for SRAM, fa
 scores 0.
 
 The fit is a random search over the `Calibration` fields (multiplicative perturbations around
-the best so far), then single-field steps, keeping a change when it raises the objective: the part's median plus its minimum — the forward's constants fitted to the forward's score, the
-backward's (`CALIBRATION_BWD`) to the backward's. Held-out check: fit on the N=1024 shapes and score the N=4096 ones,
-and the other way round — what a calibration does on shapes it was not fitted to.
+the best so far), then single-field steps, keeping a change when it raises the objective. Each
+kernel has its own constants (`CALIBRATION`, `CALIBRATION_DKDV`, `CALIBRATION_DQ`), fitted to
+its own median plus minimum ratio and, for the two backward kernels, the backward's. Held-out
+check: fit on the N=1024 shapes and score the N=4096 ones, and the other way round — what a
+calibration does on shapes it was not fitted to.
 
 Prints the fitted constants (as a `Calibration(...)` literal), the scores before and after and the
 held-out scores; --write stores them in benchmarks/out/planner_fit.json.
@@ -38,10 +40,12 @@ from flashfx.planner import cost, hardware  # noqa: E402
 from flashfx.planner.plan import _pow2_at_least, _ranked  # noqa: E402
 
 FIELDS = ("mma_efficiency", "overlap", "warpgroup_overlap", "step_cycles", "load_issue", "latency",
-          "latency_bwd", "spill_cycles", "regs_tolerance", "program_cycles", "l2_bytes_per_cycle")
+          "latency_bwd", "spill_cycles", "regs_tolerance", "mma_sync_ratio", "program_cycles",
+          "l2_bytes_per_cycle")
+PARTS = {"fwd": "CALIBRATION", "dkdv": "CALIBRATION_DKDV", "dq": "CALIBRATION_DQ"}
 STEPS = (0.5, 0.8, 1.25, 2.0)
 BOUNDS = {"mma_efficiency": (0.3, 0.95), "overlap": (0.05, 1.0), "warpgroup_overlap": (0.0, 1.0),
-          "regs_tolerance": (1.0, 1.6)}
+          "regs_tolerance": (1.0, 1.6), "mma_sync_ratio": (0.25, 1.0)}
 
 
 @dataclasses.dataclass
@@ -68,7 +72,7 @@ def load(path: str) -> tuple[list[Case], hardware.GPU]:
 
 
 def choice(kernel: str, case: Case, gpu, cals: dict) -> tuple:
-    p = _ranked(kernel, case.shape, gpu, cals["fwd" if kernel == "fwd" else "bwd"])[0]
+    p = _ranked(kernel, case.shape, gpu, cals[kernel])[0]
     return (p.block_m, p.block_n, p.num_warps, p.num_stages)
 
 
@@ -92,19 +96,19 @@ def score(cases: list[Case], gpu, cals: dict) -> dict:
 
 
 def objective(s: dict, part: str) -> float:
-    """The part's median plus its minimum (the backward's: also each kernel's)."""
-    if part == "fwd":
-        return s["fwd_median"] + s["fwd_min"]
-    return s["bwd_median"] + s["bwd_min"] + 0.5 * (s["dkdv_min"] + s["dq_min"])
+    """The kernel's median plus its minimum ratio; a backward kernel's adds the backward's."""
+    own = s[f"{part}_median"] + s[f"{part}_min"]
+    return own if part == "fwd" else own + s["bwd_median"] + s["bwd_min"]
 
 
-def fit(cases: list[Case], gpu, start: dict, samples: int, seed: int = 0, log=print) -> dict:
+def fit(cases: list[Case], gpu, start: dict, samples: int, seed: int = 0, parts=tuple(PARTS),
+        log=print) -> dict:
     """Fit the forward's and the backward's calibrations, each to its own part's score: a
     random search (each field, with probability 1/2, scaled by e^U(-1, 1) around the best so
     far; `samples` trials), then one round of single-field steps."""
     rng = random.Random(seed)
     cals = dict(start)
-    for part in ("fwd", "bwd"):
+    for part in parts:
         best = objective(score(cases, gpu, cals), part)
 
         def trial_of(changes):
@@ -140,29 +144,34 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("sweep", help="planner_sweep.json")
     ap.add_argument("--samples", type=int, default=400, help="random-search trials per part")
+    ap.add_argument("--parts", default=",".join(PARTS), help="fit only these kernels' constants, e.g. dkdv")
+    ap.add_argument("--no-held-out", action="store_true", help="skip the held-out fits")
     ap.add_argument("--write", action="store_true", help="store the result in benchmarks/out/planner_fit.json")
     args = ap.parse_args(argv)
     cases, gpu = load(args.sweep)
     if not cases:
         print("no complete shapes in the sweep")
         return 1
-    start = {"fwd": cost.CALIBRATION, "bwd": cost.CALIBRATION_BWD}
+    start = {part: cost.calibration(part) for part in PARTS}
     before = score(cases, gpu, start)
     print(f"{len(cases)} shapes on {gpu.name}; current calibration: {_fmt(before)}")
-    fitted = fit(cases, gpu, start, args.samples)
+    parts = [p for p in args.parts.split(",") if p]
+    if not set(parts) <= set(PARTS):
+        ap.error(f"--parts: choose from {', '.join(PARTS)}")
+    fitted = fit(cases, gpu, start, args.samples, parts=parts)
     after = score(cases, gpu, fitted)
     print(f"fitted on all shapes: {_fmt(after)}")
     held = {}
-    for train_n in sorted({c.n for c in cases}):
+    for train_n in [] if args.no_held_out else sorted({c.n for c in cases}):
         train = [c for c in cases if c.n == train_n]
         test = [c for c in cases if c.n != train_n]
         if train and test:
-            cals = fit(train, gpu, start, args.samples, log=lambda *_: None)
+            cals = fit(train, gpu, start, args.samples, parts=parts, log=lambda *_: None)
             name = f"fit N={train_n}, score the rest"
             held[name] = score(test, gpu, cals)
             print(f"held out: fit on N={train_n}, score N!={train_n}: {_fmt(held[name])}")
     changed = {}
-    for part, name in (("fwd", "CALIBRATION"), ("bwd", "CALIBRATION_BWD")):
+    for part, name in PARTS.items():
         changed[part] = {f: getattr(fitted[part], f) for f in FIELDS
                          if getattr(fitted[part], f) != getattr(start[part], f)}
         print(f"{name} = Calibration(" + ", ".join(f"{f}={v:.4g}" for f, v in changed[part].items()) + ")")

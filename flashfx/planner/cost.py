@@ -81,6 +81,7 @@ class KernelModel:
 
     name: str
     matmuls: int  # [rows, cols, d] products per (query tile, key block) pair
+    held_row_matmuls: int  # of those, the ones whose rows are the held block's (BN in dK/dV)
     sram_wgmma: sp.Expr  # bytes of shared memory of one program, sm90+
     sram_mma: sp.Expr  # bytes, sm8x
     regs: sp.Expr  # 32-bit registers per thread (wgmma; mma.sync adds held operands)
@@ -102,7 +103,7 @@ class KernelModel:
 _stats = 12  # bytes a query row of row statistics costs the backward: max, log-sum, delta (fp32)
 
 FWD = KernelModel(
-    "fwd", 2,
+    "fwd", 2, 0,
     sram_wgmma=e * d * (BM + S * 2 * BN) + S * BM * BN * X,
     sram_mma=e * d * (BM + sp.Max(S - 1, 1) * 2 * BN) + e * BM * BN + sp.Max(S - 1, 1) * BM * BN * X,
     regs=(BM * d + 2 * BM * BN) / T + 56,
@@ -111,9 +112,18 @@ FWD = KernelModel(
     compulsory=e * d * (2 * Nq + 2 * Nk / G) + 8 * Nq,
     alu_per_score=6,
 )
+# dK/dV on sm90 (Triton 3.6 on the H200, every config of docs/planner_sweep.json): the held
+# K, V and S copies of the streamed Q, dO, plus the transposed [BM, BN] probabilities staged
+# for the BN-row dots (e·BM·BN). When BN is below a warp group's 64 rows and BM is not, the
+# dots producing dK and dV run as mma.sync from registers and the held tiles leave SRAM;
+# what remains measures e·d·BM·(2S - 1), and 5·e·d·BM unpipelined (S = 1).
+_one_stage = sp.Max(2 - S, 0)  # 1 at S = 1, else 0
+_short_held = sp.Min(sp.Max(64 - BN, 0), 1) * sp.Min(sp.Max(BM - 63, 0), 1)  # 1 when BN < 64 <= BM
 DKDV = KernelModel(
-    "dkdv", 4,
-    sram_wgmma=e * d * (2 * BN + S * 2 * BM) + S * _stats * BM + S * BM * BN * X,
+    "dkdv", 4, 2,
+    sram_wgmma=((1 - _short_held) * e * d * (2 * BN + S * 2 * BM)
+                + _short_held * e * d * BM * (2 * S - 1 + 4 * _one_stage)
+                + S * _stats * BM + e * BM * BN + S * BM * BN * X),
     sram_mma=(e * d * (2 * BN + sp.Max(S - 1, 1) * 2 * BM) + e * BM * BN + S * _stats * BM
               + sp.Max(S - 1, 1) * BM * BN * X),
     regs=(2 * BN * d + 3 * BM * BN) / T + 80,
@@ -123,7 +133,7 @@ DKDV = KernelModel(
     alu_per_score=10,
 )
 DQ = KernelModel(
-    "dq", 3,
+    "dq", 3, 0,
     sram_wgmma=e * d * (2 * BM + S * 2 * BN) + S * BM * BN * X,
     sram_mma=e * d * (2 * BM + sp.Max(S - 1, 1) * 2 * BN) + e * BM * BN + sp.Max(S - 1, 1) * BM * BN * X,
     regs=(BM * d + 3 * BM * BN) / T + 56,
@@ -171,6 +181,9 @@ class Calibration:
         ~16 registers of the 255 limit (fwd 128x32 and 128x128 at d=128 compile to 244-254
         registers and lose to 128x64 with 8 warps at 183). regs_tolerance: predictions past
         1.1 x the limit are rejected outright (heavy spilling).
+    mma_sync_ratio: on sm90+, a dot of fewer rows than a warp group's 64 (per 4 warps) cannot
+        use wgmma; Triton emits mma.sync for it, at this fraction of the wgmma rate (why a
+        32-row dK/dV tile at d=256 loses to a 64x32 one that spills).
     program_cycles: prologue and epilogue of one program (load the held tile, store results).
     launch_s: launch and tail of one kernel.
     l2_bytes_per_cycle: the L2 -> SM bandwidth share of one SM. Every program streams its own
@@ -189,6 +202,7 @@ class Calibration:
     spill_cycles: float = 30.0
     regs_tolerance: float = 1.1
     regs_headroom: int = 16
+    mma_sync_ratio: float = 0.6
     program_cycles: float = 1500.0
     launch_s: float = 4e-6
     l2_bytes_per_cycle: float = 28.0  # L2 -> SM bandwidth per SM (~6.8 TB/s on an H200)
@@ -202,13 +216,19 @@ class Calibration:
 CALIBRATION = Calibration(
     mma_efficiency=0.95, warpgroup_overlap=0.14, step_cycles=106.0, load_issue=1.74, latency=2143.0,
     spill_cycles=16.9, regs_tolerance=1.32, program_cycles=1065.0, l2_bytes_per_cycle=36.2)
-CALIBRATION_BWD = Calibration(
-    mma_efficiency=0.85, overlap=0.62, warpgroup_overlap=0.167, step_cycles=333.0, load_issue=3.29,
-    latency_bwd=2276.0, spill_cycles=35.6, regs_tolerance=1.6, program_cycles=65.0, l2_bytes_per_cycle=71.0)
+CALIBRATION_DKDV = Calibration(
+    mma_efficiency=0.501, overlap=0.578, warpgroup_overlap=0.204, step_cycles=507.3, load_issue=1.504,
+    latency_bwd=3711.0, spill_cycles=7.449, regs_tolerance=1.412, mma_sync_ratio=1.0, program_cycles=217.6,
+    l2_bytes_per_cycle=33.13)
+CALIBRATION_DQ = Calibration(
+    mma_efficiency=0.671, overlap=0.276, warpgroup_overlap=0.113, step_cycles=229.8, load_issue=1.478,
+    latency_bwd=3640.0, spill_cycles=16.83, regs_tolerance=1.0, mma_sync_ratio=0.55, program_cycles=245.3,
+    l2_bytes_per_cycle=48.05)
 
 
 def calibration(kernel: str) -> Calibration:
-    return CALIBRATION if kernel == "fwd" else CALIBRATION_BWD
+    """The constants fitted for `kernel` ("fwd", "dkdv" or "dq")."""
+    return {"fwd": CALIBRATION, "dkdv": CALIBRATION_DKDV, "dq": CALIBRATION_DQ}[kernel]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,7 +241,7 @@ def _fn(kernel: str, what: str):
     k = KERNELS[kernel]
     expr = getattr(k, what)
     return sp.lambdify((Nq, Nk, d, BM, BN, e, rho, G, S, T, M, X), expr,
-                       modules=[{"ceiling": math.ceil, "Max": max}, "math"])
+                       modules=[{"ceiling": math.ceil, "Max": max, "Min": min}, "math"])
 
 
 def evaluate(kernel: str, what: str, **values) -> float:
@@ -305,7 +325,10 @@ def predict(kernel: str, shape: Shape, gpu: GPU, block_m: int, block_n: int, war
     dt = "bf16" if shape.elt <= 2 else "tf32"
     mma_rate = gpu.flops(dt) / (gpu.sm_count * gpu.clock_hz)  # FLOP per cycle per SM
     scores = block_m * block_n
-    mma = 2 * k.matmuls * scores * shape.head_dim / (mma_rate * cal.mma_efficiency)
+    # dots too short for a warp group run as mma.sync (sm90+; on sm8x every dot is mma.sync)
+    rows = [block_m] * (k.matmuls - k.held_row_matmuls) + [block_n] * k.held_row_matmuls
+    dots = sum(1 if not a.wgmma or r >= 16 * warps else 1 / cal.mma_sync_ratio for r in rows)
+    mma = 2 * dots * scores * shape.head_dim / (mma_rate * cal.mma_efficiency)
     sfu = scores / a.sfu_per_clk
     alu = (k.alu_per_score * scores + block_m * shape.head_dim) / a.fp32_per_clk
     stream_rows = block_m if kernel == "dkdv" else block_n

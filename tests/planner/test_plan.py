@@ -64,9 +64,9 @@ def test_choices_against_the_h200_sweep():
 
     cases, gpu = planner_fit.load(os.path.join(root, "docs", "planner_sweep.json"))
     assert len(cases) == 24 and gpu.name == "H200"
-    s = planner_fit.score(cases, gpu, {"fwd": None, "bwd": None})
+    s = planner_fit.score(cases, gpu, {"fwd": None, "dkdv": None, "dq": None})
     assert s["fwd_median"] >= 0.95 and s["fwd_min"] >= 0.9
-    assert s["bwd_median"] >= 0.95 and s["bwd_min"] >= 0.55
+    assert s["bwd_median"] >= 0.95 and s["bwd_min"] >= 0.85
 
 
 def test_predicted_rates_are_plausible_on_h200():
