@@ -164,6 +164,12 @@ _SIGNATURES = {
     torch.where: ("where", ("condition", "input", "other")),
     torch.tanh: ("tanh", ("input",)),
     torch.div: ("div", ("input", "other")),
+    # elementwise max/min against a bound (XGLM: `torch.max(s, torch.tensor(finfo.min))`); the
+    # reduction spelling `torch.max(s, dim)` binds a Python int here, which the steps refuse
+    torch.maximum: ("maximum", ("input", "other")),
+    torch.max: ("maximum", ("input", "other")),
+    torch.minimum: ("minimum", ("input", "other")),
+    torch.min: ("minimum", ("input", "other")),
 }
 _BINARY = {"mul", "div", "add", "sub"}
 _COMMUTATIVE = {"mul", "add"}
@@ -173,7 +179,7 @@ _DEFAULTS = {"min": None, "max": None, "alpha": 1, "rounding_mode": None}
 _SAME_AS_FUNCTION = {
     "abs", "exp", "exp2", "expm1", "log", "log1p", "log2", "sign", "sigmoid", "relu", "neg",
     "sqrt", "rsqrt", "square", "reciprocal", "sin", "cos", "erf", "floor", "ceil", "round",
-    "trunc", "nan_to_num", "pow", "maximum", "minimum", "logaddexp", "atan", "softplus",
+    "trunc", "nan_to_num", "pow", "maximum", "minimum", "logaddexp", "atan", "softplus", "max", "min",
 }
 _NO_DEFAULT = object()
 
@@ -186,7 +192,10 @@ def _op_name(node: fx.Node):
     if c is not None:
         return c
     if node.op == "call_method":
-        return getattr(torch, node.target) if node.target in _SAME_AS_FUNCTION and hasattr(torch, node.target) else ("method", node.target)
+        if node.target in _SAME_AS_FUNCTION and hasattr(torch, node.target):
+            fn = getattr(torch, node.target)
+            return _SIGNATURES[fn][0] if fn in _SIGNATURES else fn
+        return ("method", node.target)
     if node.op == "call_function":
         return node.target
     return None
@@ -194,8 +203,9 @@ def _op_name(node: fx.Node):
 
 def _parameters(node: fx.Node) -> tuple[tuple, dict] | None:
     """Parameter names, in order, and their defaults, for the op `node` calls (None: unknown)."""
-    if node.op == "call_function" and node.target in _SIGNATURES:
-        return _SIGNATURES[node.target][1], _DEFAULTS
+    fn = node.target if node.op == "call_function" else getattr(torch, str(node.target), None)
+    if fn in _SIGNATURES and (node.op == "call_function" or node.target in _SAME_AS_FUNCTION):
+        return _SIGNATURES[fn][1], _DEFAULTS
     if _op_name(node) in _BINARY:
         return ("input", "other"), _DEFAULTS
     target = node.target if node.op == "call_function" else getattr(torch, node.target, None)
@@ -444,6 +454,25 @@ def _clamp_steps(lo: Arg, hi: Arg):
     return steps or "clamp without bounds"
 
 
+def _maximum(s, c):
+    return torch.maximum(s, c)
+
+
+def _minimum(s, c):
+    return torch.minimum(s, c)
+
+
+def _bound_steps(op: str):
+    """maximum(s, c) is clamp_min(s, c), minimum(s, c) is clamp_max(s, c), for a constant c."""
+    def steps(c: Arg):
+        if not c.is_tensor:
+            return f"{'max' if op == 'clamp_min' else 'min'} over a dim is a reduction, not a score op"
+        if c.value is None or math.isnan(c.value):
+            return f"elementwise {'max' if op == 'clamp_min' else 'min'} with a tensor bound (only constant bounds are fused)"
+        return [Step(op, c=c.value)]
+    return steps
+
+
 register_pattern("scale", _scale, _scale_steps)  # s * c, s * x
 register_pattern("div", _div, _div_steps)  # s / c, s / x
 register_pattern("bias", _add, _bias_steps)  # s + x (additive mask, relative-position bias)
@@ -452,3 +481,5 @@ register_pattern("where_keep", _where_keep, _keep_steps)  # where(m, s, v): m Tr
 register_pattern("where_drop", _where_drop, lambda mask, v: _drop_steps(mask, v, "torch.where"))
 register_pattern("tanh", _tanh, lambda: [Step("tanh")])
 register_pattern("clamp", _clamp, _clamp_steps)  # clamp, clamp_min, clamp_max, clip
+register_pattern("maximum", _maximum, _bound_steps("clamp_min"))  # maximum(s, c), max(s, c)
+register_pattern("minimum", _minimum, _bound_steps("clamp_max"))  # minimum(s, c), min(s, c)

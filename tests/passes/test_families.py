@@ -423,6 +423,25 @@ class ClampedScoresAttention(nn.Module):
         return _merge(torch.softmax(w, dim=-1) @ v)
 
 
+class XGLMAttention(nn.Module):
+    """HF XGLM: q scaled in the projection, heads folded for bmm, an additive causal mask,
+    then the scores floored at finfo.min with torch.max against a 0-d tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(C, C), nn.Linear(C, C), nn.Linear(C, C)
+
+    def forward(self, x, mask):
+        b, t, _ = x.shape
+        q = _split(self.q(x) * HD**-0.5, H).reshape(b * H, t, HD)
+        k = _split(self.k(x), H).reshape(b * H, t, HD)
+        v = _split(self.v(x), H).reshape(b * H, t, HD)
+        w = torch.bmm(q, k.transpose(1, 2)).view(b, H, t, t) + mask
+        w = torch.max(w, torch.tensor(torch.finfo(w.dtype).min, device=w.device))
+        w = nn.functional.softmax(w.view(b * H, t, t), dim=-1)
+        return _merge(torch.bmm(w, v).view(b, H, t, HD))
+
+
 def _x(*shape, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
@@ -454,6 +473,7 @@ FAMILIES = {
     "deberta-v2": (DebertaAttention, lambda: (_x(B, N, C), deberta_mask(_pad(18))), None),
     "falcon-alibi-mqa": (FalconAlibiAttention, lambda: (x := _x(B, N, C), llama_mask(x)), None),
     "clamped-scores": (ClampedScoresAttention, lambda: (_x(B, N, C),), None),
+    "xglm-max-floor": (XGLMAttention, lambda: (x := _x(B, N, C), llama_mask(x)), None),
 }
 
 

@@ -187,6 +187,17 @@ def bmm_view_bias_view(q, k, v, bias):  # [B·H] scores viewed to [B, H] for the
     return torch.bmm(torch.softmax(s, dim=-1), v.reshape(b * h, -1, d)).view(b, h, n, d)
 
 
+def max_floor(q, k, v):  # XGLM: scores floored at finfo.min with a 0-d tensor, torch.max
+    s = q @ k.transpose(-2, -1) * 0.25
+    s = torch.max(s, torch.tensor(torch.finfo(s.dtype).min))
+    return torch.softmax(s, dim=-1) @ v
+
+
+def maximum_minimum_methods(q, k, v):  # the same bounds as methods, both sides
+    s = (q @ k.transpose(-2, -1)).maximum(torch.tensor(-1.5)).min(torch.tensor(2.0))
+    return torch.softmax(s, dim=-1) @ v
+
+
 def _mask(nq=19, nk=23, seed=5):
     return _rand(nq, nk, seed=seed) > 0.3
 
@@ -200,6 +211,8 @@ SPELLINGS = {
     "masked_fill_zero": (masked_fill_zero, lambda: [*_qkv(), _mask()], "drop(operand0, 0)"),
     "add_bool_mask": (add_bool_mask, lambda: [*_qkv(), _mask()], "scale(0.25) -> bias(operand0)"),
     "sdpa_single_kv_head": (sdpa_single_kv_head, lambda: [*_qkv(), _mask()], "scale(0.25) -> keep(operand0, -inf)"),
+    "max_floor": (max_floor, lambda: _qkv(), "scale(0.25) -> clamp_min(-3.40282e+38)"),
+    "maximum_minimum_methods": (maximum_minimum_methods, lambda: _qkv(), "clamp_min(-1.5) -> clamp_max(2)"),
     "bmm_view_bias_view": (bmm_view_bias_view, lambda: [*_qkv(), _rand(2, 3, 1, 23, seed=6)], "bias(operand0)"),
 }
 
@@ -229,6 +242,10 @@ def clamp_tensor_bound(q, k, v, lo):
     return torch.softmax(torch.clamp(q @ k.transpose(-2, -1), min=lo), dim=-1) @ v
 
 
+def maximum_runtime_bound(q, k, v, lo):
+    return torch.softmax(torch.maximum(q @ k.transpose(-2, -1), lo), dim=-1) @ v
+
+
 def five_d_scores(q, k, v):  # heads grouped as [B, Hk, G, N, N]
     b, h, n, d = q.shape
     s = q.view(b, 1, h, n, d) @ k[:, :1, None].transpose(-2, -1)
@@ -239,6 +256,7 @@ def five_d_scores(q, k, v):  # heads grouped as [B, Hk, G, N, N]
     (where_runtime_fill, lambda: [_mask(), torch.tensor(-1e9)], "computed at run time"),
     (exp_scores, lambda: [], "unsupported op in the score program: exp"),
     (clamp_tensor_bound, lambda: [torch.tensor(-1.0)], "tensor bound"),
+    (maximum_runtime_bound, lambda: [torch.tensor(-1.0)], "elementwise max with a tensor bound"),
     (five_d_scores, lambda: [], "rank 5"),
 ])
 def test_unfused_softmax_is_reported_with_a_reason(fn, extra, why):
