@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+from functools import lru_cache
 
 import torch
 
@@ -22,6 +24,11 @@ def tile_plan(q: torch.Tensor, k: torch.Tensor | None = None, program: ScoreProg
 
 
 def _kernels(program: ScoreProgram, grad_operands: tuple = ()):
+    return _kernels_for(program, tuple(grad_operands), os.environ.get("TRITON_INTERPRET", "0"))
+
+
+@lru_cache(maxsize=256)  # on every call: encoding the program and hashing its text add up
+def _kernels_for(program: ScoreProgram, grad_operands: tuple, interpret: str):
     # tuning does not change the kernels' source: one module for tuned and untuned programs
     if program.autotune:
         program = dataclasses.replace(program, autotune=False)

@@ -78,9 +78,28 @@ def call_shape(q_shape, k_shape, program: ScoreProgram, op_bytes: int = 0) -> di
                 group=max(1, H // Hk), batch_heads=bucket(B * H, lo=1), operand_bytes=op_bytes)
 
 
+_plans: dict[tuple, TilePlan] = {}  # every op call asks: answer repeats from a dict
+_PLANS_MAX = 4096
+_margins_version = 0  # bumped when a margin changes, so remembered plans are made again
+
+
 def for_shape(q_shape, k_shape, dtype: torch.dtype, device: torch.device, program: ScoreProgram,
               op_bytes: int = 0) -> TilePlan:
-    """The planner's plan for a call of these shapes (no tuning)."""
+    """The planner's plan for a call of these shapes (no tuning). Remembered per shapes, dtype,
+    device, program and GPU choice: this runs on every call of the op, ahead of the launches."""
+    if not all(type(x) is int for x in (*q_shape, *k_shape)):  # symbolic sizes: nothing to key
+        return _for_shape(q_shape, k_shape, dtype, device, program, op_bytes)
+    key = (tuple(q_shape), tuple(k_shape), dtype, device, program, op_bytes, _margins_version,
+           id(hardware.chosen_by_user()), interpreting())
+    hit = _plans.get(key)
+    if hit is None:
+        if len(_plans) >= _PLANS_MAX:
+            _plans.clear()
+        hit = _plans[key] = _for_shape(q_shape, k_shape, dtype, device, program, op_bytes)
+    return hit
+
+
+def _for_shape(q_shape, k_shape, dtype, device, program, op_bytes) -> TilePlan:
     elt = torch.empty((), dtype=dtype).element_size()
     if device.type == "cuda" and not interpreting():
         gpu = gpu_of(device)
@@ -152,6 +171,8 @@ def run_planned(run: Callable[[TilePlan], object], q: torch.Tensor, k: torch.Ten
             where = gpu_of(q.device) if q.device.type == "cuda" else hardware.INTERPRETER
             key = _margin_key(where, program, q.shape[-1], q.dtype)
             _margins[key] = _margins.get(key, 0) + extra
+            global _margins_version
+            _margins_version += 1
             log.info("flashfx: %s; planning again within %d fewer bytes", str(e).splitlines()[0], _margins[key])
 
 

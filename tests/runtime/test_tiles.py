@@ -181,3 +181,23 @@ def test_a_shared_memory_overflow_plans_again_within_less(monkeypatch):
     with pytest.raises(RuntimeError, match="boom"):
         tiling.run_planned(lambda plan: (_ for _ in ()).throw(RuntimeError("boom")), q, k, program, [], ("fwd",))
     assert tiling._overflow(OutOfResources("out of resource: registers")) is None
+
+
+def test_plans_are_remembered_per_call_and_remade_when_the_answer_can_change(monkeypatch):
+    """for_shape runs on every op call: a repeated call is a dict hit, while another GPU
+    choice or a new shared-memory margin plans again."""
+    monkeypatch.setattr(tiling, "gpu_of", lambda device: hardware.chosen_by_user() or hardware.KNOWN["H200"])
+    monkeypatch.setattr(tiling, "interpreting", lambda: False)
+    monkeypatch.setattr(tiling, "_plans", {})
+    made = []
+    real = tiling.plan
+    monkeypatch.setattr(tiling, "plan", lambda *a, **kw: made.append(a[2].name) or real(*a, **kw))
+    program = ScoreProgram((ScoreOp("scale", None, 0.125),), causal="top_left")
+    shape, cuda = (2, 8, 1000, 128), torch.device("cuda", 0)
+    first = tiling.for_shape(shape, shape, torch.bfloat16, cuda, program)
+    assert tiling.for_shape(shape, shape, torch.bfloat16, cuda, program) is first and len(made) == 1
+    with hardware.overridden("A10"):
+        assert tiling.for_shape(shape, shape, torch.bfloat16, cuda, program).gpu != first.gpu
+    monkeypatch.setattr(tiling, "_margins_version", tiling._margins_version + 1)
+    tiling.for_shape(shape, shape, torch.bfloat16, cuda, program)
+    assert made == ["H200", "A10", "H200"]
