@@ -388,6 +388,25 @@ def _peel_upcasts(q, k, vv):
 # ---- the walk ----------------------------------------------------------------------------------
 
 
+def _scores_from_input(node, nq, nk, depth: int = 16) -> bool:
+    """Do score-shaped values lead back from `node` to a graph input of the scores' shape, of
+    rank 3 or more ([B·H, Nq, Nk] or [B, H, Nq, Nk]): QKᵀ computed in an earlier graph?"""
+    seen, todo = set(), [(node, depth)]
+    while todo:
+        n, d = todo.pop()
+        if not isinstance(n, fx.Node) or n in seen or d < 0:
+            continue
+        seen.add(n)
+        s = _shape(n)
+        if s is None or len(s) < 3 or not (_eq(s[-2], nq) and _eq(s[-1], nk)):
+            continue
+        if n.op == "placeholder":
+            return True
+        if n.op in ("call_function", "call_method"):
+            todo.extend((a, d - 1) for a in n.all_input_nodes)
+    return False
+
+
 def looks_like_attention(sm: fx.Node) -> bool:
     """A softmax between two matmuls over the same [Nq, Nk] scores: worth a site (fused or not)."""
     s = _shape(sm)
@@ -400,6 +419,12 @@ def looks_like_attention(sm: fx.Node) -> bool:
 def match_softmax(sm: fx.Node) -> AttentionSite | None:
     """The attention around softmax node `sm`, or None if `sm` is not attention at all."""
     if not looks_like_attention(sm):
+        s = _shape(sm)
+        if (s is not None and len(s) >= 3 and sm.args and _feeds_pv(sm, s[-2], s[-1])
+                and _scores_from_input(sm.args[0], s[-2], s[-1])):
+            return AttentionSite("matmul", sm, location(sm)).reject(
+                "QKᵀ is in an earlier graph: the scores enter this one as an input (a graph break "
+                "between the matmul and the softmax, e.g. from .item(); flashfx sees one graph at a time)")
         return None  # not attention: a router, a classifier head, a softmax over logits
     site = AttentionSite("matmul", sm, location(sm))
     sm_val = _val(sm)

@@ -267,6 +267,26 @@ def test_unfused_softmax_is_reported_with_a_reason(fn, extra, why):
     torch.testing.assert_close(out, fn(*args))
 
 
+def scores_across_a_graph_break(q, k, v):  # DeBERTa v1: an .item() splits the graph
+    s = q @ k.transpose(-2, -1)
+    torch._dynamo.graph_break()
+    return torch.softmax(s * 0.25, dim=-1) @ v
+
+
+def softmax_of_a_graph_input(logits, w):  # a classifier head: softmax then matmul, not attention
+    return torch.softmax(logits, dim=-1) @ w
+
+
+def test_a_graph_break_inside_attention_is_a_site_with_a_reason():
+    args = _qkv()
+    site = _explain(scores_across_a_graph_break, *args)
+    assert not site.fused and "earlier graph" in site.reason and "graph break" in site.reason
+    out = torch.compile(scores_across_a_graph_break, backend="flashfx")(*args)
+    torch.testing.assert_close(out, scores_across_a_graph_break(*args))
+    # a softmax of a 2-D input feeding a matmul is no attention site at all
+    assert not flashfx.explain(softmax_of_a_graph_input, _rand(5, 7), _rand(7, 3)).sites
+
+
 def upcast_qk(q, k, v):  # GPT-J / GPT-Neo: QKᵀ in fp32 from bf16 q and k, probabilities cast back
     s = torch.matmul(q.to(torch.float32), k.to(torch.float32).transpose(-1, -2)) / 4.0
     return torch.matmul(torch.softmax(s, dim=-1).to(v.dtype), v)
