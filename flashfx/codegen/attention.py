@@ -216,6 +216,20 @@ def _fwd_step(prog, ops, folded, masked: bool) -> str:
     return _block(lines, 8)
 
 
+def _group_run(start: str, count: str, body: str, note: str = "") -> str:
+    """A dK/dV loop over `count` query blocks from `start` for each query head of the group,
+    as one loop (one pipeline prologue). The divisor is kept at least 1: a pipeliner may
+    evaluate it for a loop that runs zero times."""
+    return "\n".join([
+        f"    for i in range(0, GROUP * {count}):",
+        f"        g_head = i // tl.maximum({count}, 1){note}",
+        f"        m = {start} + (i - g_head * {count}) * BLOCK_M",
+        "        h = hk * GROUP + g_head",
+        "        bh = b * H + h",
+        body,
+    ])
+
+
 def _keep_lines(bh: str) -> list[str]:
     """`keep`: which probabilities of this tile dropout keeps, from a counter-based RNG (Philox)
     at the score's global index, so the backward regenerates exactly the forward's mask."""
@@ -416,27 +430,12 @@ def _attn_bwd_dkdv(
     m_even = N_Q // BLOCK_M * BLOCK_M
     run_lo = tl.minimum(m_full, N_Q)
     n_diag = (tl.maximum(run_lo - lo, 0) + BLOCK_M - 1) // BLOCK_M
-    for i in range(0, GROUP * n_diag):
-        g_head = i // tl.maximum(n_diag, 1)  # never 0: a pipeliner may evaluate it for a loop that runs 0 times
-        m = lo + (i - g_head * n_diag) * BLOCK_M
-        h = hk * GROUP + g_head
-        bh = b * H + h
-{dkdv_masked}
+{dkdv_diag_run}
     n_body = tl.maximum(m_even - m_full, 0) // BLOCK_M
-    for i in range(0, GROUP * n_body):
-        g_head = i // tl.maximum(n_body, 1)
-        m = m_full + (i - g_head * n_body) * BLOCK_M
-        h = hk * GROUP + g_head
-        bh = b * H + h
-{dkdv_full}
+{dkdv_body_run}
     tail = tl.maximum(m_full, m_even)
     n_tail = (tl.maximum(N_Q - tail, 0) + BLOCK_M - 1) // BLOCK_M
-    for i in range(0, GROUP * n_tail):
-        g_head = i // tl.maximum(n_tail, 1)
-        m = tail + (i - g_head * n_tail) * BLOCK_M
-        h = hk * GROUP + g_head
-        bh = b * H + h
-{dkdv_masked}
+{dkdv_tail_run}
 
     dk_ptrs = dK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
     dv_ptrs = dV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd
@@ -505,6 +504,7 @@ def emit(program: ScoreProgram, grad_operands: tuple = ()) -> str:
     xptrs, xstrides = _operand_params(program.num_operands)
     dxparams = "".join(f"DX{o}, sdx{o}_b, sdx{o}_h, sdx{o}_m, sdx{o}_n, " for o in grad_operands)
     header = _HEADER.format(program=program, log2e=LOG2E)
+    dkdv_masked = _bwd_step(program, ops, folded, masked=True, want="dkdv")
     if program.dropout:
         header += f"P_DROP = tl.constexpr({program.dropout!r})\nKEEP_SCALE = tl.constexpr({1.0 / (1.0 - program.dropout)!r})\n"
     return header + _FWD.format(
@@ -512,8 +512,9 @@ def emit(program: ScoreProgram, grad_operands: tuple = ()) -> str:
         xstrides=xstrides,
         step_full=_fwd_step(program, ops, folded, masked=False),
         step_masked=_fwd_step(program, ops, folded, masked=True),
-        dkdv_full=_bwd_step(program, ops, folded, masked=False, want="dkdv"),
-        dkdv_masked=_bwd_step(program, ops, folded, masked=True, want="dkdv"),
+        dkdv_diag_run=_group_run("lo", "n_diag", dkdv_masked, "  # never 0: a pipeliner may evaluate it for a loop that runs 0 times"),
+        dkdv_body_run=_group_run("m_full", "n_body", _bwd_step(program, ops, folded, masked=False, want="dkdv")),
+        dkdv_tail_run=_group_run("tail", "n_tail", dkdv_masked),
         dq_full=_bwd_step(program, ops, folded, masked=False, want="dq", grad_operands=grad_operands),
         dq_masked=_bwd_step(program, ops, folded, masked=True, want="dq", grad_operands=grad_operands),
         dxparams=dxparams,

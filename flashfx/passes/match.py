@@ -209,18 +209,33 @@ def _scores_shaped(node, nq, nk) -> bool:
             and len(s) >= 2 and _eq(s[-2], nq) and _eq(s[-1], nk))
 
 
-def _reaches_qk(node, nq, nk, depth: int = 16) -> bool:
-    """Does a chain of score-shaped values lead back from `node` to a matmul (QKᵀ)?"""
+def _score_source(node, nq, nk, found, depth: int = 16) -> bool:
+    """Does a chain of score-shaped calls lead back from `node` to a node `found` accepts (a
+    QKᵀ matmul, or a graph input)? The chain's nodes and the found one end in [Nq, Nk]."""
     seen, todo = set(), [(node, depth)]
     while todo:
         n, d = todo.pop()
-        if n in seen or d < 0 or not _scores_shaped(n, nq, nk):
+        s = _shape(n)
+        if (not isinstance(n, fx.Node) or n in seen or d < 0 or s is None or len(s) < 2
+                or not (_eq(s[-2], nq) and _eq(s[-1], nk))):
             continue
         seen.add(n)
-        if canon(n) in _QK:
+        if found(n):
             return True
-        todo.extend((a, d - 1) for a in n.all_input_nodes)
+        if _scores_shaped(n, nq, nk):
+            todo.extend((a, d - 1) for a in n.all_input_nodes)
     return False
+
+
+def _reaches_qk(node, nq, nk) -> bool:
+    """Does a chain of score-shaped values lead back from `node` to a matmul (QKᵀ)?"""
+    return _score_source(node, nq, nk, lambda n: canon(n) in _QK)
+
+
+def _scores_from_input(node, nq, nk) -> bool:
+    """Do the scores enter the graph as an input of rank 3 or more ([B·H, Nq, Nk] or
+    [B, H, Nq, Nk]): QKᵀ computed in an earlier graph?"""
+    return _score_source(node, nq, nk, lambda n: n.op == "placeholder" and len(_shape(n)) >= 3)
 
 
 def _feeds_pv(node: fx.Node, nq, nk, depth: int = 6) -> bool:
@@ -386,25 +401,6 @@ def _peel_upcasts(q, k, vv):
 
 
 # ---- the walk ----------------------------------------------------------------------------------
-
-
-def _scores_from_input(node, nq, nk, depth: int = 16) -> bool:
-    """Do score-shaped values lead back from `node` to a graph input of the scores' shape, of
-    rank 3 or more ([B·H, Nq, Nk] or [B, H, Nq, Nk]): QKᵀ computed in an earlier graph?"""
-    seen, todo = set(), [(node, depth)]
-    while todo:
-        n, d = todo.pop()
-        if not isinstance(n, fx.Node) or n in seen or d < 0:
-            continue
-        seen.add(n)
-        s = _shape(n)
-        if s is None or len(s) < 3 or not (_eq(s[-2], nq) and _eq(s[-1], nk)):
-            continue
-        if n.op == "placeholder":
-            return True
-        if n.op in ("call_function", "call_method"):
-            todo.extend((a, d - 1) for a in n.all_input_nodes)
-    return False
 
 
 def looks_like_attention(sm: fx.Node) -> bool:

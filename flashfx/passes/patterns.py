@@ -208,9 +208,8 @@ def _parameters(node: fx.Node) -> tuple[tuple, dict] | None:
         return _SIGNATURES[fn][1], _DEFAULTS
     if _op_name(node) in _BINARY:
         return ("input", "other"), _DEFAULTS
-    target = node.target if node.op == "call_function" else getattr(torch, node.target, None)
     try:
-        sig = inspect.signature(target)
+        sig = inspect.signature(fn)
     except (TypeError, ValueError):  # a builtin without a Python signature: positions only
         return None
     names = tuple(p for p in sig.parameters if sig.parameters[p].kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD))
@@ -462,13 +461,13 @@ def _minimum(s, c):
     return torch.minimum(s, c)
 
 
-def _bound_steps(op: str):
+def _bound_steps(name: str, op: str):
     """maximum(s, c) is clamp_min(s, c), minimum(s, c) is clamp_max(s, c), for a constant c."""
     def steps(c: Arg):
         if not c.is_tensor:
-            return f"{'max' if op == 'clamp_min' else 'min'} over a dim is a reduction, not a score op"
+            return f"{name} over a dim is a reduction, not a score op"
         if c.value is None or math.isnan(c.value):
-            return f"elementwise {'max' if op == 'clamp_min' else 'min'} with a tensor bound (only constant bounds are fused)"
+            return f"elementwise {name} with a tensor bound (only constant bounds are fused)"
         return [Step(op, c=c.value)]
     return steps
 
@@ -481,5 +480,5 @@ register_pattern("where_keep", _where_keep, _keep_steps)  # where(m, s, v): m Tr
 register_pattern("where_drop", _where_drop, lambda mask, v: _drop_steps(mask, v, "torch.where"))
 register_pattern("tanh", _tanh, lambda: [Step("tanh")])
 register_pattern("clamp", _clamp, _clamp_steps)  # clamp, clamp_min, clamp_max, clip
-register_pattern("maximum", _maximum, _bound_steps("clamp_min"))  # maximum(s, c), max(s, c)
-register_pattern("minimum", _minimum, _bound_steps("clamp_max"))  # minimum(s, c), min(s, c)
+register_pattern("maximum", _maximum, _bound_steps("max", "clamp_min"))  # maximum(s, c), max(s, c)
+register_pattern("minimum", _minimum, _bound_steps("min", "clamp_max"))  # minimum(s, c), min(s, c)

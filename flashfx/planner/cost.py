@@ -182,8 +182,9 @@ class Calibration:
         registers and lose to 128x64 with 8 warps at 183). regs_tolerance: predictions past
         1.1 x the limit are rejected outright (heavy spilling).
     mma_sync_ratio: on sm90+, a dot of fewer rows than a warp group's 64 (per 4 warps) cannot
-        use wgmma; Triton emits mma.sync for it, at this fraction of the wgmma rate (why a
-        32-row dK/dV tile at d=256 loses to a 64x32 one that spills).
+        use wgmma; Triton emits mma.sync for it, at this fraction of the wgmma rate (the dQ
+        fit puts it near 0.55; for dK/dV the fit left it at 1, occupancy explaining its
+        32-row tiles).
     program_cycles: prologue and epilogue of one program (load the held tile, store results).
     launch_s: launch and tail of one kernel.
     l2_bytes_per_cycle: the L2 -> SM bandwidth share of one SM. Every program streams its own
@@ -209,10 +210,11 @@ class Calibration:
     smem_reserved: int = 1024  # bytes the driver reserves per program (sm80+)
 
 
-# Fitted to the H200 sweep of docs/planner_sweep.json (24 shapes, every sound tile config
-# timed) by benchmarks/planner_fit.py, the forward's constants to the forward's score and the
-# backward's to the backward's: the backward kernels issue 3-4 dependent MMAs a step, hold two
-# accumulators and spill at 64x64, and no one set of constants ranks both well.
+# Fitted by benchmarks/planner_fit.py to H200 sweeps (24 shapes, every sound tile config timed),
+# each kernel's constants to its own ranking: the forward and dQ on the 2026-11-24 sweep, dK/dV
+# on a 2026-12-01 one; docs/planner_sweep.json is a later sweep none of them was fitted on.
+# The backward kernels issue 3-4 dependent MMAs a step, hold two accumulators and spill at
+# 64x64, and no one set of constants ranks all three well.
 CALIBRATION = Calibration(
     mma_efficiency=0.95, warpgroup_overlap=0.14, step_cycles=106.0, load_issue=1.74, latency=2143.0,
     spill_cycles=16.9, regs_tolerance=1.32, program_cycles=1065.0, l2_bytes_per_cycle=36.2)

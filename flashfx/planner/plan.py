@@ -122,8 +122,8 @@ def _ranked(kernel: str, shape: cost.Shape, gpu: GPU, cal: cost.Calibration | No
     """Candidates best first, from the first non-empty tier: legal shapes that fit SRAM and
     registers; any shape that fits SRAM, ranked by predicted time (the model charges for
     spills and for dots too short for the MMA the arch prefers: at d=256 dK/dV no legal shape
-    fits the registers, and a spilling 64x32 tile beats a 32x32 one on mma.sync); 16-row
-    tiles with one or two stages."""
+    fits the registers, and a 64x32 tile that spills measured 1.04-1.53x faster than 32x32);
+    16-row tiles with one or two stages."""
     grid = [c for c in itertools.product(_BLOCKS, _BLOCKS, _WARPS, _STAGES) if _sound(kernel, *c[:3])]
     preds = [(cost.predict(kernel, shape, gpu, bm, bn, w, s, cal), _legal(kernel, gpu, bm, bn, w))
              for bm, bn, w, s in grid]

@@ -90,7 +90,7 @@ def for_shape(q_shape, k_shape, dtype: torch.dtype, device: torch.device, progra
     if not all(type(x) is int for x in (*q_shape, *k_shape)):  # symbolic sizes: nothing to key
         return _for_shape(q_shape, k_shape, dtype, device, program, op_bytes)
     key = (tuple(q_shape), tuple(k_shape), dtype, device, program, op_bytes, _margins_version,
-           id(hardware.chosen_by_user()), interpreting())
+           hardware.chosen_by_user(), interpreting())
     hit = _plans.get(key)
     if hit is None:
         if len(_plans) >= _PLANS_MAX:
