@@ -19,6 +19,10 @@ max so large that adding log Σ to it would round the sum away.
 
 Key blocks come in two loops: blocks every query row of the tile sees whole (no masks at all)
 and the rest (the causal diagonal, the ragged end of N), where bounds and causal masks apply.
+
+Streamed tiles (K, V in the forward and dQ; Q, dO in dK/dV) are read through tensor
+descriptors when the launch passes them (TMA=1: the copy engine fetches a [BN, D] box and
+zero-fills rows past N and columns past D), else through masked pointer loads.
 """
 
 from __future__ import annotations
@@ -189,13 +193,18 @@ def _fwd_step(prog, ops, folded, masked: bool) -> str:
     )
     lines = [head, "offs_n = n + offs_n0"]
     if masked:
-        lines += ["n_ok = offs_n < N_K", "in_tile = m_ok[:, None] & n_ok[None, :]",
-                  "k = tl.load(k_ptrs + n * stride_kn, mask=n_ok[:, None] & d_ok[None, :], other=0.0)",
-                  "v = tl.load(v_ptrs + n * stride_vn, mask=n_ok[:, None] & d_ok[None, :], other=0.0)"]
+        lines += ["n_ok = offs_n < N_K", "in_tile = m_ok[:, None] & n_ok[None, :]"]
+        kv_mask = "n_ok[:, None] & d_ok[None, :]"
     else:
-        lines += ["in_tile = m_ok[:, None] & (offs_n0 >= 0)[None, :]",
-                  "k = tl.load(k_ptrs + n * stride_kn, mask=d_ok[None, :], other=0.0)",
-                  "v = tl.load(v_ptrs + n * stride_vn, mask=d_ok[None, :], other=0.0)"]
+        lines += ["in_tile = m_ok[:, None] & (offs_n0 >= 0)[None, :]"]
+        kv_mask = "d_ok[None, :]"
+    lines += _tma_or_ptr([
+        "k = KDesc.load([b, hk, n, 0]).reshape(BLOCK_N, HEAD_DIM_PAD)",
+        "v = VDesc.load([b, hk, n, 0]).reshape(BLOCK_N, HEAD_DIM_PAD)",
+    ], [
+        f"k = tl.load(k_ptrs + n * stride_kn, mask={kv_mask}, other=0.0)",
+        f"v = tl.load(v_ptrs + n * stride_vn, mask={kv_mask}, other=0.0)",
+    ])
     lines.append("s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BM, BN] fp32")
     lines += _program_lines(ops, "s")
     lines += _mask_lines(prog, "s", masked)
@@ -216,17 +225,34 @@ def _fwd_step(prog, ops, folded, masked: bool) -> str:
     return _block(lines, 8)
 
 
-def _group_run(start: str, count: str, body: str, note: str = "") -> str:
-    """A dK/dV loop over `count` query blocks from `start` for each query head of the group,
-    as one loop (one pipeline prologue). The divisor is kept at least 1: a pipeliner may
-    evaluate it for a loop that runs zero times."""
+def _tma_or_ptr(tma: list[str], ptr: list[str]) -> list[str]:
+    """Tile loads through tensor descriptors (TMA: the copy engine fetches the tile, zero-filling
+    rows and columns outside the tensor) when the launch passes them, else through pointers."""
+    return ["if TMA:", *("    " + x for x in tma), "else:", *("    " + x for x in ptr)]
+
+
+def _group_run(start: str, count: str, body: str) -> str:
+    """A dK/dV loop over `count` query blocks from `start` for each query head of the group.
+
+    FLAT: one loop over (head, block) pairs, one pipeline prologue per run instead of one per
+    head; its divisor is kept at least 1, as a pipeliner may evaluate it for a loop that runs
+    zero times. Otherwise a loop over blocks inside a loop over heads (a single loop when
+    GROUP is 1), which leaves the pipeliner a plain counted loop.
+    """
     return "\n".join([
-        f"    for i in range(0, GROUP * {count}):",
-        f"        g_head = i // tl.maximum({count}, 1){note}",
-        f"        m = {start} + (i - g_head * {count}) * BLOCK_M",
-        "        h = hk * GROUP + g_head",
-        "        bh = b * H + h",
-        body,
+        "    if FLAT:",
+        f"        for i in range(0, GROUP * {count}):",
+        f"            g_head = i // tl.maximum({count}, 1)",
+        f"            m = {start} + (i - g_head * {count}) * BLOCK_M",
+        "            h = hk * GROUP + g_head",
+        "            bh = b * H + h",
+        textwrap.indent(body, "    "),
+        "    else:",
+        "        for g_head in range(0, GROUP):",
+        "            h = hk * GROUP + g_head",
+        "            bh = b * H + h",
+        f"            for m in range({start}, {start} + {count} * BLOCK_M, BLOCK_M):",
+        textwrap.indent(body, "        "),
     ])
 
 
@@ -247,9 +273,13 @@ def _bwd_step(prog, ops, folded, masked: bool, want: str, grad_operands: tuple =
             "offs_m = m + offs_m0",
             "m_ok = offs_m < N_Q",
             "q_ok = m_ok[:, None] & d_ok[None, :]" if masked else "q_ok = d_ok[None, :]",
+        ] + _tma_or_ptr([
+            "q = QDesc.load([b, h, m, 0]).reshape(BLOCK_M, HEAD_DIM_PAD)",
+            "do = dODesc.load([b, h, m, 0]).reshape(BLOCK_M, HEAD_DIM_PAD)",
+        ], [
             "q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=q_ok, other=0.0)",
             "do = tl.load(dOut + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gm + offs_d[None, :] * stride_gd, mask=q_ok, other=0.0)",
-        ] + _stats_lines("bh", folded) + [
+        ]) + _stats_lines("bh", folded) + [
             "delta = tl.load(Delta + bh * N_Q + offs_m, mask=m_ok, other=0.0)",
         ]
     else:  # Q, dO held; load this K/V block's rows
@@ -258,9 +288,13 @@ def _bwd_step(prog, ops, folded, masked: bool, want: str, grad_operands: tuple =
             "offs_n = n + offs_n0",
             "n_ok = offs_n < N_K",
             "kv_ok = n_ok[:, None] & d_ok[None, :]" if masked else "kv_ok = d_ok[None, :]",
+        ] + _tma_or_ptr([
+            "k = KDesc.load([b, hk, n, 0]).reshape(BLOCK_N, HEAD_DIM_PAD)",
+            "v = VDesc.load([b, hk, n, 0]).reshape(BLOCK_N, HEAD_DIM_PAD)",
+        ], [
             "k = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_ok, other=0.0)",
             "v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_ok, other=0.0)",
-        ]
+        ])
     lines += ["qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BM, BN] fp32",
               "in_tile = m_ok[:, None] & n_ok[None, :]"]
     lines.append("s = qk")
@@ -295,7 +329,7 @@ _FWD = '''
 
 @triton.jit
 def _attn_fwd(
-    Q, K, V, Out, Stats, {seedparam}{xptrs}                 # q: [B, H, Nq, D]; k, v: [B, Hk, Nk, D]
+    Q, K, V, Out, Stats, KDesc, VDesc, {seedparam}{xptrs}   # q: [B, H, Nq, D]; k, v: [B, Hk, Nk, D]
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -307,6 +341,7 @@ def _attn_fwd(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,      # tl.dot input precision for fp32 inputs ("tf32" / "ieee")
+    TMA: tl.constexpr,            # K, V tiles through the descriptors KDesc, VDesc (else K, V pointers)
 ):
     tl.static_assert(HEAD_DIM_PAD >= 16)
     tl.static_assert(BLOCK_N >= 16)
@@ -381,7 +416,7 @@ def _attn_bwd_delta(
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, dOut, Stats, Delta, dK, dV, {seedparam}{xptrs}
+    Q, K, V, dOut, Stats, Delta, dK, dV, QDesc, dODesc, {seedparam}{xptrs}
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -394,6 +429,8 @@ def _attn_bwd_dkdv(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
+    TMA: tl.constexpr,            # Q, dO tiles through QDesc, dODesc
+    FLAT: tl.constexpr,           # one loop over (group head, query block) pairs, else nested loops
 ):
     # One program owns keys n0..n0+BN of one K/V head and sums over every query head of its
     # group and every query block: dK and dV are written once, no atomics (deterministic).
@@ -419,9 +456,7 @@ def _attn_bwd_dkdv(
 
     # Query blocks, in three runs: [lo, m_full) cross the causal diagonal (masked);
     # [m_full, m_even) see the whole key block (no masks); [m_even, N_Q) is the ragged end.
-    # Each run is one loop over (query head of the group, query block) pairs, not a loop per
-    # head: one pipeline prologue per run instead of one per head (causal GQA's short runs
-    # otherwise pay it GROUP times).
+    # Each run visits every query head of the group (see FLAT).
     lo = 0
     m_full = 0
     if CAUSAL != 0:
@@ -445,7 +480,7 @@ def _attn_bwd_dkdv(
 
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, dOut, Stats, Delta, dQ, {seedparam}{xptrs}{dxparams}
+    Q, K, V, dOut, Stats, Delta, dQ, KDesc, VDesc, {seedparam}{xptrs}{dxparams}
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -457,6 +492,7 @@ def _attn_bwd_dq(
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
+    TMA: tl.constexpr,            # K, V tiles through KDesc, VDesc
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -512,7 +548,7 @@ def emit(program: ScoreProgram, grad_operands: tuple = ()) -> str:
         xstrides=xstrides,
         step_full=_fwd_step(program, ops, folded, masked=False),
         step_masked=_fwd_step(program, ops, folded, masked=True),
-        dkdv_diag_run=_group_run("lo", "n_diag", dkdv_masked, "  # never 0: a pipeliner may evaluate it for a loop that runs 0 times"),
+        dkdv_diag_run=_group_run("lo", "n_diag", dkdv_masked),
         dkdv_body_run=_group_run("m_full", "n_body", _bwd_step(program, ops, folded, masked=False, want="dkdv")),
         dkdv_tail_run=_group_run("tail", "n_tail", dkdv_masked),
         dq_full=_bwd_step(program, ops, folded, masked=False, want="dq", grad_operands=grad_operands),

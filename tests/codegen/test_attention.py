@@ -76,6 +76,29 @@ def test_interpreted_kernels_fp16(D):
     _run(1, 2, 1, 45, 29, D, torch.float16, PROGRAMS["bias_keep"], "cpu")
 
 
+@pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointers"])
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "nested"])
+@pytest.mark.parametrize("prog", ["causal", "bottom_right", "drop_causal"])
+def test_interpreted_tile_reads_and_dkdv_loops(monkeypatch, prog, tma, flat):
+    # descriptor reads zero-fill outside the tensor (ragged N, padded head dim) where pointer
+    # reads mask; dK/dV's group loop is one flattened loop or nested loops: all give one result
+    if torch.cuda.is_available():
+        pytest.skip("covered by the gpu tests")
+    monkeypatch.setattr(gpu, "TMA", tma)
+    monkeypatch.setattr(gpu, "FLAT_DKDV", flat)
+    _run(2, 4, 2, 40, 70, 24, torch.float32, PROGRAMS[prog], "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointers"])
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "nested"])
+@pytest.mark.parametrize("prog", ["causal", "bias_keep"])
+def test_gpu_tile_reads_and_dkdv_loops(monkeypatch, prog, tma, flat):
+    monkeypatch.setattr(gpu, "TMA", tma)
+    monkeypatch.setattr(gpu, "FLAT_DKDV", flat)
+    _run(2, 8, 2, 300, 257, 128, torch.bfloat16, PROGRAMS[prog], "cuda")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("D", [16, 64, 80, 96, 128, 192, 256])
