@@ -101,10 +101,13 @@ class KernelModel:
 
 
 _stats = 12  # bytes a query row of row statistics costs the backward: max, log-sum, delta (fp32)
+# Tiles read through tensor descriptors (sm90+) land in 1024-byte-aligned swizzled buffers with
+# an mbarrier per stage: Triton 3.6 measured up to 1024 bytes above the tiles themselves.
+_tma = 1024
 
 FWD = KernelModel(
     "fwd", 2, 0,
-    sram_wgmma=e * d * (BM + S * 2 * BN) + S * BM * BN * X,
+    sram_wgmma=e * d * (BM + S * 2 * BN) + S * BM * BN * X + _tma,
     sram_mma=e * d * (BM + sp.Max(S - 1, 1) * 2 * BN) + e * BM * BN + sp.Max(S - 1, 1) * BM * BN * X,
     regs=(BM * d + 2 * BM * BN) / T + 56,
     regs_held=e * BM * d / (4 * T),
@@ -123,7 +126,7 @@ DKDV = KernelModel(
     "dkdv", 4, 2,
     sram_wgmma=((1 - _short_held) * e * d * (2 * BN + S * 2 * BM)
                 + _short_held * e * d * BM * (2 * S - 1 + 4 * _one_stage)
-                + S * _stats * BM + e * BM * BN + S * BM * BN * X),
+                + S * _stats * BM + e * BM * BN + S * BM * BN * X + _tma),
     sram_mma=(e * d * (2 * BN + sp.Max(S - 1, 1) * 2 * BM) + e * BM * BN + S * _stats * BM
               + sp.Max(S - 1, 1) * BM * BN * X),
     regs=(2 * BN * d + 3 * BM * BN) / T + 80,
@@ -134,7 +137,7 @@ DKDV = KernelModel(
 )
 DQ = KernelModel(
     "dq", 3, 0,
-    sram_wgmma=e * d * (2 * BM + S * 2 * BN) + S * BM * BN * X,
+    sram_wgmma=e * d * (2 * BM + S * 2 * BN) + S * BM * BN * X + _tma,
     sram_mma=e * d * (2 * BM + sp.Max(S - 1, 1) * 2 * BN) + e * BM * BN + sp.Max(S - 1, 1) * BM * BN * X,
     regs=(BM * d + 3 * BM * BN) / T + 56,
     regs_held=2 * e * BM * d / (4 * T),

@@ -221,14 +221,19 @@ def test_sram_model_bounds_the_h200_sweep():
     assert len(points) > 200
     for kernel, D, bm, bn, w, s, shared in points:
         predicted = cost.evaluate(kernel, "sram_wgmma", d=D, BM=bm, BN=bn, e=2, S=s)
-        assert shared <= predicted <= 1.75 * shared, (kernel, D, bm, bn, w, s, shared, predicted)
+        # the sweep's kernels read tiles through tensor descriptors; unpipelined dK/dV with
+        # BN < 64 <= BM took 5·e·d·BM through pointers (the 2026-12-01 pointer sweep), about
+        # 3·e·d·BM through descriptors, and the model bounds both
+        loose = kernel == "dkdv" and s == 1 and bn < 64 <= bm
+        assert shared <= predicted <= (2.25 if loose else 1.75) * shared, (kernel, D, bm, bn, w, s, shared, predicted)
 
 
 def test_sram_exact_where_plans_land():
-    # sm90 forward and dQ: held tiles plus S copies of the streamed K and V tiles
-    assert cost.evaluate("fwd", "sram_wgmma", d=64, BM=64, BN=64, e=2, S=3) == 57344
-    assert cost.evaluate("fwd", "sram_wgmma", d=128, BM=128, BN=64, e=2, S=3) == 131072
-    assert cost.evaluate("dq", "sram_wgmma", d=128, BM=64, BN=32, e=2, S=2) == 65536
+    # sm90 forward and dQ: held tiles plus S copies of the streamed K and V tiles, plus 1024
+    # bytes for the descriptor reads' buffer alignment and barriers
+    assert cost.evaluate("fwd", "sram_wgmma", d=64, BM=64, BN=64, e=2, S=3) == 57344 + 1024
+    assert cost.evaluate("fwd", "sram_wgmma", d=128, BM=128, BN=64, e=2, S=3) == 131072 + 1024
+    assert cost.evaluate("dq", "sram_wgmma", d=128, BM=64, BN=32, e=2, S=2) == 65536 + 1024
 
 
 @pytest.mark.parametrize("kernel", sorted(cost.KERNELS))
