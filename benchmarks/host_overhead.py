@@ -1,0 +1,173 @@
+"""Host time of one fused attention call (forward + backward), split by layer, on a GPU.
+
+    PYTHONPATH=. python3 benchmarks/host_overhead.py                 # GPT-2 small shapes
+    PYTHONPATH=. python3 benchmarks/host_overhead.py --shapes 2:12:4096:64
+
+A training step is host-bound when the host needs longer to enqueue its kernels than the GPU
+needs to run them. For each shape and each way of reading tiles (tensor descriptors, pointers)
+this times, per iteration of forward + backward, with no synchronization inside the loop:
+
+    op        torch.ops.flashfx.attention + attention_backward, as a compiled graph calls them
+    direct    flashfx.runtime.gpu.forward + backward (no dispatcher)
+    launches  the four Triton launches alone, with the arguments `direct` passed them
+    empties   the output allocations alone
+
+`host` is the time to enqueue 100 iterations over 100; `wall` adds the wait for the GPU, so a
+row whose wall exceeds its host time is GPU-bound. Writes host_overhead.json and .png under
+$OUT when set, else benchmarks/out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import flashfx  # noqa: E402,F401 - registers the op
+from flashfx.ir import ScoreOp, ScoreProgram  # noqa: E402
+from flashfx.runtime import gpu  # noqa: E402
+
+KERNELS = ("_attn_fwd", "_attn_bwd_delta", "_attn_bwd_dkdv", "_attn_bwd_dq")
+PARTS = ("op", "direct", "launches", "empties")
+
+
+def host_and_wall(f, n: int = 100) -> tuple[float, float]:
+    """(host µs, wall µs) per call of f over n calls, after 5 warm-up calls."""
+    for _ in range(5):
+        f()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        f()
+    host = (time.perf_counter() - t) / n
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t) / n
+    return host * 1e6, wall * 1e6
+
+
+def recorded_launches(kern, call) -> list:
+    """The (kernel, grid, args, kwargs) of every launch `call()` makes."""
+    seen, orig = [], {n: getattr(kern, n) for n in KERNELS}
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            def launch(*a, **kw):
+                seen.append((orig[self.name], grid, a, kw))
+                return orig[self.name][grid](*a, **kw)
+            return launch
+
+    try:
+        for n in KERNELS:
+            setattr(kern, n, Recorder(n))
+        call()
+    finally:
+        for n in KERNELS:
+            setattr(kern, n, orig[n])
+    return seen
+
+
+def measure(B: int, H: int, N: int, D: int) -> list[dict]:
+    prog = ScoreProgram((ScoreOp("scale", None, D ** -0.5),), "top_left")
+    enc = prog.encode()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, do = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4))
+
+    def op():
+        out, st = torch.ops.flashfx.attention.default(q, k, v, [], enc)
+        torch.ops.flashfx.attention_backward.default(do, q, k, v, out, st, [], enc, [], None)
+
+    def direct():
+        out, st = gpu.forward(q, k, v, [], prog)
+        gpu.backward(do, q, k, v, out, st, [], prog)
+
+    def empties():
+        torch.empty_like(q), torch.empty((2, B, H, N), device="cuda"), torch.empty((B, H, N), device="cuda")
+        torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    rows = []
+    saved = gpu.TMA
+    try:
+        for reads, tma in (("descriptors", None), ("pointers", False)):
+            gpu.TMA = tma
+            launches = recorded_launches(gpu._kernels(prog), direct)
+
+            def raw():
+                for kernel, grid, a, kw in launches:
+                    kernel[grid](*a, **kw)
+
+            for part, f in zip(PARTS, (op, direct, raw, empties)):
+                host, wall = host_and_wall(f)
+                rows.append(dict(B=B, H=H, N=N, D=D, reads=reads, part=part, host_us=host, wall_us=wall))
+                print(f"B={B} H={H} N={N} D={D} {reads:11s} {part:9s} host {host:7.1f} us  wall {wall:7.1f} us",
+                      flush=True)
+    finally:
+        gpu.TMA = saved
+    return rows
+
+
+def plot(rows: list[dict], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    groups = sorted({(r["B"], r["H"], r["N"], r["D"], r["reads"]) for r in rows})
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    width = 0.8 / len(PARTS)
+    for i, part in enumerate(PARTS):
+        ys = [next(r["host_us"] for r in rows if (r["B"], r["H"], r["N"], r["D"], r["reads"]) == gkey
+                   and r["part"] == part) for gkey in groups]
+        ax.bar([j + i * width for j in range(len(groups))], ys, width, label=part)
+    walls = [next(r["wall_us"] for r in rows if (r["B"], r["H"], r["N"], r["D"], r["reads"]) == gkey
+                  and r["part"] == "direct") for gkey in groups]
+    ax.scatter([j + width for j in range(len(groups))], walls, color="k", marker="_", s=400, label="GPU-bound wall")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))])
+    ax.set_xticklabels([f"B{b} H{h} N{n} D{d}\n{r}" for b, h, n, d, r in groups], fontsize=7)
+    ax.set_ylabel("host µs per fwd+bwd")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default="2:12:4096:64,8:12:1024:64", help="B:H:N:D, comma-separated")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("host_overhead: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    rows = []
+    for spec in args.shapes.split(","):
+        rows += measure(*(int(x) for x in spec.split(":")))
+    out_dir = os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "out")
+    os.makedirs(out_dir, exist_ok=True)
+    env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+               triton=__import__("triton").__version__)
+    with open(os.path.join(out_dir, "host_overhead.json"), "w") as f:
+        json.dump(dict(env=env, rows=rows), f, indent=1)
+    plot(rows, os.path.join(out_dir, "host_overhead.png"))
+    print(f"\n{env['gpu']}, torch {env['torch']}, triton {env['triton']}")
+    print("| shape | reads | " + " | ".join(f"{p} host µs" for p in PARTS) + " | wall µs (direct) |")
+    print("|---|---|" + "---|" * (len(PARTS) + 1))
+    for gkey in sorted({(r["B"], r["H"], r["N"], r["D"], r["reads"]) for r in rows}):
+        mine = {r["part"]: r for r in rows if (r["B"], r["H"], r["N"], r["D"], r["reads"]) == gkey}
+        print(f"| B={gkey[0]} H={gkey[1]} N={gkey[2]} D={gkey[3]} | {gkey[4]} | "
+              + " | ".join(f"{mine[p]['host_us']:.0f}" for p in PARTS) + f" | {mine['direct']['wall_us']:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
