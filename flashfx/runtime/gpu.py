@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from functools import lru_cache
+from typing import Callable
 
 import torch
 
 from flashfx.codegen import attention as codegen
 from flashfx.ir import ScoreProgram
+from flashfx.planner import hardware
 from flashfx.planner.plan import TilePlan
 from flashfx.runtime import tiles as tiling
 from flashfx.runtime.tiles import interpreting  # noqa: F401 - re-exported
@@ -41,14 +44,6 @@ def _precision(q: torch.Tensor) -> str:
     return "tf32"
 
 
-def _operand_args(operands):
-    ptrs, strides = [], []
-    for x in operands:  # each already a 4-D view broadcast to [B, H, Nq, Nk]
-        ptrs.append(x)
-        strides += list(x.stride())
-    return ptrs, strides
-
-
 # Tensor descriptors (TMA) for the streamed tiles: None chooses (Hopper and later, when the
 # tensors' layout allows); True or False forces (True also under the Triton interpreter).
 TMA: bool | None = None
@@ -62,35 +57,41 @@ def _tma_capable(index: int) -> bool:
 
 
 def _tma_layout_ok(t: torch.Tensor) -> bool:
-    """The copy engine reads rows of unit stride, 16-byte aligned, at 16-byte-multiple strides."""
-    if t.stride(-1) != 1 or t.data_ptr() % 16 or t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    """The copy engine reads rows of unit stride at 16-byte-multiple strides (the base address
+    must be 16-byte aligned too: checked per call, see `_aligned`)."""
+    if t.stride(-1) != 1 or t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return False
     return all(s > 0 and (s * t.element_size()) % 16 == 0 for s, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1)
 
 
-def _use_tma(*tensors: torch.Tensor) -> bool:
+def _aligned(*tensors: torch.Tensor) -> bool:
+    return all(t.data_ptr() % 16 == 0 for t in tensors)
+
+
+def _tma_allowed(device: torch.device) -> bool:
+    """Whether descriptor reads may be used on `device` at all (the layout decides per call)."""
     if TMA is not None:
-        return TMA and all(_tma_layout_ok(t) for t in tensors)
-    if os.environ.get("FLASHFX_TMA", "1") == "0" or tiling.interpreting() or tensors[0].device.type != "cuda":
+        return TMA
+    if os.environ.get("FLASHFX_TMA", "1") == "0" or tiling.interpreting() or device.type != "cuda":
         return False
-    return _tma_capable(tensors[0].device.index or 0) and all(_tma_layout_ok(t) for t in tensors)
+    return _tma_capable(device.index or 0)
 
 
-def _descriptors(use: bool, rows: int, dpad: int, *tensors: torch.Tensor) -> list:
-    """One 4-D descriptor per tensor, a [1, 1, rows, dpad] box (the tensors themselves when not
-    `use`: the kernel then reads through pointers and never touches these arguments)."""
-    if not use:
-        return list(tensors)
+def _geometry(t: torch.Tensor) -> tuple[list, list]:
+    """Shape and strides of a 4-D descriptor over t (a size-1 dimension's stride is never used:
+    it gets a legal one)."""
+    strides = list(t.stride())
+    for i in range(3):
+        if t.shape[i] == 1:
+            strides[i] = t.shape[i + 1] * strides[i + 1] if i < 2 else t.shape[3]
+    return list(t.shape), strides
+
+
+def _descriptors(geometry, rows: int, dpad: int, *tensors: torch.Tensor) -> list:
+    """One descriptor per tensor, a [1, 1, rows, dpad] box."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    out = []
-    for t in tensors:
-        strides = list(t.stride())
-        for i in range(3):  # a size-1 dimension's stride is never used: give it a legal one
-            if t.shape[i] == 1:
-                strides[i] = t.shape[i + 1] * strides[i + 1] if i < 2 else t.shape[3]
-        out.append(TensorDescriptor(t, list(t.shape), strides, [1, 1, rows, dpad]))
-    return out
+    return [TensorDescriptor(t, shape, strides, [1, 1, rows, dpad]) for t, (shape, strides) in zip(tensors, geometry)]
 
 
 def _seed_args(program: ScoreProgram, seed) -> list:
@@ -101,35 +102,115 @@ def _seed_args(program: ScoreProgram, seed) -> list:
     return [seed]
 
 
+# ---- launches -----------------------------------------------------------------------------
+#
+# Every op call launches the same kernels with the same grids and compile-time arguments as
+# the last call of its signature (program, shapes, strides, dtypes, device, and the settings
+# that steer planning and tile reads). A `_Launch` keeps what a signature fixes; a call then
+# only allocates its outputs and passes its tensors. The first call of a signature plans,
+# through tiles.run_planned (which replans should shared memory overflow), and keeps the
+# launches that ran.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Launch:
+    """One kernel as a signature fixes it: the launcher with its grid and compile-time
+    arguments bound, with pointer reads and (when the layout allows) descriptor reads."""
+
+    ptr: Callable
+    tma: Callable | None = None  # None: this signature reads through pointers
+    rows: int = 0  # descriptor box rows
+    dpad: int = 0
+    geometry: tuple = ()  # (shape, strides) of each descriptor's tensor
+
+    def reads(self, *tensors: torch.Tensor) -> tuple[Callable, list]:
+        """(launcher, the read arguments): descriptors when allowed and aligned, else the tensors."""
+        if self.tma is not None and _aligned(*tensors):
+            return self.tma, _descriptors(self.geometry, self.rows, self.dpad, *tensors)
+        return self.ptr, list(tensors)
+
+
+def _launch(kernel, grid, reads: tuple = (), rows: int = 0, dpad: int = 0, **constexprs) -> _Launch:
+    """`reads`: the tensors the kernel streams tiles of (descriptor candidates)."""
+    bound = kernel[grid]
+    if not reads:
+        return _Launch(functools.partial(bound, **constexprs))
+    tma = None
+    if _tma_allowed(reads[0].device) and all(_tma_layout_ok(t) for t in reads):
+        tma = functools.partial(bound, **constexprs, TMA=True)
+    return _Launch(functools.partial(bound, **constexprs, TMA=False), tma, rows, dpad,
+                   tuple(_geometry(t) for t in reads))
+
+
+_recipes: dict[tuple, tuple] = {}
+_RECIPES_MAX = 1024
+
+
+def _signature(kind: str, program: ScoreProgram, tensors, operands, extra=()) -> tuple | None:
+    """What fixes a call's launches; None when they are chosen per call (autotuning)."""
+    if program.autotune:
+        return None
+    q = tensors[0]
+    return (kind, program, extra, q.dtype, q.device, q.shape, tiling._margins_version,
+            hardware.chosen_by_user(), TMA, FLAT_DKDV, os.environ.get("FLASHFX_TMA"),
+            os.environ.get("TRITON_INTERPRET"), _precision(q),
+            *((t.shape, t.stride()) for t in tensors), *((x.stride(), x.dtype) for x in operands))
+
+
+def _planned(key, make: Callable[[TilePlan], tuple], run: Callable[[tuple], object], q, k, program, operands,
+             kernels: tuple[str, ...], wanted: str = ""):
+    """run(launches) with this signature's launches, made from the plan on the first call."""
+    recipe = _recipes.get(key) if key is not None else None
+    if recipe is not None:
+        return run(recipe)
+    made = []
+
+    def attempt(tiles: TilePlan):
+        launches = make(tiles)
+        result = run(launches)
+        made.append(launches)
+        return result
+
+    result = tiling.run_planned(attempt, q, k, program, operands, kernels, wanted)
+    if key is not None:
+        if len(_recipes) >= _RECIPES_MAX:
+            _recipes.clear()
+        _recipes[key] = made[-1]
+    return result
+
+
 def forward(q, k, v, operands, program: ScoreProgram, tiles: TilePlan | None = None, seed=None):
     """(out [B, H, Nq, D], stats [2, B, H, Nq] fp32: row max, log-sum) via the forward kernel."""
     B, H, Nq, D = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
-    if tiles is None:
-        return tiling.run_planned(lambda t: forward(q, k, v, operands, program, t, seed),
-                                  q, k, program, operands, ("fwd",))
-    kernels = _kernels(program)
-    p = tiles
-    out = torch.empty_like(q)
-    # fp64 for fp64 inputs, as the op's fake implementation promises (the kernel computes fp32)
-    stats_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    stats = torch.empty((2, B, H, Nq), device=q.device, dtype=stats_dtype)
-    xptrs, xstrides = _operand_args(operands)
-    t = p.fwd
-    grid = (triton_cdiv(Nq, t.block_m), B * H)
-    tma = _use_tma(k, v)
-    kernels._attn_fwd[grid](
-        q, k, v, out, stats, *_descriptors(tma, t.block_n, p.head_dim_pad, k, v),
-        *_seed_args(program, seed), *xptrs,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        *xstrides,
-        H, Nq, Nk, B * H * Nq,
-        GROUP=H // Hk, CAUSAL=_CAUSAL_CODE[program.causal],
-        HEAD_DIM=D, HEAD_DIM_PAD=p.head_dim_pad,
-        BLOCK_M=t.block_m, BLOCK_N=t.block_n, PRECISION=_precision(q), TMA=tma,
-        num_warps=t.num_warps, num_stages=t.num_stages,
-    )
-    return out, stats
+
+    def make(p: TilePlan):
+        t = p.fwd
+        fwd = _launch(_kernels(program)._attn_fwd, (triton_cdiv(Nq, t.block_m), B * H), (k, v), t.block_n,
+                      p.head_dim_pad, GROUP=H // Hk, CAUSAL=_CAUSAL_CODE[program.causal], HEAD_DIM=D,
+                      HEAD_DIM_PAD=p.head_dim_pad, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+                      PRECISION=_precision(q), num_warps=t.num_warps, num_stages=t.num_stages)
+        return (fwd,)
+
+    def run(launches):
+        (fwd,) = launches
+        out = torch.empty_like(q)
+        # fp64 for fp64 inputs, as the op's fake implementation promises (the kernel computes fp32)
+        stats = torch.empty((2, B, H, Nq), device=q.device,
+                            dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+        launch, reads = fwd.reads(k, v)
+        launch(q, k, v, out, stats, *reads, *_seed_args(program, seed), *operands,
+               *q.stride(), *k.stride(), *v.stride(), *out.stride(), *_strides(operands),
+               H, Nq, Nk, B * H * Nq)
+        return out, stats
+
+    if tiles is not None:
+        return run(make(tiles))
+    return _planned(_signature("fwd", program, (q, k, v), operands), make, run, q, k, program, operands, ("fwd",))
+
+
+def _strides(operands) -> list:
+    return [s for x in operands for s in x.stride()]  # each a 4-D view broadcast to [B, H, Nq, Nk]
 
 
 def backward(dout, q, k, v, out, stats, operands, program: ScoreProgram, tiles: TilePlan | None = None,
@@ -145,46 +226,49 @@ def backward(dout, q, k, v, out, stats, operands, program: ScoreProgram, tiles: 
     B, H, Nq, D = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
     wanted = tuple(sorted(operand_grads or {}))
-    if tiles is None:
-        return tiling.run_planned(
-            lambda t: backward(dout, q, k, v, out, stats, operands, program, t, operand_grads, seed),
-            q, k, program, operands, ("dkdv", "dq"), "+grad" + ",".join(map(str, wanted)) if wanted else "")
-    kernels = _kernels(program, wanted)
-    d_bufs = [torch.zeros((B, H, Nq, Nk), device=q.device, dtype=torch.float32) for _ in wanted]
-    dx_args = [a for buf in d_bufs for a in (buf, *buf.stride())]
-    p = tiles
-    delta = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
-    dq = torch.empty_like(q)
-    dk, dv = torch.empty_like(k), torch.empty_like(v)  # the strides the fake impl promises
-    xptrs, xstrides = _operand_args(operands)
-    common = dict(GROUP=H // Hk, CAUSAL=_CAUSAL_CODE[program.causal],
-                  HEAD_DIM=D, HEAD_DIM_PAD=p.head_dim_pad, PRECISION=_precision(q))
 
-    t = p.fwd
-    kernels._attn_bwd_delta[(triton_cdiv(Nq, t.block_m), B * H)](
-        out, dout, delta, *out.stride(), *dout.stride(), H, Nq,
-        HEAD_DIM=D, HEAD_DIM_PAD=p.head_dim_pad, BLOCK_M=t.block_m,
-    )
-    t = p.bwd_dkdv
-    tma = _use_tma(q, dout)
-    kernels._attn_bwd_dkdv[(triton_cdiv(Nk, t.block_n), B * Hk)](
-        q, k, v, dout, stats, delta, dk, dv, *_descriptors(tma, t.block_m, p.head_dim_pad, q, dout),
-        *_seed_args(program, seed), *xptrs,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
-        *xstrides, H, Nq, Nk, B * H * Nq, **common,
-        BLOCK_M=t.block_m, BLOCK_N=t.block_n, TMA=tma, FLAT=_flat_dkdv(p.head_dim_pad),
-        num_warps=t.num_warps, num_stages=t.num_stages,
-    )
-    t = p.bwd_dq
-    tma = _use_tma(k, v)
-    kernels._attn_bwd_dq[(triton_cdiv(Nq, t.block_m), B * H)](
-        q, k, v, dout, stats, delta, dq, *_descriptors(tma, t.block_n, p.head_dim_pad, k, v),
-        *_seed_args(program, seed), *xptrs, *dx_args,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
-        *xstrides, H, Nq, Nk, B * H * Nq, **common,
-        BLOCK_M=t.block_m, BLOCK_N=t.block_n, TMA=tma,
-        num_warps=t.num_warps, num_stages=t.num_stages,
-    )
+    def make(p: TilePlan):
+        kernels = _kernels(program, wanted)
+        common = dict(GROUP=H // Hk, CAUSAL=_CAUSAL_CODE[program.causal], HEAD_DIM=D,
+                      HEAD_DIM_PAD=p.head_dim_pad, PRECISION=_precision(q))
+        t = p.fwd
+        delta = _launch(kernels._attn_bwd_delta, (triton_cdiv(Nq, t.block_m), B * H),
+                        HEAD_DIM=D, HEAD_DIM_PAD=p.head_dim_pad, BLOCK_M=t.block_m)
+        t = p.bwd_dkdv
+        dkdv = _launch(kernels._attn_bwd_dkdv, (triton_cdiv(Nk, t.block_n), B * Hk), (q, dout), t.block_m,
+                       p.head_dim_pad, **common, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+                       FLAT=_flat_dkdv(p.head_dim_pad), num_warps=t.num_warps, num_stages=t.num_stages)
+        t = p.bwd_dq
+        dq = _launch(kernels._attn_bwd_dq, (triton_cdiv(Nq, t.block_m), B * H), (k, v), t.block_n,
+                     p.head_dim_pad, **common, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+                     num_warps=t.num_warps, num_stages=t.num_stages)
+        return delta, dkdv, dq
+
+    def run(launches):
+        l_delta, l_dkdv, l_dq = launches
+        d_bufs = [torch.zeros((B, H, Nq, Nk), device=q.device, dtype=torch.float32) for _ in wanted]
+        dx_args = [a for buf in d_bufs for a in (buf, *buf.stride())]
+        delta = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
+        dq = torch.empty_like(q)
+        dk, dv = torch.empty_like(k), torch.empty_like(v)  # the strides the fake impl promises
+        seeds, xstrides = _seed_args(program, seed), _strides(operands)
+        l_delta.ptr(out, dout, delta, *out.stride(), *dout.stride(), H, Nq)
+        launch, reads = l_dkdv.reads(q, dout)
+        launch(q, k, v, dout, stats, delta, dk, dv, *reads, *seeds, *operands,
+               *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
+               *xstrides, H, Nq, Nk, B * H * Nq)
+        launch, reads = l_dq.reads(k, v)
+        launch(q, k, v, dout, stats, delta, dq, *reads, *seeds, *operands, *dx_args,
+               *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
+               *xstrides, H, Nq, Nk, B * H * Nq)
+        return dq, dk, dv, d_bufs
+
+    if tiles is not None:
+        dq, dk, dv, d_bufs = run(make(tiles))
+    else:
+        key = _signature("bwd", program, (q, k, v, dout, out), operands, tuple(sorted((operand_grads or {}).items())))
+        dq, dk, dv, d_bufs = _planned(key, make, run, q, k, program, operands, ("dkdv", "dq"),
+                                      "+grad" + ",".join(map(str, wanted)) if wanted else "")
     if operand_grads is None:
         return dq, dk, dv
     d_ops = {}
