@@ -105,7 +105,7 @@ def _seed_args(program: ScoreProgram, seed) -> list:
 # ---- launches -----------------------------------------------------------------------------
 #
 # Every op call launches the same kernels with the same grids and compile-time arguments as
-# the last call of its signature (program, shapes, strides, dtypes, device, and the settings
+# every earlier call of its signature (program, shapes, strides, dtypes, device, and the settings
 # that steer planning and tile reads). A `_Launch` keeps what a signature fixes; a call then
 # only allocates its outputs and passes its tensors. The first call of a signature plans,
 # through tiles.run_planned (which replans should shared memory overflow), and keeps the
