@@ -139,13 +139,16 @@ def measure(variant: str, cfg: GPTConfig, seq: int, batch: int, args) -> dict:
         start.record()
     t0 = time.perf_counter()
     timed = [train_step(run, opt, x, y, autocast) for _ in range(args.steps)]
+    # the host's time to enqueue the steps: close to the step time, the step is host-bound
+    host_ms = (time.perf_counter() - t0) * 1e3 / args.steps
     if cuda:
         end.record()
     sync()
     ms = (start.elapsed_time(end) if cuda else (time.perf_counter() - t0) * 1e3) / args.steps
     losses += [t.item() for t in timed]
 
-    row.update(ms=ms, tokens_per_s=batch * seq / ms * 1e3, first_loss=losses[0], last_loss=losses[-1])
+    row.update(ms=ms, host_ms=host_ms, tokens_per_s=batch * seq / ms * 1e3, first_loss=losses[0],
+               last_loss=losses[-1])
     if cuda:
         row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         row["reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
@@ -230,20 +233,22 @@ def row_text(r) -> str:
 
 def table(rows) -> list[str]:
     """seq, variant, tokens/s, ratios, peak GiB and loss: markdown, also printed as is."""
-    out = ["| seq | batch | variant | tokens/s | × inductor-sdpa | × eager | peak GiB | peak − sdpa MiB | first loss | loss Δ |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| seq | batch | variant | tokens/s | × inductor-sdpa | × eager | ms/step | host ms/step | peak GiB | "
+           "peak − sdpa MiB | first loss | loss Δ |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["seq"], VARIANTS.index(r["variant"]))):
         if "tokens_per_s" not in r:
-            out.append(f"| {r['seq']} | {r['batch']} | {r['variant']} | {_status(r)} | — | — | — | — | — | — |")
+            out.append(f"| {r['seq']} | {r['batch']} | {r['variant']} | {_status(r)} | — | — | — | — | — | — | — | — |")
             continue
+        host = f"{r['host_ms']:.1f}" if "host_ms" in r else "—"
         peak = f"{r['peak_gib']:.3f}" if "peak_gib" in r else "—"
         sdpa = _find(rows, r["seq"], "inductor-sdpa")
         # the peak against the SDPA model's, in MiB: a few MiB hide in the GiB column
         dpeak = f"{(r['peak_gib'] - sdpa['peak_gib']) * 1024:+.1f}" if "peak_gib" in r and "peak_gib" in sdpa else "—"
         diff = f"{r['loss_rel_diff']:.1e}" + ("" if r.get("loss_ok", True) else " ✗") if "loss_rel_diff" in r else "—"
         out.append(f"| {r['seq']} | {r['batch']} | {r['variant']} | {r['tokens_per_s']:,.0f} | "
-                   f"{_ratio(rows, r, 'inductor-sdpa')} | {_ratio(rows, r, 'eager')} | {peak} | {dpeak} | "
-                   f"{r['first_loss']:.4f} | {diff} |")
+                   f"{_ratio(rows, r, 'inductor-sdpa')} | {_ratio(rows, r, 'eager')} | {r['ms']:.1f} | {host} | "
+                   f"{peak} | {dpeak} | {r['first_loss']:.4f} | {diff} |")
     return out
 
 
@@ -279,8 +284,9 @@ def markdown(rows, env, args, cfg_line: str) -> str:
         "",
         f"{cfg_line} A step: forward under bf16 autocast with fp32 weights, cross entropy, backward, "
         f"fused AdamW, zero_grad; {args.warmup} warm-up step{'s' if args.warmup > 1 else ''} (the first compiles), then the mean of "
-        f"{args.steps} timed steps. Peak: max_memory_allocated over the timed steps (weights, grads, "
-        f"AdamW state, activations). Every variant is a fresh model from the same seed.",
+        f"{args.steps} timed steps. Host ms/step: the time the host took to enqueue those steps; when it "
+        f"is close to ms/step, the step is host-bound. Peak: max_memory_allocated over the timed steps "
+        f"(weights, grads, AdamW state, activations). Every variant is a fresh model from the same seed.",
         "",
         "- **eager**: the model as written (attention by hand: `q @ kᵀ · scale`, `masked_fill` from "
         "a tril buffer, softmax, `@ v`).",
