@@ -14,7 +14,7 @@ import torch
 
 from flashfx.ir import ScoreProgram
 from flashfx.passes import pipeline
-from flashfx.runtime import ops
+from flashfx.runtime import gpu, ops
 from flashfx.runtime import tiles as tiling
 
 
@@ -95,7 +95,14 @@ def _plan_text(site) -> str | None:
         program = site.program or ScoreProgram()
         op_bytes = sum(_element_size(x.node) for x in site.operands)
         plan = tiling.for_shape(*shapes, site.dtype, dev, program, op_bytes)
-        return f"Triton kernels{where}, " + plan.summary()
+        text = f"Triton kernels{where}, " + plan.summary()
+        (B, H, Nq, _), Nk = shapes[0], shapes[1][2]
+        programs = -(-Nq // plan.fwd.block_m) * B * H
+        parts = gpu._fwd_splits(programs, Nk, plan.fwd.block_n, dev)
+        if parts > 1:
+            text += (f"; fwd key range in {parts} parts ({programs} query-block programs would leave SMs "
+                     f"idle), merged by a combine kernel")
+        return text
     return "CPU chunked path (Rabe-Staats: query and key chunks, running max and sum)"
 
 

@@ -227,6 +227,18 @@ def test_explain_reports_location_and_plan():
     assert "1 of 1 attention sites fused" in str(report)
 
 
+def test_explain_says_when_the_forward_splits_its_key_range(monkeypatch):
+    from flashfx import config
+    from flashfx.runtime import gpu
+
+    monkeypatch.setattr(config, "cpu_kernel", "triton")  # the kernels' plan, interpreted
+    q, k, v = (_rand(1, 2, 8, 16, seed=i) for i in range(3))
+    assert "parts" not in flashfx.explain(plain_mul, q, k, v).sites[0].plan
+    monkeypatch.setattr(gpu, "FWD_SPLITS", 3)
+    plan = flashfx.explain(plain_mul, q, k, v).sites[0].plan
+    assert "fwd key range in 3 parts" in plan, plan
+
+
 def test_unknown_option_is_a_clear_error():
     with pytest.raises(Exception, match="unknown option 'innr'"):
         torch.compile(plain_mul, backend="flashfx", options={"innr": "eager"})(*(_rand(1, 1, 4, 16) for _ in range(3)))

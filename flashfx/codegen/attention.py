@@ -1,7 +1,8 @@
 """Emit the Triton source of one attention site's kernels, with its score program inlined.
 
-    emit(program) -> source text of four kernels:
-      _attn_fwd        O = softmax(f(Q Kᵀ)) V, saves LSE                 grid (Nq/BM, B·H)
+    emit(program) -> source text of five kernels:
+      _attn_fwd        O = softmax(f(Q Kᵀ)) V, saves LSE                 grid (Nq/BM, B·H[, parts])
+      _attn_fwd_combine  merges the parts of a split key range           grid (Nq/BM, B·H)
       _attn_bwd_delta  Δ = rowsum(dO ∘ O)                                grid (Nq/BM, B·H)
       _attn_bwd_dkdv   dK, dV: holds a K/V block, streams Q blocks       grid (Nk/BN, B·Hk)
       _attn_bwd_dq     dQ: holds a Q block, streams K/V blocks           grid (Nq/BM, B·H)
@@ -19,6 +20,10 @@ max so large that adding log Σ to it would round the sum away.
 
 Key blocks come in two loops: blocks every query row of the tile sees whole (no masks at all)
 and the rest (the causal diagonal, the ragged end of N), where bounds and causal masks apply.
+
+When (query blocks × batch·heads) would leave most SMs idle, the forward splits the key range
+into parts (SPLITS, a third grid axis): each part writes its unnormalized output and row
+statistics, and _attn_fwd_combine weighs them by exp(part max − overall max).
 
 Streamed tiles (K, V in the forward and dQ; Q, dO in dK/dV) are read through tensor
 descriptors when the launch passes them (TMA=1: the copy engine fetches a [BN, D] box and
@@ -329,7 +334,7 @@ _FWD = '''
 
 @triton.jit
 def _attn_fwd(
-    Q, K, V, Out, Stats, KDesc, VDesc, {seedparam}{xptrs}   # q: [B, H, Nq, D]; k, v: [B, Hk, Nk, D]
+    Q, K, V, Out, Stats, KDesc, VDesc, PartO, PartStats, {seedparam}{xptrs}   # q: [B, H, Nq, D]; k, v: [B, Hk, Nk, D]
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -342,6 +347,8 @@ def _attn_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,      # tl.dot input precision for fp32 inputs ("tf32" / "ieee")
     TMA: tl.constexpr,            # K, V tiles through the descriptors KDesc, VDesc (else K, V pointers)
+    SPLITS: tl.constexpr,         # > 1: program_id(2) takes one part of the key range and writes
+                                  # unnormalized partials to PartO, PartStats for _attn_fwd_combine
 ):
     tl.static_assert(HEAD_DIM_PAD >= 16)
     tl.static_assert(BLOCK_N >= 16)
@@ -377,17 +384,74 @@ def _attn_fwd(
         hi = tl.maximum(hi, 0)
         full = tl.minimum(full, tl.maximum(pid_m * BLOCK_M + DIAG + 1, 0) // BLOCK_N * BLOCK_N)
 
-    for n in range(0, full, BLOCK_N):
+    if SPLITS > 1:  # this program's part of the key blocks: [s_lo, s_lo + chunk)
+        chunk = tl.cdiv(tl.cdiv(N_K, BLOCK_N), SPLITS) * BLOCK_N
+        s_lo = tl.program_id(2) * chunk
+        full_lo = tl.minimum(s_lo, full)
+        full_hi = tl.minimum(full, s_lo + chunk)
+        masked_lo = tl.maximum(full, s_lo)
+        masked_hi = tl.minimum(hi, s_lo + chunk)
+    else:
+        full_lo = 0
+        full_hi = full
+        masked_lo = full
+        masked_hi = hi
+
+    for n in range(full_lo, full_hi, BLOCK_N):
 {step_full}
-    for n in range(full, hi, BLOCK_N):
+    for n in range(masked_lo, masked_hi, BLOCK_N):
 {step_masked}
 
-    # ---- normalize; rows that saw no key at all give 0, rowmax = -inf, logsum = 0 ----
+    if SPLITS > 1:
+        # unnormalized: the combine weighs each part by exp(its row max - the overall max)
+        part = (tl.program_id(2) * STATS_PLANE + pid_bh * N_Q + offs_m).to(tl.int64)
+        tl.store(PartO + part[:, None] * HEAD_DIM_PAD + offs_d[None, :], acc, mask=m_ok[:, None])
+        tl.store(PartStats + part, m_i, mask=m_ok)
+        tl.store(PartStats + SPLITS * STATS_PLANE + part, l_i, mask=m_ok)
+    else:
+        # ---- normalize; rows that saw no key at all give 0, rowmax = -inf, logsum = 0 ----
+        l_use = tl.where(l_i == 0.0, 1.0, l_i)
+        acc = acc / l_use[:, None]{keep_scale}
+        o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+        tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+        # stats, natural-log units: [0] the row max of the scores, [1] log Σ exp(s - max)
+        tl.store(Stats + pid_bh * N_Q + offs_m, {rowmax_nat}, mask=m_ok)
+        tl.store(Stats + STATS_PLANE + pid_bh * N_Q + offs_m, tl.log2(l_use) * LN2, mask=m_ok)
+
+
+@triton.jit
+def _attn_fwd_combine(
+    PartO, PartStats, Out, Stats,     # partials: [SPLITS, B·H, Nq, D_PAD] fp32, [2, SPLITS, B·H, Nq]
+    stride_ob, stride_oh, stride_om, stride_od,
+    H, N_Q, STATS_PLANE,
+    SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    # merge the parts of a split key range: O = Σ w_s acc_s / Σ w_s l_s, w_s = exp(m_s - max m)
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    m_ok = offs_m < N_Q
+    row = pid_bh * N_Q + offs_m
+    m_i = tl.full([BLOCK_M], float('-inf'), tl.float32)
+    for s in tl.static_range(SPLITS):
+        m_i = tl.maximum(m_i, tl.load(PartStats + s * STATS_PLANE + row, mask=m_ok, other=float('-inf')))
+    m_use = tl.where(m_i == float('-inf'), 0.0, m_i)  # a row no part saw a key of stays 0
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+    for s in tl.static_range(SPLITS):
+        m_s = tl.load(PartStats + s * STATS_PLANE + row, mask=m_ok, other=float('-inf'))
+        l_s = tl.load(PartStats + (SPLITS + s) * STATS_PLANE + row, mask=m_ok, other=0.0)
+        w = tl.where(m_s == float('-inf'), 0.0, tl.exp2({combine_units}))
+        l_i += w * l_s
+        part = (s * STATS_PLANE + row).to(tl.int64)
+        acc += w[:, None] * tl.load(PartO + part[:, None] * HEAD_DIM_PAD + offs_d[None, :], mask=m_ok[:, None], other=0.0)
     l_use = tl.where(l_i == 0.0, 1.0, l_i)
     acc = acc / l_use[:, None]{keep_scale}
     o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
-    # stats, natural-log units: [0] the row max of the scores, [1] log Σ exp(s - max)
+    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=m_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
     tl.store(Stats + pid_bh * N_Q + offs_m, {rowmax_nat}, mask=m_ok)
     tl.store(Stats + STATS_PLANE + pid_bh * N_Q + offs_m, tl.log2(l_use) * LN2, mask=m_ok)
 
@@ -532,7 +596,7 @@ def _attn_bwd_dq(
 
 
 def emit(program: ScoreProgram, grad_operands: tuple = ()) -> str:
-    """Triton source of the four kernels for `program` (see the module docstring).
+    """Triton source of the five kernels for `program` (see the module docstring).
 
     grad_operands: indices of float operands whose gradient the dQ kernel also writes.
     """
@@ -559,6 +623,7 @@ def emit(program: ScoreProgram, grad_operands: tuple = ()) -> str:
         keep_scale=" * KEEP_SCALE  # dropout kept 1 - P of the weights" if program.dropout else "",
         dq_stats=_block(_stats_lines("pid_bh", folded), 4),
         rowmax_nat="m_i * LN2" if folded else "m_i",
+        combine_units=_log2_units("m_s - m_use", folded),
     )
 
 

@@ -204,3 +204,14 @@ def plan(head_dim: int, elt_bytes: int, gpu: GPU, interpret: bool = False, *,
             + (f" GQA {shape.group}" if shape.group > 1 else "")
             + (f" operands {operand_bytes} B/score" if operand_bytes else ""))
     return TilePlan(d_pad, chosen["fwd"], chosen["dkdv"], chosen["dq"], limit, gpu.name, desc)
+
+
+def kv_splits(programs: int, n_k: int, block_n: int, sm_count: int, max_splits: int = 16) -> int:
+    """Parts to split a forward's key range into, so that a grid of `programs` (query blocks ×
+    batch·heads) fills the GPU: 1 while the grid covers half the SMs; else enough parts for one
+    program per SM, each part at least 4 key blocks (a part pays a pipeline prologue, and the
+    combine reads its [BM, d] fp32 partial back)."""
+    if programs * 2 >= sm_count:
+        return 1
+    blocks = -(-n_k // block_n)
+    return max(1, min(max_splits, -(-sm_count // programs), blocks // 4))

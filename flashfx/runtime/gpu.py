@@ -13,7 +13,7 @@ import torch
 from flashfx.codegen import attention as codegen
 from flashfx.ir import ScoreProgram
 from flashfx.planner import hardware
-from flashfx.planner.plan import TilePlan
+from flashfx.planner.plan import TilePlan, kv_splits
 from flashfx.runtime import tiles as tiling
 from flashfx.runtime.tiles import interpreting  # noqa: F401 - re-exported
 
@@ -49,6 +49,8 @@ def _precision(q: torch.Tensor) -> str:
 TMA: bool | None = None
 # dK/dV's loop over a GQA group: None chooses; True one flattened loop; False nested loops.
 FLAT_DKDV: bool | None = None
+# Parts of the forward's key range: None chooses (plan.kv_splits, on CUDA); an int forces.
+FWD_SPLITS: int | None = None
 
 
 @lru_cache(maxsize=8)
@@ -186,27 +188,42 @@ def forward(q, k, v, operands, program: ScoreProgram, tiles: TilePlan | None = N
 
     def make(p: TilePlan):
         t = p.fwd
-        fwd = _launch(_kernels(program)._attn_fwd, (triton_cdiv(Nq, t.block_m), B * H), (k, v), t.block_n,
+        kernels = _kernels(program)
+        grid = (triton_cdiv(Nq, t.block_m), B * H)
+        splits = _fwd_splits(grid[0] * grid[1], Nk, t.block_n, q.device)
+        fwd = _launch(kernels._attn_fwd, grid + (splits,), (k, v), t.block_n,
                       p.head_dim_pad, GROUP=H // Hk, CAUSAL=_CAUSAL_CODE[program.causal], HEAD_DIM=D,
                       HEAD_DIM_PAD=p.head_dim_pad, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
-                      PRECISION=_precision(q), num_warps=t.num_warps, num_stages=t.num_stages)
-        return (fwd,)
+                      PRECISION=_precision(q), SPLITS=splits, num_warps=t.num_warps, num_stages=t.num_stages)
+        if splits == 1:
+            return fwd, None, 1, p.head_dim_pad
+        combine = _launch(kernels._attn_fwd_combine, grid, SPLITS=splits, HEAD_DIM=D,
+                          HEAD_DIM_PAD=p.head_dim_pad, BLOCK_M=t.block_m)
+        return fwd, combine, splits, p.head_dim_pad
 
     def run(launches):
-        (fwd,) = launches
+        fwd, combine, splits, dpad = launches
         out = torch.empty_like(q)
         # fp64 for fp64 inputs, as the op's fake implementation promises (the kernel computes fp32)
         stats = torch.empty((2, B, H, Nq), device=q.device,
                             dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+        if combine is None:
+            part_o, part_stats = out, stats  # not read: the kernel writes out and stats itself
+        else:
+            part_o = torch.empty((splits, B * H, Nq, dpad), device=q.device, dtype=torch.float32)
+            part_stats = torch.empty((2, splits, B * H, Nq), device=q.device, dtype=torch.float32)
         launch, reads = fwd.reads(k, v)
-        launch(q, k, v, out, stats, *reads, *_seed_args(program, seed), *operands,
+        launch(q, k, v, out, stats, *reads, part_o, part_stats, *_seed_args(program, seed), *operands,
                *q.stride(), *k.stride(), *v.stride(), *out.stride(), *_strides(operands),
                H, Nq, Nk, B * H * Nq)
+        if combine is not None:
+            combine.ptr(part_o, part_stats, out, stats, *out.stride(), H, Nq, B * H * Nq)
         return out, stats
 
     if tiles is not None:
         return run(make(tiles))
-    return _planned(_signature("fwd", program, (q, k, v), operands), make, run, q, k, program, operands, ("fwd",))
+    key = _signature("fwd", program, (q, k, v), operands, FWD_SPLITS)
+    return _planned(key, make, run, q, k, program, operands, ("fwd",))
 
 
 def _strides(operands) -> list:
@@ -277,6 +294,14 @@ def backward(dout, q, k, v, out, stats, operands, program: ScoreProgram, tiles: 
         dims = [d for d in range(4) if shape[d] == 1 and buf.shape[d] != 1]
         d_ops[i] = buf.sum(dims, keepdim=True) if dims else buf
     return dq, dk, dv, d_ops
+
+
+def _fwd_splits(programs: int, n_k: int, block_n: int, device: torch.device) -> int:
+    if FWD_SPLITS is not None:
+        return FWD_SPLITS
+    if device.type != "cuda" or tiling.interpreting():
+        return 1
+    return kv_splits(programs, n_k, block_n, tiling.gpu_of(device).sm_count)
 
 
 def _flat_dkdv(head_dim_pad: int) -> bool:

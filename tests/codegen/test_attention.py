@@ -89,6 +89,30 @@ def test_interpreted_tile_reads_and_dkdv_loops(monkeypatch, prog, tma, flat):
     _run(2, 4, 2, 40, 70, 24, torch.float32, PROGRAMS[prog], "cpu")
 
 
+@pytest.mark.parametrize("splits", [2, 3])
+@pytest.mark.parametrize("prog", ["scale", "causal", "bottom_right", "bias_keep", "drop_causal"])
+@pytest.mark.parametrize("shape", [(2, 4, 2, 40, 70, 24), (1, 2, 1, 1, 90, 16), (1, 2, 2, 5, 33, 32)],
+                         ids=["gqa-cross", "one-query", "few-queries"])
+def test_interpreted_split_key_range(monkeypatch, prog, shape, splits):
+    # the forward split into parts of the key range, merged by the combine kernel: parts that
+    # see no key (causal rows, short ranges) must weigh nothing; the backward uses its stats
+    if torch.cuda.is_available():
+        pytest.skip("covered by the gpu tests")
+    if shape[3] == 1 and PROGRAMS[prog].causal == "top_left":
+        pytest.skip("one query under a top-left diagonal sees one key: its gradients are all 0")
+    monkeypatch.setattr(gpu, "FWD_SPLITS", splits)
+    _run(*shape, torch.float32, PROGRAMS[prog], "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("splits", [2, 5])
+@pytest.mark.parametrize("prog", ["causal", "bottom_right", "bias_keep", "drop_causal"])
+def test_gpu_split_key_range(monkeypatch, prog, splits):
+    monkeypatch.setattr(gpu, "FWD_SPLITS", splits)
+    _run(2, 8, 2, 1, 1000, 128, torch.bfloat16, PROGRAMS[prog], "cuda")
+    _run(1, 4, 4, 70, 513, 64, torch.float16, PROGRAMS[prog], "cuda")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointers"])
 @pytest.mark.parametrize("flat", [True, False], ids=["flat", "nested"])
@@ -112,12 +136,14 @@ def test_emitted_source_is_python_and_inlines_the_program():
     src = codegen.emit(prog)
     ast.parse(src)
     assert str(prog) in src  # the header names the program it was made for
-    for kernel in ("_attn_fwd", "_attn_bwd_delta", "_attn_bwd_dkdv", "_attn_bwd_dq"):
+    for kernel in ("_attn_fwd", "_attn_fwd_combine", "_attn_bwd_delta", "_attn_bwd_dkdv", "_attn_bwd_dq"):
         assert f"def {kernel}(" in src
     # two operands: pointers X0, X1 and their strides; the mask is applied with tl.where
     assert "X0, X1," in src and "sx1_n" in src and "tl.where(x0, float('-inf'), s)" in src
-    # no N×N buffer: the kernels only store O, the two row statistics, Δ, dQ, dK, dV
-    assert src.count("tl.store(") == 7
+    # no N×N buffer: the kernels only store O, the two row statistics (from the forward, or
+    # from the combine of a split forward, whose parts store [BM, D] partials and their two row
+    # statistics), Δ, dQ, dK, dV
+    assert src.count("tl.store(") == 7 + 3 + 3
 
 
 def test_scale_only_program_folds_log2e():

@@ -4,7 +4,7 @@ import pytest
 
 from flashfx.planner import hardware
 from flashfx.planner.hardware import KNOWN
-from flashfx.planner.plan import candidates, plan
+from flashfx.planner.plan import candidates, kv_splits, plan
 
 # the limits of each architecture the planner must respect, whatever GPU carries them
 LIMITS = {
@@ -110,3 +110,16 @@ def test_positional_interpret_and_small_tiles():
 def test_plan_rejects_bad_head_dim():
     with pytest.raises(ValueError, match="head dim"):
         plan(512, 2, KNOWN["H100"])
+
+
+def test_key_range_splits_only_when_the_grid_leaves_sms_idle():
+    h200 = KNOWN["H200"].sm_count
+    # the benchmark shapes launch thousands of programs: never split
+    assert kv_splits(programs=64 * 16, n_k=4096, block_n=64, sm_count=h200) == 1
+    assert kv_splits(programs=h200 // 2, n_k=4096, block_n=64, sm_count=h200) == 1
+    # decoding: one query block per batch·head, a long key range: enough parts for every SM
+    assert kv_splits(programs=32, n_k=4096, block_n=64, sm_count=h200) == -(-h200 // 32)
+    assert kv_splits(programs=1, n_k=1 << 16, block_n=64, sm_count=h200) == 16  # capped
+    # every part keeps at least 4 key blocks
+    assert kv_splits(programs=8, n_k=512, block_n=64, sm_count=h200) == 2
+    assert kv_splits(programs=8, n_k=128, block_n=64, sm_count=h200) == 1

@@ -84,3 +84,11 @@ def test_autotuned_programs_choose_per_call(monkeypatch, tmp_path):
         gpu.forward(q, k, v, [], tuned)
     assert len(calls) == 2 and not gpu._recipes
     tiling.clear_memory()
+
+
+def test_forced_key_range_parts_are_part_of_the_signature(monkeypatch):
+    calls = _planning_calls(monkeypatch)
+    _check(*_qkvd(0))
+    monkeypatch.setattr(gpu, "FWD_SPLITS", 3)  # the forward in 3 parts plus a combine
+    _check(*_qkvd(1))
+    assert len(calls) == 3  # the forward planned again, the backward's launches reused
