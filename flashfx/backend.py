@@ -5,6 +5,11 @@ Options:
   autotune: False (default): the planner's tiles. True: on the first call of each site at a
             new GPU and shape bucket, time the planner's top candidates and keep the fastest
             in an on-disk cache (FLASHFX_CACHE_DIR, else ~/.cache/flashfx/autotune.json).
+
+`torch.compile(model, backend="flashfx", mode=...)` hands the mode's inductor settings to the
+inner inductor compile: "reduce-overhead" puts the whole compiled graph, flashfx's kernels
+included, in CUDA graphs; "max-autotune" tunes inductor's own kernels. torch.compile takes
+either a mode or options, not both.
 """
 
 from __future__ import annotations
@@ -34,7 +39,22 @@ def parse_options(options: dict | None) -> dict:
     return opts
 
 
-def inner_compile(gm: fx.GraphModule, example_inputs, inner: str):
+def mode_settings(mode: str | None, inner: str) -> dict:
+    """Inductor's settings for torch.compile's `mode` (none for the default mode)."""
+    if mode in (None, "default"):
+        return {}
+    if inner != "inductor":
+        raise ValueError(f"flashfx: mode={mode!r} sets inductor's options; the inner compiler is {inner!r}")
+    import torch._inductor
+
+    try:
+        return dict(torch._inductor.list_mode_options(mode))
+    except RuntimeError as e:
+        raise ValueError(f"flashfx: {e}") from None
+
+
+def inner_compile(gm: fx.GraphModule, example_inputs, inner: str, mode: str | None = None):
+    patches = mode_settings(mode, inner)
     if inner == "eager":
         return gm.forward
     if inner == "aot_eager":
@@ -44,7 +64,6 @@ def inner_compile(gm: fx.GraphModule, example_inputs, inner: str):
     import torch._inductor.config as inductor_config
     from torch._inductor.compile_fx import compile_fx
 
-    patches = {}
     if inductor_config.post_grad_custom_post_pass is None:  # never replace a user's own pass
         patches["post_grad_custom_post_pass"] = _runtime_version()
     return compile_fx(gm, example_inputs, config_patches=patches)
@@ -82,15 +101,14 @@ def _runtime_version():
 
 
 def flashfx_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, mode: str | None = None):
-    """Fuse every attention site of `gm`, then hand the graph to the inner compiler.
-
-    `mode` (torch.compile(mode=...)) is accepted and not used: flashfx has no modes yet.
-    """
+    """Fuse every attention site of `gm`, then hand the graph to the inner compiler, with the
+    inductor settings of torch.compile's `mode`."""
     opts = parse_options(options)
+    mode_settings(mode, opts["inner"])  # a bad mode fails before any pass runs
     pipeline.run(gm, example_inputs)
     if opts["autotune"]:
         _autotune_sites(gm)
-    return inner_compile(gm, example_inputs, opts["inner"])
+    return inner_compile(gm, example_inputs, opts["inner"], mode)
 
 
 def _autotune_sites(gm: fx.GraphModule) -> None:

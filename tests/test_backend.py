@@ -239,6 +239,38 @@ def test_explain_says_when_the_forward_splits_its_key_range(monkeypatch):
     assert "fwd key range in 3 parts" in plan, plan
 
 
+def test_compile_mode_reaches_inductor(monkeypatch):
+    import torch._inductor.compile_fx as cfx
+
+    seen = []
+
+    def fake_compile_fx(gm, example_inputs, config_patches=None, **kw):
+        seen.append(dict(config_patches or {}))
+        return gm.forward
+
+    monkeypatch.setattr(cfx, "compile_fx", fake_compile_fx)
+    q, k, v = (_rand(1, 2, 8, 16, seed=i) for i in range(3))
+    torch._dynamo.reset()
+    out = torch.compile(plain_mul, backend="flashfx", mode="reduce-overhead")(q, k, v)
+    torch.testing.assert_close(out, plain_mul(q, k, v))
+    assert seen and seen[-1].get("triton.cudagraphs") is True  # CUDA graphs around the whole graph
+    assert "post_grad_custom_post_pass" in seen[-1]
+    torch._dynamo.reset()
+    torch.compile(plain_mul, backend="flashfx")(q, k, v)
+    assert "triton.cudagraphs" not in seen[-1]
+    torch._dynamo.reset()
+
+
+def test_compile_mode_errors_are_clear():
+    from flashfx.backend import mode_settings
+
+    with pytest.raises(ValueError, match="Unrecognized mode=fast"):
+        mode_settings("fast", "inductor")
+    with pytest.raises(ValueError, match="inner compiler is 'eager'"):
+        mode_settings("reduce-overhead", "eager")
+    assert mode_settings("default", "eager") == {}
+
+
 def test_unknown_option_is_a_clear_error():
     with pytest.raises(Exception, match="unknown option 'innr'"):
         torch.compile(plain_mul, backend="flashfx", options={"innr": "eager"})(*(_rand(1, 1, 4, 16) for _ in range(3)))
@@ -286,6 +318,32 @@ def test_gpu_compiled_with_inductor(case, dtype):
     for got, want in [(out, ref)] + [(a.grad, b.grad) for a, b in zip(low[:3], ref_in[:3])]:
         err = ((got.double() - want).norm() / want.norm()).item()
         assert err < 1.6e-2, err
+
+
+@pytest.mark.gpu
+def test_gpu_reduce_overhead_mode_replays_cuda_graphs():
+    # mode="reduce-overhead": the compiled step, flashfx's kernels included, runs as CUDA graph
+    # replays; fresh inputs each step must still give fresh, right results
+    def fn(q, k, v):
+        s = q @ k.transpose(-2, -1) * q.size(-1) ** -0.5
+        n = q.size(-2)
+        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+        return torch.softmax(s, dim=-1) @ v
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend="flashfx", mode="reduce-overhead")
+    for step in range(4):
+        q, k, v = (_rand(2, 4, 256, 64, seed=10 * step + i).cuda().bfloat16().requires_grad_() for i in range(3))
+        out = compiled(q, k, v)
+        ref_in = [a.detach().double().requires_grad_() for a in (q, k, v)]
+        ref = fn(*ref_in)
+        grad = torch.randn_like(ref)
+        out.backward(grad.bfloat16())
+        ref.backward(grad)
+        for got, want in [(out, ref)] + [(a.grad, b.grad) for a, b in zip((q, k, v), ref_in)]:
+            err = ((got.double() - want).norm() / want.norm()).item()
+            assert err < 1.6e-2, (step, err)
+    torch._dynamo.reset()
 
 
 # ---- dropout in training ------------------------------------------------------------------------
