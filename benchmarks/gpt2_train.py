@@ -11,6 +11,9 @@ nanoGPT writes it. Variants, each a fresh model from the same seed after torch._
     inductor-sdpa  torch.compile(model) with attention switched to SDPA(is_causal=True)
     flashfx        torch.compile(model, backend="flashfx") of the naive model
 
+and, asked for by --variants, the last two with mode="reduce-overhead" (CUDA graphs):
+inductor-sdpa-cudagraphs and flashfx-cudagraphs.
+
 A step is what a user's loop does: forward under bf16 autocast (fp32 master weights), cross
 entropy, backward, fused AdamW step, zero_grad. Batches hold the same number of tokens at every
 sequence length (--batch-tokens / seq rows of random token ids). Timing: --warmup steps (the
@@ -41,7 +44,9 @@ if ROOT not in sys.path:
 
 from benchmarks.gpt2 import GPT, GPTConfig  # noqa: E402
 
-VARIANTS = ["eager", "inductor", "inductor-sdpa", "flashfx"]
+DEFAULT_VARIANTS = ["eager", "inductor", "inductor-sdpa", "flashfx"]
+VARIANTS = DEFAULT_VARIANTS + ["inductor-sdpa-cudagraphs", "flashfx-cudagraphs"]  # table order
+CUDAGRAPHS = "-cudagraphs"
 LOSS_RTOL = 2e-2  # first-step losses under bf16 autocast: ~ln(50257) = 10.8, agree to ~1e-3
 
 
@@ -51,15 +56,16 @@ LOSS_RTOL = 2e-2  # first-step losses under bf16 autocast: ~ln(50257) = 10.8, ag
 def build(variant: str, cfg: GPTConfig, device: str, seed: int):
     """A fresh model (same seed for every variant), what the loop calls, and fused AdamW."""
     torch.manual_seed(seed)
-    attn = "sdpa" if variant == "inductor-sdpa" else "naive"
+    attn = "sdpa" if variant.startswith("inductor-sdpa") else "naive"
     model = GPT(GPTConfig(**{**cfg.__dict__, "attn": attn})).to(device)
     model.train()
+    mode = "reduce-overhead" if variant.endswith(CUDAGRAPHS) else None
     if variant == "eager":
         run = model
-    elif variant == "flashfx":
-        run = torch.compile(model, backend="flashfx")
+    elif variant.startswith("flashfx"):
+        run = torch.compile(model, backend="flashfx", mode=mode)
     else:
-        run = torch.compile(model)
+        run = torch.compile(model, mode=mode)
     # nanoGPT's configure_optimizers: decay the matrices, not biases and LayerNorm gains
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
@@ -75,13 +81,15 @@ def make_batch(batch: int, seq: int, vocab: int, device: str, seed: int):
     return data[:, :-1].contiguous().to(device), data[:, 1:].contiguous().to(device)  # x, y: [B, T]
 
 
-def train_step(run, opt, x, y, autocast):
+def train_step(run, opt, x, y, autocast, graphs: bool = False):
+    if graphs:  # CUDA graph replays: a new step may overwrite the last one's outputs
+        torch.compiler.cudagraph_mark_step_begin()
     with autocast():
         _, loss = run(x, y)
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return loss.detach()
+    return loss.detach().clone() if graphs else loss.detach()
 
 
 def explain_flashfx(model, x, y, autocast) -> dict:
@@ -112,7 +120,7 @@ def measure(variant: str, cfg: GPTConfig, seq: int, batch: int, args) -> dict:
     torch._dynamo.reset()
     x, y = make_batch(batch, seq, cfg.vocab_size, device, args.seed)
     row = {"seq": seq, "batch": batch, "variant": variant}
-    if variant == "flashfx":
+    if variant.startswith("flashfx"):
         model, _, _ = build("eager", cfg, device, args.seed)
         row["flashfx"] = explain_flashfx(model, x, y, autocast)
         row["all_fused"] = row["flashfx"]["fused"] == row["flashfx"]["sites"] == cfg.n_layer
@@ -128,17 +136,18 @@ def measure(variant: str, cfg: GPTConfig, seq: int, batch: int, args) -> dict:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     t0 = time.perf_counter()
-    losses = [train_step(run, opt, x, y, autocast).item()]  # the first step compiles
+    graphs = variant.endswith(CUDAGRAPHS)
+    losses = [train_step(run, opt, x, y, autocast, graphs).item()]  # the first step compiles
     row["first_step_s"] = time.perf_counter() - t0
     for _ in range(args.warmup - 1):
-        losses.append(train_step(run, opt, x, y, autocast).item())
+        losses.append(train_step(run, opt, x, y, autocast, graphs).item())
     sync()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
     t0 = time.perf_counter()
-    timed = [train_step(run, opt, x, y, autocast) for _ in range(args.steps)]
+    timed = [train_step(run, opt, x, y, autocast, graphs) for _ in range(args.steps)]
     # the host's time to enqueue the steps: close to the step time, the step is host-bound
     host_ms = (time.perf_counter() - t0) * 1e3 / args.steps
     if cuda:
@@ -152,7 +161,7 @@ def measure(variant: str, cfg: GPTConfig, seq: int, batch: int, args) -> dict:
     if cuda:
         row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         row["reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
-    if variant == "flashfx":
+    if variant.startswith("flashfx"):
         row["rewritten"] = flashfx_counters["rewritten"] - rewritten0
         row["all_fused"] = row["all_fused"] and row["rewritten"] == cfg.n_layer
     if variant.startswith("inductor"):
@@ -267,8 +276,8 @@ def environment(device: str) -> dict:
 
 
 def markdown(rows, env, args, cfg_line: str) -> str:
-    ffx = [r for r in rows if r["variant"] == "flashfx" and "flashfx" in r]
-    fused = "; ".join(f"seq {r['seq']}: {r['flashfx']['summary'].removeprefix('flashfx: ')}, "
+    ffx = [r for r in rows if r["variant"].startswith("flashfx") and "flashfx" in r]
+    fused = "; ".join(f"seq {r['seq']} {r['variant']}: {r['flashfx']['summary'].removeprefix('flashfx: ')}, "
                       f"{r.get('rewritten', '—')} rewritten in the compiled step" for r in ffx)
     bad = [r for r in rows if r.get("loss_ok") is False]
     loss = (f"First-step losses agree within {LOSS_RTOL:g} (relative) of the first variant's at each "
@@ -362,7 +371,7 @@ def main(argv=None) -> int:
                    help="tokens per step; batch = this // seq (default 8192 on CUDA: 8×1024, 2×4096; 256 on CPU)")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (the first one compiles)")
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"some of {','.join(VARIANTS)}")
     p.add_argument("--layers", type=int, default=12, help="n_layer (fewer for quick runs)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="autocast dtype (fp32: no autocast)")
@@ -404,7 +413,7 @@ def main(argv=None) -> int:
 
     problems = [f"seq {r['seq']}: flashfx fused {r.get('flashfx', {}).get('fused')} of "
                 f"{r.get('flashfx', {}).get('sites')} sites, rewrote {r.get('rewritten')}"
-                for r in rows if r["variant"] == "flashfx" and r.get("all_fused") is False]
+                for r in rows if r["variant"].startswith("flashfx") and r.get("all_fused") is False]
     problems += [f"seq {r['seq']} {r['variant']}: first loss {r['first_loss']:.4f} vs {r['loss_ref']} "
                  f"(relative {r['loss_rel_diff']:.1e})" for r in rows if r.get("loss_ok") is False]
     problems += [f"seq {r['seq']} {r['variant']}: {r['error']}" for r in rows if "error" in r]
