@@ -28,6 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from benchmarks import plots  # noqa: E402
 from flashfx.ir import ScoreOp, ScoreProgram  # noqa: E402
 from flashfx.runtime import gpu  # noqa: E402
 
@@ -84,7 +85,7 @@ def measure(shape, dtype, device, timer, force_parts=None) -> list[dict]:
     kv_bytes = 2 * k.numel() * k.element_size()
     plan = gpu.tile_plan(q, k, prog)
     programs = -(-Nq // plan.fwd.block_m) * B * H
-    parts = force_parts or gpu._fwd_splits(programs, Nk, plan.fwd.block_n, q.device)
+    parts = force_parts or gpu.forward_splits(programs, Nk, plan.fwd.block_n, q.device)
     rows = []
     for name, fn in variants(q, k, v, prog, force_parts).items():
         out = fn()
@@ -98,23 +99,16 @@ def measure(shape, dtype, device, timer, force_parts=None) -> list[dict]:
 
 
 def plot(rows, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = plots.pyplot()
+    if plt is None:
         return
-    shapes = sorted({(r["B"], r["H"], r["Hk"], r["Nq"], r["Nk"], r["D"]) for r in rows})
+    key = lambda r: (r["B"], r["H"], r["Hk"], r["Nq"], r["Nk"], r["D"])  # noqa: E731
+    shapes = sorted({key(r) for r in rows})
     names = list(dict.fromkeys(r["variant"] for r in rows))
     fig, ax = plt.subplots(figsize=(9, 3.5))
-    width = 0.8 / len(names)
-    for i, name in enumerate(names):
-        ys = [next((r["gb_s"] for r in rows if r["variant"] == name
-                    and (r["B"], r["H"], r["Hk"], r["Nq"], r["Nk"], r["D"]) == s), 0) for s in shapes]
-        ax.bar([j + i * width for j in range(len(shapes))], ys, width, label=name)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))])
-    ax.set_xticklabels([f"B{b} H{h}/{hk}\nNq{nq} Nk{nk} D{d}" for b, h, hk, nq, nk, d in shapes], fontsize=7)
+    plots.grouped_bars(ax, [f"B{b} H{h}/{hk}\nNq{nq} Nk{nk} D{d}" for b, h, hk, nq, nk, d in shapes],
+                       {n: [next((r["gb_s"] for r in rows if r["variant"] == n and key(r) == s), 0) for s in shapes]
+                        for n in names})
     ax.set_ylabel("K/V GB/s (higher is better)")
     ax.legend(fontsize=7)
     fig.tight_layout()

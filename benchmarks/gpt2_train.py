@@ -42,6 +42,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from benchmarks import plots  # noqa: E402
 from benchmarks.gpt2 import GPT, GPTConfig  # noqa: E402
 
 DEFAULT_VARIANTS = ["eager", "inductor", "inductor-sdpa", "flashfx"]
@@ -315,27 +316,22 @@ def markdown(rows, env, args, cfg_line: str) -> str:
 
 
 def plot(rows, path, title):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = plots.pyplot()
+    if plt is None:
+        return
     seqs = sorted({r["seq"] for r in rows})
     names = [v for v in VARIANTS if any(r["variant"] == v for r in rows)]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    width = 0.8 / len(names)
     for ax, key, label in ((axes[0], "tokens_per_s", "tokens/s (thousands)"), (axes[1], "peak_gib", "peak GiB")):
-        for i, name in enumerate(names):
-            xs = [j + i * width for j in range(len(seqs))]
-            rs = [_find(rows, s, name) for s in seqs]
-            ys = [r.get(key, 0) / (1e3 if key == "tokens_per_s" else 1) for r in rs]
-            bars = ax.bar(xs, ys, width, label=name)
-            for bar, r in zip(bars, rs):
+        found = {name: [_find(rows, s, name) for s in seqs] for name in names}
+        scale = 1e3 if key == "tokens_per_s" else 1
+        _, bars = plots.grouped_bars(ax, [f"seq {s}" for s in seqs],
+                                     {n: [r.get(key, 0) / scale for r in rs] for n, rs in found.items()})
+        for name, rs in found.items():
+            for bar, r in zip(bars[name], rs):
                 if key not in r:
                     ax.annotate(_status(r) or "—", (bar.get_x() + bar.get_width() / 2, 0), ha="center",
                                 va="bottom", fontsize=8)
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(seqs))])
-        ax.set_xticklabels([f"seq {s}" for s in seqs])
         ax.set_ylabel(label)
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)

@@ -32,6 +32,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import flashfx  # noqa: E402,F401 - registers the op
+from benchmarks import plots  # noqa: E402
 from flashfx.ir import ScoreOp, ScoreProgram  # noqa: E402
 from flashfx.runtime import gpu  # noqa: E402
 
@@ -122,25 +123,17 @@ def measure(B: int, H: int, N: int, D: int) -> list[dict]:
 
 
 def plot(rows: list[dict], path: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = plots.pyplot()
+    if plt is None:
         return
-    groups = sorted({(r["B"], r["H"], r["N"], r["D"], r["reads"]) for r in rows})
+    key = lambda r: (r["B"], r["H"], r["N"], r["D"], r["reads"])  # noqa: E731
+    groups = sorted({key(r) for r in rows})
+    mine = {(key(r), r["part"]): r for r in rows}
     fig, ax = plt.subplots(figsize=(8, 3.5))
-    width = 0.8 / len(PARTS)
-    for i, part in enumerate(PARTS):
-        ys = [next(r["host_us"] for r in rows if (r["B"], r["H"], r["N"], r["D"], r["reads"]) == gkey
-                   and r["part"] == part) for gkey in groups]
-        ax.bar([j + i * width for j in range(len(groups))], ys, width, label=part)
-    walls = [next(r["wall_us"] for r in rows if (r["B"], r["H"], r["N"], r["D"], r["reads"]) == gkey
-                  and r["part"] == "direct") for gkey in groups]
-    ax.scatter([j + width for j in range(len(groups))], walls, color="k", marker="_", s=400, label="GPU-bound wall")
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))])
-    ax.set_xticklabels([f"B{b} H{h} N{n} D{d}\n{r}" for b, h, n, d, r in groups], fontsize=7)
+    width, _ = plots.grouped_bars(ax, [f"B{b} H{h} N{n} D{d}\n{r}" for b, h, n, d, r in groups],
+                                  {p: [mine[g, p]["host_us"] for g in groups] for p in PARTS})
+    ax.scatter([j + width for j in range(len(groups))], [mine[g, "direct"]["wall_us"] for g in groups],
+               color="k", marker="_", s=400, label="GPU-bound wall")
     ax.set_ylabel("host µs per fwd+bwd")
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -98,7 +98,7 @@ def _plan_text(site) -> str | None:
         text = f"Triton kernels{where}, " + plan.summary()
         (B, H, Nq, _), Nk = shapes[0], shapes[1][2]
         programs = -(-Nq // plan.fwd.block_m) * B * H
-        parts = gpu._fwd_splits(programs, Nk, plan.fwd.block_n, dev)
+        parts = gpu.forward_splits(programs, Nk, plan.fwd.block_n, dev)
         if parts > 1:
             text += (f"; fwd key range in {parts} parts ({programs} query-block programs would leave SMs "
                      f"idle), merged by a combine kernel")

@@ -409,14 +409,7 @@ def _attn_fwd(
         tl.store(PartStats + part, m_i, mask=m_ok)
         tl.store(PartStats + SPLITS * STATS_PLANE + part, l_i, mask=m_ok)
     else:
-        # ---- normalize; rows that saw no key at all give 0, rowmax = -inf, logsum = 0 ----
-        l_use = tl.where(l_i == 0.0, 1.0, l_i)
-        acc = acc / l_use[:, None]{keep_scale}
-        o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
-        tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
-        # stats, natural-log units: [0] the row max of the scores, [1] log Σ exp(s - max)
-        tl.store(Stats + pid_bh * N_Q + offs_m, {rowmax_nat}, mask=m_ok)
-        tl.store(Stats + STATS_PLANE + pid_bh * N_Q + offs_m, tl.log2(l_use) * LN2, mask=m_ok)
+{epilogue_in_branch}
 
 
 @triton.jit
@@ -434,6 +427,7 @@ def _attn_fwd_combine(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     m_ok = offs_m < N_Q
+    d_ok = offs_d < HEAD_DIM
     row = pid_bh * N_Q + offs_m
     m_i = tl.full([BLOCK_M], float('-inf'), tl.float32)
     for s in tl.static_range(SPLITS):
@@ -448,12 +442,7 @@ def _attn_fwd_combine(
         l_i += w * l_s
         part = (s * STATS_PLANE + row).to(tl.int64)
         acc += w[:, None] * tl.load(PartO + part[:, None] * HEAD_DIM_PAD + offs_d[None, :], mask=m_ok[:, None], other=0.0)
-    l_use = tl.where(l_i == 0.0, 1.0, l_i)
-    acc = acc / l_use[:, None]{keep_scale}
-    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=m_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
-    tl.store(Stats + pid_bh * N_Q + offs_m, {rowmax_nat}, mask=m_ok)
-    tl.store(Stats + STATS_PLANE + pid_bh * N_Q + offs_m, tl.log2(l_use) * LN2, mask=m_ok)
+{epilogue}
 
 
 @triton.jit
@@ -595,6 +584,22 @@ def _attn_bwd_dq(
 '''
 
 
+def _epilogue(program: ScoreProgram, folded: bool) -> list[str]:
+    """The forward's last lines (unsplit, or the combine of a split one): O = acc / l, and the
+    two row statistics, from the running max m_i and sum l_i."""
+    keep = " * KEEP_SCALE  # dropout kept 1 - P of the weights" if program.dropout else ""
+    return [
+        "# ---- normalize; rows that saw no key at all give 0, rowmax = -inf, logsum = 0 ----",
+        "l_use = tl.where(l_i == 0.0, 1.0, l_i)",
+        f"acc = acc / l_use[:, None]{keep}",
+        "o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od",
+        "tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])",
+        "# stats, natural-log units: [0] the row max of the scores, [1] log Σ exp(s - max)",
+        "tl.store(Stats + pid_bh * N_Q + offs_m, {}, mask=m_ok)".format("m_i * LN2" if folded else "m_i"),
+        "tl.store(Stats + STATS_PLANE + pid_bh * N_Q + offs_m, tl.log2(l_use) * LN2, mask=m_ok)",
+    ]
+
+
 def emit(program: ScoreProgram, grad_operands: tuple = ()) -> str:
     """Triton source of the five kernels for `program` (see the module docstring).
 
@@ -620,9 +625,9 @@ def emit(program: ScoreProgram, grad_operands: tuple = ()) -> str:
         dxparams=dxparams,
         seedparam="Seed, " if program.dropout else "",
         seedload="    seed = tl.load(Seed)  # this call's dropout seed (int64)\n" if program.dropout else "",
-        keep_scale=" * KEEP_SCALE  # dropout kept 1 - P of the weights" if program.dropout else "",
+        epilogue_in_branch=_block(_epilogue(program, folded), 8),
+        epilogue=_block(_epilogue(program, folded), 4),
         dq_stats=_block(_stats_lines("pid_bh", folded), 4),
-        rowmax_nat="m_i * LN2" if folded else "m_i",
         combine_units=_log2_units("m_s - m_use", folded),
     )
 

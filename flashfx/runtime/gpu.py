@@ -153,7 +153,7 @@ def _signature(kind: str, program: ScoreProgram, tensors, operands, extra=()) ->
     if program.autotune:
         return None
     q = tensors[0]
-    return (kind, program, extra, q.dtype, q.device, q.shape, tiling._margins_version,
+    return (kind, program, extra, q.dtype, q.device, tiling._margins_version,
             hardware.chosen_by_user(), TMA, FLAT_DKDV, os.environ.get("FLASHFX_TMA"),
             os.environ.get("TRITON_INTERPRET"), _precision(q),
             *((t.shape, t.stride()) for t in tensors), *((x.stride(), x.dtype) for x in operands))
@@ -190,7 +190,7 @@ def forward(q, k, v, operands, program: ScoreProgram, tiles: TilePlan | None = N
         t = p.fwd
         kernels = _kernels(program)
         grid = (triton_cdiv(Nq, t.block_m), B * H)
-        splits = _fwd_splits(grid[0] * grid[1], Nk, t.block_n, q.device)
+        splits = forward_splits(grid[0] * grid[1], Nk, t.block_n, q.device)
         fwd = _launch(kernels._attn_fwd, grid + (splits,), (k, v), t.block_n,
                       p.head_dim_pad, GROUP=H // Hk, CAUSAL=_CAUSAL_CODE[program.causal], HEAD_DIM=D,
                       HEAD_DIM_PAD=p.head_dim_pad, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
@@ -296,7 +296,8 @@ def backward(dout, q, k, v, out, stats, operands, program: ScoreProgram, tiles: 
     return dq, dk, dv, d_ops
 
 
-def _fwd_splits(programs: int, n_k: int, block_n: int, device: torch.device) -> int:
+def forward_splits(programs: int, n_k: int, block_n: int, device: torch.device) -> int:
+    """Parts of the key range a forward of `programs` (query blocks × batch·heads) runs in."""
     if FWD_SPLITS is not None:
         return FWD_SPLITS
     if device.type != "cuda" or tiling.interpreting():

@@ -1,0 +1,26 @@
+"""Grouped bar charts for the benchmark scripts (matplotlib, headless)."""
+
+from __future__ import annotations
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None where matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def grouped_bars(ax, groups: list[str], series: dict[str, list[float]]) -> tuple[float, dict]:
+    """One bar per (group, series), series side by side within each group, groups labelled on
+    the x axis. Returns the bar width and each series' bars."""
+    width = 0.8 / max(len(series), 1)
+    bars = {name: ax.bar([j + i * width for j in range(len(groups))], ys, width, label=name)
+            for i, (name, ys) in enumerate(series.items())}
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))])
+    ax.set_xticklabels(groups, fontsize=7)
+    return width, bars
