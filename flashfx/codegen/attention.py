@@ -62,6 +62,21 @@ def _fold_log2e(program: ScoreProgram) -> tuple[list[tuple], bool]:
     return ops, False
 
 
+def _lazy_scale(ops: list[tuple], folded: bool) -> float | None:
+    """The folded scale c when it can be applied late, else None.
+
+    A folded program is a positive scale and infinite masks; the masks commute with the
+    scale, so the kernels mask the raw scores and apply c where they are used anyway: in the
+    row max (max(s)·c, exact for c > 0) and in the exponent, as one fused multiply-add
+    exp2(s·c - m). The backward needs no derivative lines at all: every masked score has
+    p = 0, so dS = p ∘ (dP - Δ) is already 0 there, and the scale's derivative is one
+    multiplication of dK and dQ at the end, not one per score.
+    """
+    if folded and ops[0][2] > 0:
+        return ops[0][2]
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # Pieces of source that depend on the program
 # ---------------------------------------------------------------------------------------------
@@ -153,14 +168,14 @@ def _log2_units(diff: str, folded: bool) -> str:
     return diff if folded else f"({diff}) * LOG2E"
 
 
-def _stats_lines(bh: str, folded: bool) -> list[str]:
+def _stats_lines(bh: str, folded: bool, lazy: float | None = None) -> list[str]:
     """Load the forward's row statistics, in the kernel's score units."""
     return [
         f"rowmax = tl.load(Stats + {bh} * N_Q + offs_m, mask=m_ok, other=float('inf'))",
         "# rows that saw no key (rowmax = -inf) and padded rows: +inf makes their p exactly 0",
         "rowmax = tl.where(rowmax == float('-inf'), float('inf'), rowmax)" + (" * LOG2E" if folded else ""),
         f"logsum = tl.load(Stats + STATS_PLANE + {bh} * N_Q + offs_m, mask=m_ok, other=0.0) * LOG2E",
-    ]
+    ] + (["lse = rowmax + logsum  # log2 units"] if lazy else [])
 
 
 def _subst(expr: str, c=None, **names: str) -> str:
@@ -211,20 +226,28 @@ def _fwd_step(prog, ops, folded, masked: bool) -> str:
         f"v = tl.load(v_ptrs + n * stride_vn, mask={kv_mask}, other=0.0)",
     ])
     lines.append("s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BM, BN] fp32")
-    lines += _program_lines(ops, "s")
+    lazy = _lazy_scale(ops, folded)
+    lines += _program_lines(ops[1:] if lazy else ops, "s")
     lines += _mask_lines(prog, "s", masked)
-    lines += [
-        "# online softmax: rescale what came before by exp(m_old - m_new)",
-        "m_new = tl.maximum(m_i, tl.max(s, 1))",
-        "m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # a row masked so far stays 0",
-        f"alpha = tl.exp2({_log2_units('m_i - m_use', folded)})",
-        f"p = tl.exp2({_log2_units('s - m_use[:, None]', folded)})",
-        "l_i = l_i * alpha + tl.sum(p, 1)  # the softmax normalizer counts every probability",
-    ]
+    lines.append("# online softmax: rescale what came before by exp(m_old - m_new)")
+    if lazy:
+        lines.append(f"m_new = tl.maximum(m_i, tl.max(s, 1) * {lazy!r})  # raw scores; scaled here")
+    else:
+        lines.append("m_new = tl.maximum(m_i, tl.max(s, 1))")
+    if masked or any(name != "scale" for name, _, _ in ops):
+        lines.append("m_use = tl.where(m_new == float('-inf'), 0.0, m_new)  # a row masked so far stays 0")
+    else:  # no mask of any kind in this loop: every score, hence every row max, is finite
+        lines.append("m_use = m_new")
+    lines.append(f"alpha = tl.exp2({_log2_units('m_i - m_use', folded)})")
+    if lazy:
+        lines.append(f"p = tl.exp2(s * {lazy!r} - m_use[:, None])  # one fused multiply-add")
+    else:
+        lines.append(f"p = tl.exp2({_log2_units('s - m_use[:, None]', folded)})")
+    lines.append("l_i = l_i * alpha + tl.sum(p, 1)  # the softmax normalizer counts every probability")
     if prog.dropout:
         lines += _keep_lines("pid_bh") + ["p = tl.where(keep, p, 0.0)  # dropped; 1/(1-p) at the end"]
     lines += [
-        "acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)",
+        "acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)",
         "m_i = m_new",
     ]
     return _block(lines, 8)
@@ -284,7 +307,7 @@ def _bwd_step(prog, ops, folded, masked: bool, want: str, grad_operands: tuple =
         ], [
             "q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=q_ok, other=0.0)",
             "do = tl.load(dOut + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gm + offs_d[None, :] * stride_gd, mask=q_ok, other=0.0)",
-        ]) + _stats_lines("bh", folded) + [
+        ]) + _stats_lines("bh", folded, _lazy_scale(ops, folded)) + [
             "delta = tl.load(Delta + bh * N_Q + offs_m, mask=m_ok, other=0.0)",
         ]
     else:  # Q, dO held; load this K/V block's rows
@@ -300,33 +323,37 @@ def _bwd_step(prog, ops, folded, masked: bool, want: str, grad_operands: tuple =
             "k = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_ok, other=0.0)",
             "v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_ok, other=0.0)",
         ])
+    dkdv = want == "dkdv"
+    lazy = _lazy_scale(ops, folded)
     lines += ["qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BM, BN] fp32",
-              "in_tile = m_ok[:, None] & n_ok[None, :]"]
-    lines.append("s = qk")
-    lines += _program_lines(ops, "s")
+              "in_tile = m_ok[:, None] & n_ok[None, :]",
+              "s = qk"]
+    lines += _program_lines(ops[1:] if lazy else ops, "s")
     lines += _mask_lines(prog, "s", masked)
-    lines += [
-        "# recomputed probabilities: exp(s - rowmax) / exp(logsum), never exp(s - lse), which",
-        "# loses logsum when the row max is huge (a row of finfo.min fills: uniform weights)",
-        f"p = tl.exp2({_log2_units('s - rowmax[:, None]', folded)} - logsum[:, None])",
-        "dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BM, BN]",
-    ]
-    if prog.dropout:  # out = (p ∘ keep / (1 - P)) v: the mask and scale sit between p and v
-        lines += _keep_lines("bh" if want == "dkdv" else "pid_bh") + [
-            "dp = tl.where(keep, dp * KEEP_SCALE, 0.0)",
+    if lazy:  # infinite masks only: no finfo.min rows, so rowmax + logsum loses nothing
+        lines.append(f"p = tl.exp2(s * {lazy!r} - lse[:, None])  # recomputed probabilities")
+    else:
+        lines += [
+            "# recomputed probabilities: exp(s - rowmax) / exp(logsum), never exp(s - lse), which",
+            "# loses logsum when the row max is huge (a row of finfo.min fills: uniform weights)",
+            f"p = tl.exp2({_log2_units('s - rowmax[:, None]', folded)} - logsum[:, None])",
         ]
-        if want == "dkdv":
+    lines.append("dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BM, BN]")
+    if prog.dropout:  # out = (p ∘ keep / (1 - P)) v: the mask and scale sit between p and v
+        lines += _keep_lines("bh" if dkdv else "pid_bh") + ["dp = tl.where(keep, dp * KEEP_SCALE, 0.0)"]
+        if dkdv:
             lines.append("pv = tl.where(keep, p * KEEP_SCALE, 0.0)  # what multiplied v")
     lines.append("g = p * (dp - delta[:, None])  # dL/d(softmax input), natural units")
-    # operand gradients come from the dQ kernel only: it visits each score exactly once
-    lines += _grad_lines(ops, folded, grad_operands if want == "dq" else ())
-    if want == "dkdv":
+    if not lazy:  # (lazy: masked scores have g = 0 already; the scale multiplies dK, dQ once)
+        # operand gradients come from the dQ kernel only: it visits each score exactly once
+        lines += _grad_lines(ops, folded, () if dkdv else grad_operands)
+    if dkdv:
         lines += [
-            "dv += tl.dot(tl.trans({}.to(do.dtype)), do, input_precision=PRECISION)".format("pv" if prog.dropout else "p"),
-            "dk += tl.dot(tl.trans(g.to(q.dtype)), q, input_precision=PRECISION)",
+            "dv = tl.dot(tl.trans({}.to(do.dtype)), do, dv, input_precision=PRECISION)".format("pv" if prog.dropout else "p"),
+            "dk = tl.dot(tl.trans(g.to(q.dtype)), q, dk, input_precision=PRECISION)",
         ]
     else:
-        lines += ["dq += tl.dot(g.to(k.dtype), k, input_precision=PRECISION)"]
+        lines += ["dq = tl.dot(g.to(k.dtype), k, dq, input_precision=PRECISION)"]
     return _block(lines, 8)
 
 
@@ -525,7 +552,7 @@ def _attn_bwd_dkdv(
     n_tail = (tl.maximum(N_Q - tail, 0) + BLOCK_M - 1) // BLOCK_M
 {dkdv_tail_run}
 
-    dk_ptrs = dK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
+{dk_scale}    dk_ptrs = dK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
     dv_ptrs = dV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd
     tl.store(dk_ptrs, dk.to(dK.dtype.element_ty), mask=kv_ok)
     tl.store(dv_ptrs, dv.to(dV.dtype.element_ty), mask=kv_ok)
@@ -579,7 +606,7 @@ def _attn_bwd_dq(
     for n in range(full, hi, BLOCK_N):
 {dq_masked}
 
-    dq_ptrs = dQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
+{dq_scale}    dq_ptrs = dQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
     tl.store(dq_ptrs, dq.to(dQ.dtype.element_ty), mask=q_ok)
 '''
 
@@ -610,6 +637,9 @@ def emit(program: ScoreProgram, grad_operands: tuple = ()) -> str:
     dxparams = "".join(f"DX{o}, sdx{o}_b, sdx{o}_h, sdx{o}_m, sdx{o}_n, " for o in grad_operands)
     header = _HEADER.format(program=program, log2e=LOG2E)
     dkdv_masked = _bwd_step(program, ops, folded, masked=True, want="dkdv")
+    lazy = _lazy_scale(ops, folded)
+    late_scale = "" if lazy is None else (
+        "    {0} = {0} * %r  # the scale's derivative, once (see _lazy_scale)\n" % (lazy / LOG2E))
     if program.dropout:
         header += f"P_DROP = tl.constexpr({program.dropout!r})\nKEEP_SCALE = tl.constexpr({1.0 / (1.0 - program.dropout)!r})\n"
     return header + _FWD.format(
@@ -627,8 +657,10 @@ def emit(program: ScoreProgram, grad_operands: tuple = ()) -> str:
         seedload="    seed = tl.load(Seed)  # this call's dropout seed (int64)\n" if program.dropout else "",
         epilogue_in_branch=_block(_epilogue(program, folded), 8),
         epilogue=_block(_epilogue(program, folded), 4),
-        dq_stats=_block(_stats_lines("pid_bh", folded), 4),
+        dq_stats=_block(_stats_lines("pid_bh", folded, _lazy_scale(ops, folded)), 4),
         combine_units=_log2_units("m_s - m_use", folded),
+        dk_scale=late_scale.format("dk"),
+        dq_scale=late_scale.format("dq"),
     )
 
 

@@ -22,6 +22,11 @@ PROGRAMS = {
     "bias_keep": ScoreProgram((SCALE, ScoreOp("bias", 0), ScoreOp("keep", 1, float("-inf")))),
     "drop_causal": ScoreProgram((ScoreOp("drop", 1, float("-inf")), ScoreOp("bias", 0), SCALE), "top_left"),
 }
+# programs whose scale is applied late (_lazy_scale), or must not be
+LATE_SCALE = {
+    "scale_keep": ScoreProgram((SCALE, ScoreOp("keep", 1, float("-inf"))), "bottom_right"),
+    "neg_scale_causal": ScoreProgram((ScoreOp("scale", None, -0.3),), "top_left"),
+}
 # tolerances on ‖x − ref‖ / ‖ref‖, tied to the input precision
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
@@ -65,6 +70,23 @@ def test_interpreted_kernels_match_reference(monkeypatch, prog, shape):
     if torch.cuda.is_available():
         pytest.skip("covered by the gpu tests")
     _run(*shape, torch.float32, PROGRAMS[prog], "cpu")
+
+
+@pytest.mark.parametrize("prog", LATE_SCALE, ids=str)
+def test_interpreted_late_scale(prog):
+    # an operand mask with the late scale (its rows can see nothing at all), and a negative
+    # scale, which keeps the per-score path
+    if torch.cuda.is_available():
+        pytest.skip("covered by the gpu tests")
+    _run(2, 4, 2, 40, 70, 24, torch.float32, LATE_SCALE[prog], "cpu")
+    _run(1, 2, 1, 50, 37, 32, torch.float32, LATE_SCALE[prog], "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("prog", LATE_SCALE, ids=str)
+def test_gpu_late_scale(prog, D):
+    _run(2, 4, 2, 300, 257, D, torch.bfloat16, LATE_SCALE[prog], "cuda")
 
 
 @pytest.mark.parametrize("D", [16, 80, 192])
@@ -149,8 +171,20 @@ def test_emitted_source_is_python_and_inlines_the_program():
 
 def test_scale_only_program_folds_log2e():
     src = codegen.emit(PROGRAMS["scale"])
-    assert f"s = s * {0.3 * codegen.LOG2E!r}" in src
-    assert "* LOG2E" not in src.split("def _attn_fwd")[1].split("def _attn_bwd_delta")[0]
+    c = 0.3 * codegen.LOG2E
+    fwd = src.split("def _attn_fwd(")[1].split("def _attn_fwd_combine")[0]
+    assert "* LOG2E" not in fwd
+    # the scale is applied late: to the row max, and inside the exponent as one multiply-add
+    assert f"tl.max(s, 1) * {c!r}" in fwd and f"p = tl.exp2(s * {c!r} - m_use[:, None])" in fwd
+    assert "s = s *" not in fwd
+    # the backward has no per-score derivative lines; dK and dQ are scaled once at the end
+    for kernel in ("_attn_bwd_dkdv", "_attn_bwd_dq"):
+        body = src.split(f"def {kernel}(")[1].split("@triton.jit")[0]
+        assert f"p = tl.exp2(s * {c!r} - lse[:, None])" in body
+        assert "g = g *" not in body and body.count(f"* {0.3!r}  # the scale's derivative") == 1
+    # a negative scale does not commute with the row max: applied per score as written
+    src = codegen.emit(LATE_SCALE["neg_scale_causal"])
+    assert f"s = s * {-c!r}" in src and "lse[" not in src
     # a bias after the scale: scores stay in natural units (a finfo.min bias must not overflow
     # when scaled), and only differences from the row max are scaled by log2(e)
     src = codegen.emit(PROGRAMS["bias_keep"])
