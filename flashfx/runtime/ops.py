@@ -69,7 +69,22 @@ def uses_triton(q: Tensor) -> bool:
     return q.device.type == "cuda" or (config.cpu_kernel == "triton" and gpu.interpreting())
 
 
-@torch.library.custom_op("flashfx::attention", mutates_args=())
+# ---- registration -----------------------------------------------------------------------
+#
+# The ops are defined through torch.library.Library with one kernel per dispatch key, not
+# torch.library.custom_op: a compiled graph calls them once per layer and step, and custom_op's
+# Python layers (autograd wrapper, redispatch, alias checks, a Dynamo-disabling wrapper) cost
+# about as much host time per call as the rest of the op. Here a call is: the Autograd kernel
+# (one check, then straight below autograd) and the backend kernel.
+
+_lib = torch.library.Library("flashfx", "DEF")
+_lib.define("attention(Tensor q, Tensor k, Tensor v, Tensor[] operands, str program, Tensor? seed=None)"
+            " -> (Tensor, Tensor)")
+_lib.define("attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor stats,"
+            " Tensor[] operands, str program, SymInt[] grad_operands, Tensor? seed=None)"
+            " -> (Tensor, Tensor, Tensor, Tensor[])")
+
+
 def attention(
     q: Tensor, k: Tensor, v: Tensor, operands: list[Tensor], program: str, seed: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
@@ -91,15 +106,13 @@ def _seed_value(seed) -> int | None:
     return None if seed is None else int(seed.reshape(()).item())
 
 
-@attention.register_fake
-def _(q, k, v, operands, program, seed=None):
+def _attention_fake(q, k, v, operands, program, seed=None):
     B, H, Nq, D = q.shape
     torch._check(k.shape[-1] == D and v.shape[-1] == D, lambda: "flashfx: q, k, v head dims differ")
     stats_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     return torch.empty_like(q), q.new_empty((2, B, H, Nq), dtype=stats_dtype)
 
 
-@torch.library.custom_op("flashfx::attention_backward", mutates_args=())
 def attention_backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, stats: Tensor,
     operands: list[Tensor], program: str, grad_operands: list[int], seed: Optional[Tensor] = None,
@@ -122,37 +135,52 @@ def _shape4(x: Tensor) -> tuple:
     return (1,) * (4 - x.dim()) + tuple(x.shape)
 
 
-@attention_backward.register_fake
-def _(dout, q, k, v, out, stats, operands, program, grad_operands, seed=None):
+def _attention_backward_fake(dout, q, k, v, out, stats, operands, program, grad_operands, seed=None):
     grads = [operands[i].new_empty(operands[i].shape) for i in grad_operands]
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), grads
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, operands, program, *rest = inputs
-    seed = rest[0] if rest else None
-    out, stats = output
-    ctx.grad_operands = [i for i, x in enumerate(operands) if x.requires_grad]
-    if ctx.grad_operands:
-        prog = ScoreProgram.decode(program)
-        for op in prog.ops:
-            if op.operand in ctx.grad_operands and scoreops.get(op.name).operand_grad is None:
-                raise NotImplementedError(
-                    f"flashfx: score operand {op.operand} requires grad, but score op {op.name!r} "
-                    "has no gradient for its operand")
-    ctx.save_for_backward(q, k, v, out, stats, seed, *operands)
-    ctx.program = program
-    ctx.mark_non_differentiable(stats)
+class _Attention(torch.autograd.Function):
+    """The op's autograd: saves q, k, v, out, stats (O(N)); the backward op recomputes the rest."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, program, seed, *operands):
+        with torch._C._AutoDispatchBelowAutograd():
+            out, stats = torch.ops.flashfx.attention.default(q, k, v, list(operands), program, seed)
+        ctx.grad_operands = [i for i, x in enumerate(operands) if x.requires_grad]
+        if ctx.grad_operands:
+            prog = ScoreProgram.decode(program)
+            for op in prog.ops:
+                if op.operand in ctx.grad_operands and scoreops.get(op.name).operand_grad is None:
+                    raise NotImplementedError(
+                        f"flashfx: score operand {op.operand} requires grad, but score op {op.name!r} "
+                        "has no gradient for its operand")
+        ctx.save_for_backward(q, k, v, out, stats, seed, *operands)
+        ctx.program = program
+        ctx.mark_non_differentiable(stats)
+        return out, stats
+
+    @staticmethod
+    def backward(ctx, dout, dstats):
+        q, k, v, out, stats, seed, *operands = ctx.saved_tensors
+        dq, dk, dv, grads = torch.ops.flashfx.attention_backward.default(
+            dout, q, k, v, out, stats, operands, ctx.program, ctx.grad_operands, seed)
+        d_operands = [None] * len(operands)
+        for i, g in zip(ctx.grad_operands, grads):
+            d_operands[i] = g
+        return (dq, dk, dv, None, None, *d_operands)
 
 
-def _backward(ctx, dout, dstats):
-    q, k, v, out, stats, seed, *operands = ctx.saved_tensors
-    dq, dk, dv, grads = attention_backward(dout, q, k, v, out, stats, operands, ctx.program, ctx.grad_operands, seed)
-    d_operands = [None] * len(operands)
-    for i, g in zip(ctx.grad_operands, grads):
-        d_operands[i] = g
-    # one gradient per argument the caller passed (seed may be left out)
-    return (dq, dk, dv, d_operands, None, None)[: len(ctx.needs_input_grad)]
+def _attention_autograd(q, k, v, operands, program, seed=None):
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                    or any(x.requires_grad for x in operands)):
+        return _Attention.apply(q, k, v, program, seed, *operands)
+    with torch._C._AutoDispatchBelowAutograd():
+        return torch.ops.flashfx.attention.default(q, k, v, operands, program, seed)
 
 
-attention.register_autograd(_backward, setup_context=_setup_context)
+_lib.impl("attention", attention, "CompositeExplicitAutograd")
+_lib.impl("attention_backward", attention_backward, "CompositeExplicitAutograd")
+_lib.impl("attention", _attention_autograd, "Autograd")
+torch.library.register_fake("flashfx::attention", _attention_fake, lib=_lib)
+torch.library.register_fake("flashfx::attention_backward", _attention_backward_fake, lib=_lib)
