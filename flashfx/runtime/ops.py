@@ -78,11 +78,14 @@ def uses_triton(q: Tensor) -> bool:
 # (one check, then straight below autograd) and the backend kernel.
 
 _lib = torch.library.Library("flashfx", "DEF")
+# pt2_compliant: the ops trace under torch.compile (fake kernels, no hidden state), as
+# custom_op marks its ops
+_TAGS = (torch.Tag.pt2_compliant_tag,)
 _lib.define("attention(Tensor q, Tensor k, Tensor v, Tensor[] operands, str program, Tensor? seed=None)"
-            " -> (Tensor, Tensor)")
+            " -> (Tensor, Tensor)", tags=_TAGS)
 _lib.define("attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor stats,"
             " Tensor[] operands, str program, SymInt[] grad_operands, Tensor? seed=None)"
-            " -> (Tensor, Tensor, Tensor, Tensor[])")
+            " -> (Tensor, Tensor, Tensor, Tensor[])", tags=_TAGS)
 
 
 def attention(
@@ -179,8 +182,20 @@ def _attention_autograd(q, k, v, operands, program, seed=None):
         return torch.ops.flashfx.attention.default(q, k, v, operands, program, seed)
 
 
+def _attention_backward_autograd(dout, q, k, v, out, stats, operands, program, grad_operands, seed=None):
+    # a gradient of the backward (create_graph=True, double backward) is not implemented: say so
+    # rather than let autograd's fallback return a wrong one
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (dout, q, k, v, out, *operands)):
+        raise NotImplementedError("flashfx: the fused attention's backward is not differentiable "
+                                  "(double backward, e.g. autograd.grad(..., create_graph=True))")
+    with torch._C._AutoDispatchBelowAutograd():
+        return torch.ops.flashfx.attention_backward.default(dout, q, k, v, out, stats, operands, program,
+                                                            grad_operands, seed)
+
+
 _lib.impl("attention", attention, "CompositeExplicitAutograd")
 _lib.impl("attention_backward", attention_backward, "CompositeExplicitAutograd")
 _lib.impl("attention", _attention_autograd, "Autograd")
+_lib.impl("attention_backward", _attention_backward_autograd, "Autograd")
 torch.library.register_fake("flashfx::attention", _attention_fake, lib=_lib)
 torch.library.register_fake("flashfx::attention_backward", _attention_backward_fake, lib=_lib)

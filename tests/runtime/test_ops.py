@@ -32,6 +32,17 @@ def test_gradcheck_chunked_float64():
     assert torch.autograd.gradcheck(f, (q, k, v), eps=1e-6, atol=1e-5)
 
 
+def test_double_backward_is_a_clear_error():
+    q, k, v, xs = _inputs(torch.float64)
+    out = torch.ops.flashfx.attention(q, k, v, xs, PROGRAM)[0]
+    with pytest.raises(NotImplementedError, match="not differentiable"):
+        torch.autograd.grad(out.sum(), q, create_graph=True)
+    # a plain backward still works after it
+    out = torch.ops.flashfx.attention(q, k, v, xs, PROGRAM)[0]
+    (dq,) = torch.autograd.grad(out.sum(), q)
+    assert torch.isfinite(dq).all()
+
+
 BIAS_SHAPES = {"rel_pos": (1, 4, 19, 23), "padding": (2, 1, 1, 23), "per_head": (4, 1, 1), "full": (2, 4, 19, 23)}
 
 
