@@ -295,6 +295,7 @@ def _keep_lines(bh: str) -> list[str]:
 
 def _bwd_step(prog, ops, folded, masked: bool, want: str, grad_operands: tuple = ()) -> str:
     """One (Q block, K block) tile of the backward, with its loads; want = "dkdv" or "dq"."""
+    lazy = _lazy_scale(ops, folded)
     if want == "dkdv":  # K, V held; load this Q block's rows
         lines = [
             "# ---- query block m..m+BM ({}) ----".format("diagonal or ragged: masked" if masked else "no masks"),
@@ -307,7 +308,7 @@ def _bwd_step(prog, ops, folded, masked: bool, want: str, grad_operands: tuple =
         ], [
             "q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=q_ok, other=0.0)",
             "do = tl.load(dOut + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gm + offs_d[None, :] * stride_gd, mask=q_ok, other=0.0)",
-        ]) + _stats_lines("bh", folded, _lazy_scale(ops, folded)) + [
+        ]) + _stats_lines("bh", folded, lazy) + [
             "delta = tl.load(Delta + bh * N_Q + offs_m, mask=m_ok, other=0.0)",
         ]
     else:  # Q, dO held; load this K/V block's rows
@@ -324,7 +325,6 @@ def _bwd_step(prog, ops, folded, masked: bool, want: str, grad_operands: tuple =
             "v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_ok, other=0.0)",
         ])
     dkdv = want == "dkdv"
-    lazy = _lazy_scale(ops, folded)
     lines += ["qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BM, BN] fp32",
               "in_tile = m_ok[:, None] & n_ok[None, :]",
               "s = qk"]
@@ -657,7 +657,7 @@ def emit(program: ScoreProgram, grad_operands: tuple = ()) -> str:
         seedload="    seed = tl.load(Seed)  # this call's dropout seed (int64)\n" if program.dropout else "",
         epilogue_in_branch=_block(_epilogue(program, folded), 8),
         epilogue=_block(_epilogue(program, folded), 4),
-        dq_stats=_block(_stats_lines("pid_bh", folded, _lazy_scale(ops, folded)), 4),
+        dq_stats=_block(_stats_lines("pid_bh", folded, lazy), 4),
         combine_units=_log2_units("m_s - m_use", folded),
         dk_scale=late_scale.format("dk"),
         dq_scale=late_scale.format("dq"),
