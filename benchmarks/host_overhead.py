@@ -9,7 +9,7 @@ this times, per iteration of forward + backward, with no synchronization inside 
 
     op        torch.ops.flashfx.attention + attention_backward, as a compiled graph calls them
     direct    flashfx.runtime.gpu.forward + backward (no dispatcher)
-    launches  the four Triton launches alone, with the arguments flashfx passes them
+    launches  the three Triton launches alone, with the arguments flashfx passes them
     empties   the output allocations alone
 
 `host` is the time to enqueue 100 iterations over 100; `wall` adds the wait for the GPU, so a
@@ -36,7 +36,7 @@ from benchmarks import plots  # noqa: E402
 from flashfx.ir import ScoreOp, ScoreProgram  # noqa: E402
 from flashfx.runtime import gpu  # noqa: E402
 
-KERNELS = ("_attn_fwd", "_attn_bwd_delta", "_attn_bwd_dkdv", "_attn_bwd_dq")
+KERNELS = ("_attn_fwd", "_attn_bwd_dq", "_attn_bwd_dkdv")
 PARTS = ("op", "direct", "launches", "empties")
 
 

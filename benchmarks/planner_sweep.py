@@ -19,7 +19,7 @@ choice is always measured. --grid small: blocks {64, 128}, warps {4, 8}, stages 
 Timing, each kernel alone: gpu.forward / gpu.backward run with their kernels swapped for
 recorders, so the launch (grid, arguments, constexprs) is exactly the runtime's; that one launch
 is replayed between CUDA events. Why not events around a whole backward with one kernel's tiles
-changed: the delta kernel and the other kernel would sit inside every sample, adding their time
+changed: the other kernel would sit inside every sample, adding their time
 and noise to a difference we want to rank by. Before each rep the L2 is flushed (as do_bench
 does) and the stream starts with a sleep kernel, so the host enqueues ahead of the GPU and no
 launch gap falls between a pair of events. The median of --reps reps (after --warmup); a config
@@ -59,8 +59,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-KERNELS = ("fwd", "dkdv", "dq")  # timed; "delta" (the backward's row term) is only compiled
-TRITON_NAME = {"fwd": "_attn_fwd", "delta": "_attn_bwd_delta", "dkdv": "_attn_bwd_dkdv", "dq": "_attn_bwd_dq"}
+KERNELS = ("fwd", "dkdv", "dq")
+TRITON_NAME = {"fwd": "_attn_fwd", "dkdv": "_attn_bwd_dkdv", "dq": "_attn_bwd_dq"}
 TOKENS = 16384  # B·N of every shape
 TINY_TOKENS = 32
 COMPILE_N = 128  # rows of the workers' tensors: a multiple of 16, as every real N is
@@ -68,9 +68,9 @@ MIN_CUT_REPS = 5
 MAX_ERROR = 2e-2  # normwise, against fp32: bf16 kernels land near 4e-3; a broken tile far above
 # seconds to compile one config on one core (sm90, bf16, causal GQA; Triton 3.9 on a server CPU):
 # what --dry-run's estimate uses
-EST_COMPILE_S = {64: {"fwd": 1.3, "delta": 0.5, "dkdv": 2.6, "dq": 1.9},
-                 128: {"fwd": 1.6, "delta": 0.5, "dkdv": 3.3, "dq": 1.8},
-                 256: {"fwd": 2.9, "delta": 0.5, "dkdv": 4.6, "dq": 3.3}}
+EST_COMPILE_S = {64: {"fwd": 1.3, "dkdv": 2.6, "dq": 1.9},
+                 128: {"fwd": 1.6, "dkdv": 3.3, "dq": 1.8},
+                 256: {"fwd": 2.9, "dkdv": 4.6, "dq": 3.3}}
 DEFAULT_JOBS = 14
 
 Config = tuple  # (block_m, block_n, num_warps, num_stages)
@@ -178,11 +178,11 @@ def tiles_of(tp, kernel: str) -> Config:
 
 
 def with_tiles(tp, kernel: str, cfg: Config):
-    """`tp` with one kernel's tiles replaced ("delta" reads the forward's block_m)."""
+    """`tp` with one kernel's tiles replaced."""
     from flashfx.planner.plan import KernelTiles
 
     t = KernelTiles(block_m=cfg[0], block_n=cfg[1], num_warps=cfg[2], num_stages=cfg[3], sram_bytes=0)
-    field = {"fwd": "fwd", "delta": "fwd", "dkdv": "bwd_dkdv", "dq": "bwd_dq"}[kernel]
+    field = {"fwd": "fwd", "dkdv": "bwd_dkdv", "dq": "bwd_dq"}[kernel]
     return dataclasses.replace(tp, **{field: t})
 
 
@@ -311,7 +311,7 @@ class Case:
                 q, kk, vv, is_causal=self.shape.causal, scale=self.shape.D ** -0.5)
             dq, dk, dv = torch.autograd.grad(out, (q, k, v), self.dout.float())
             self._ref = {"fwd": [out.detach()], "dkdv": [dk, dv], "dq": [dq]}
-        got = {"fwd": [launch.args[3]], "dkdv": [launch.args[6], launch.args[7]], "dq": [launch.args[6]]}[kernel]
+        got = {"fwd": [launch.args[3]], "dkdv": [launch.args[6], launch.args[7]], "dq": [launch.args[7]]}[kernel]
         return max(float((a.float() - b).norm() / b.norm().clamp_min(1e-30)) for a, b in zip(got, self._ref[kernel]))
 
     def launch(self, kernel: str, cfg: Config) -> tuple[Launch, list[Launch]]:
@@ -321,10 +321,10 @@ class Case:
             with recording(self.module, ["_attn_fwd"]) as rec:
                 self.gpu.forward(self.q, self.k, self.v, [], self.program, tiles=tiles)
             return rec["_attn_fwd"], []
-        with recording(self.module, ["_attn_bwd_delta", "_attn_bwd_dkdv", "_attn_bwd_dq"]) as rec:
+        with recording(self.module, ["_attn_bwd_dkdv", "_attn_bwd_dq"]) as rec:
             self.gpu.backward(self.dout, self.q, self.k, self.v, self.out, self.stats, [], self.program, tiles=tiles)
-        # the backward allocates its row-term buffer afresh: fill it before dK/dV or dQ reads it
-        return rec[TRITON_NAME[kernel]], ([] if kernel == "delta" else [rec["_attn_bwd_delta"]])
+        # the backward allocates its row-term buffer afresh, and dQ fills it: before dK/dV reads it
+        return rec[TRITON_NAME[kernel]], ([rec["_attn_bwd_dq"]] if kernel == "dkdv" else [])
 
 
 # ---- compiling in a pool ------------------------------------------------------------------------
@@ -765,13 +765,9 @@ def build(args, shapes, gpu, elt):
     units = {}  # (family, kernel) -> (configs, skipped)
     for fam in families:
         fam_shapes = [s for s in shapes if s.family == fam]
-        for kernel in ("fwd", "delta", "dkdv", "dq"):
-            if kernel == "delta":  # the backward's row term, launched with the forward's block_m
-                cfgs = list(dict.fromkeys((tiles_of(plans[s], "fwd")[0], 16, 4, 1) for s in fam_shapes))
-                units[fam, kernel] = (cfgs, [])
-            else:
-                slack = math.inf if args.tiny else args.sram_slack
-                units[fam, kernel] = candidates(fam_shapes, kernel, gpu, elt, args.grid, slack, plans)
+        for kernel in KERNELS:
+            slack = math.inf if args.tiny else args.sram_slack
+            units[fam, kernel] = candidates(fam_shapes, kernel, gpu, elt, args.grid, slack, plans)
     return plans, keywords, families, units
 
 
@@ -796,15 +792,15 @@ def dry_run(args) -> int:
             for c in units[s.family, k][0]:
                 t = getattr(model(k, s, gpu, elt, c), "time_s", 0) or 0
                 est_gpu += (args.warmup + args.reps) * (t + 40e-6) if math.isfinite(t) else 0
-    print("\n| family | fwd | dK/dV | dQ | delta | skipped for SRAM (fwd, dK/dV, dQ) |")
-    print("|---|---|---|---|---|---|")
+    print("\n| family | fwd | dK/dV | dQ | skipped for SRAM (fwd, dK/dV, dQ) |")
+    print("|---|---|---|---|---|")
     jobs, cpu_s = 0, 0.0
     for fam in families:
-        n = {k: len(units[fam, k][0]) for k in ("fwd", "delta", "dkdv", "dq")}
+        n = {k: len(units[fam, k][0]) for k in KERNELS}
         skip = [len(units[fam, k][1]) for k in KERNELS]
         jobs += sum(n.values())
         cpu_s += sum(n[k] * EST_COMPILE_S[fam.D][k] for k in n)
-        print(f"| {fam.label} | {n['fwd']} | {n['dkdv']} | {n['dq']} | {n['delta']} | {', '.join(map(str, skip))} |")
+        print(f"| {fam.label} | {n['fwd']} | {n['dkdv']} | {n['dq']} | {', '.join(map(str, skip))} |")
     workers = args.jobs or DEFAULT_JOBS
     print(f"\n{jobs} compile jobs; ~{cpu_s:.0f} CPU-s of compiling (sm90, 1-5 s a config), "
           f"~{cpu_s / workers:.0f} s on {workers} workers; timing every config with "
@@ -829,7 +825,7 @@ def sweep(args) -> int:
         print("no shape matches --shapes / --families")
         return 1
     plans, keywords, families, units = build(args, shapes, gpu, elt)
-    order = [(fam, k) for fam in families for k in ("fwd", "delta", "dkdv", "dq")]
+    order = [(fam, k) for fam in families for k in KERNELS]
     n_jobs = sum(len(units[u][0]) for u in order)
     clock.log(f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}; {len(shapes)} shapes, "
               f"{len(families)} families, {n_jobs} compile jobs on {args.jobs or 'no'} workers, grid {args.grid}")
@@ -878,8 +874,6 @@ def sweep(args) -> int:
             bad = sum(1 for i in compiled.values() if i["status"] != "ok")
             clock.log(f"compiled {compile_done}/{n_jobs}: {fam.label} {kernel}, {len(compiled)} configs"
                       + (f", {bad} failed" if bad else ""))
-            if kernel == "delta":
-                continue
             # ---- time this kernel at every shape of the family
             for s in [s for s in shapes if s.family == fam]:
                 if clock() > args.budget_s:

@@ -54,8 +54,10 @@ def test_recorded_launch_replays_the_runtime(monkeypatch):
     tiles = planner_sweep.with_tiles(base, "fwd", (32, 16, 4, 2))
     ref, _ = gpu.forward(case.q, case.k, case.v, [], case.program, tiles=tiles)
     torch.testing.assert_close(out, ref)
-    launch, prep = case.launch("dq", (16, 16, 4, 1))  # dQ reads the row term the delta kernel fills first
-    assert [p.fn for p in prep] == [case.module._attn_bwd_delta] and launch.fn is case.module._attn_bwd_dq
+    launch, prep = case.launch("dq", (16, 16, 4, 1))  # dQ writes the row term itself
+    assert prep == [] and launch.fn is case.module._attn_bwd_dq
+    launch, prep = case.launch("dkdv", (16, 16, 4, 1))  # dK/dV reads the row term dQ writes first
+    assert [p.fn for p in prep] == [case.module._attn_bwd_dq] and launch.fn is case.module._attn_bwd_dkdv
 
 
 def test_sweep_tiny_interpreted_with_a_worker(tmp_path, monkeypatch):

@@ -1,11 +1,12 @@
 """Emit the Triton source of one attention site's kernels, with its score program inlined.
 
-    emit(program) -> source text of five kernels:
+    emit(program) -> source text of four kernels:
       _attn_fwd        O = softmax(f(Q Kᵀ)) V, saves LSE                 grid (Nq/BM, B·H[, parts])
       _attn_fwd_combine  merges the parts of a split key range           grid (Nq/BM, B·H)
-      _attn_bwd_delta  Δ = rowsum(dO ∘ O)                                grid (Nq/BM, B·H)
+      _attn_bwd_dq     dQ: holds a Q block, streams K/V blocks; first    grid (Nq/BM, B·H)
+                       writes Δ = rowsum(dO ∘ O) of its rows
       _attn_bwd_dkdv   dK, dV: holds a K/V block, streams Q blocks       grid (Nk/BN, B·Hk)
-      _attn_bwd_dq     dQ: holds a Q block, streams K/V blocks           grid (Nq/BM, B·H)
+                       (launched after dQ: reads its Δ)
 
 FLOPs: fwd 4·Nq·Nk·D per head; bwd 2.5× fwd (dV, dP, dK, dQ: 4 matmuls, + QKᵀ recompute
 twice, once in each backward kernel) — no N×N tensor is ever written to memory.
@@ -473,28 +474,6 @@ def _attn_fwd_combine(
 
 
 @triton.jit
-def _attn_bwd_delta(
-    Out, dOut, Delta,
-    stride_ob, stride_oh, stride_om, stride_od,
-    stride_gb, stride_gh, stride_gm, stride_gd,
-    H, N_Q,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-):
-    # Δ_i = Σ_d dO_id · O_id: the softmax backward's row term, [B, H, Nq] fp32
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    ok = (offs_m < N_Q)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o = tl.load(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, mask=ok, other=0.0)
-    do = tl.load(dOut + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gm + offs_d[None, :] * stride_gd, mask=ok, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(Delta + pid_bh * N_Q + offs_m, delta, mask=offs_m < N_Q)
-
-
-@triton.jit
 def _attn_bwd_dkdv(
     Q, K, V, dOut, Stats, Delta, dK, dV, QDesc, dODesc, {seedparam}{xptrs}
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -560,11 +539,12 @@ def _attn_bwd_dkdv(
 
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, dOut, Stats, Delta, dQ, KDesc, VDesc, {seedparam}{xptrs}{dxparams}
+    Q, K, V, dOut, Out, Stats, Delta, dQ, KDesc, VDesc, {seedparam}{xptrs}{dxparams}
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_gb, stride_gh, stride_gm, stride_gd,
+    stride_ob, stride_oh, stride_om, stride_od,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     {xstrides}
     H, N_Q, N_K, STATS_PLANE,
@@ -592,7 +572,11 @@ def _attn_bwd_dq(
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=q_ok, other=0.0)
     do = tl.load(dOut + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gm + offs_d[None, :] * stride_gd, mask=q_ok, other=0.0)
 {dq_stats}
-    delta = tl.load(Delta + pid_bh * N_Q + offs_m, mask=m_ok, other=0.0)
+    # Δ_i = Σ_d dO_id · O_id, the softmax backward's row term: from the dO tile held here and
+    # one O tile; stored for _attn_bwd_dkdv, which runs after this kernel
+    o = tl.load(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, mask=q_ok, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + pid_bh * N_Q + offs_m, delta, mask=m_ok)
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
 
     # key blocks: whole blocks before the diagonal need no mask; then the diagonal and ragged end
@@ -628,7 +612,7 @@ def _epilogue(program: ScoreProgram, folded: bool) -> list[str]:
 
 
 def emit(program: ScoreProgram, grad_operands: tuple = ()) -> str:
-    """Triton source of the five kernels for `program` (see the module docstring).
+    """Triton source of the four kernels for `program` (see the module docstring).
 
     grad_operands: indices of float operands whose gradient the dQ kernel also writes.
     """

@@ -141,8 +141,9 @@ DQ = KernelModel(
     sram_mma=e * d * (2 * BM + sp.Max(S - 1, 1) * 2 * BN) + e * BM * BN + sp.Max(S - 1, 1) * BM * BN * X,
     regs=(BM * d + 3 * BM * BN) / T + 56,
     regs_held=2 * e * BM * d / (4 * T),
-    tile_bytes=e * d * (3 * Nq + 2 * rho * Nk * sp.ceiling(Nq / BM)) + _stats * Nq + rho * Nq * Nk * X,
-    compulsory=e * d * (3 * Nq + 2 * Nk / G) + _stats * Nq,
+    # Q, dO and O read (O once, for Δ), dQ written
+    tile_bytes=e * d * (4 * Nq + 2 * rho * Nk * sp.ceiling(Nq / BM)) + _stats * Nq + rho * Nq * Nk * X,
+    compulsory=e * d * (4 * Nq + 2 * Nk / G) + _stats * Nq,
     alu_per_score=8,
 )
 KERNELS = {k.name: k for k in (FWD, DKDV, DQ)}

@@ -248,9 +248,6 @@ def backward(dout, q, k, v, out, stats, operands, program: ScoreProgram, tiles: 
         kernels = _kernels(program, wanted)
         common = dict(GROUP=H // Hk, CAUSAL=_CAUSAL_CODE[program.causal], HEAD_DIM=D,
                       HEAD_DIM_PAD=p.head_dim_pad, PRECISION=_precision(q))
-        t = p.fwd
-        delta = _launch(kernels._attn_bwd_delta, (triton_cdiv(Nq, t.block_m), B * H),
-                        HEAD_DIM=D, HEAD_DIM_PAD=p.head_dim_pad, BLOCK_M=t.block_m)
         t = p.bwd_dkdv
         dkdv = _launch(kernels._attn_bwd_dkdv, (triton_cdiv(Nk, t.block_n), B * Hk), (q, dout), t.block_m,
                        p.head_dim_pad, **common, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
@@ -259,24 +256,24 @@ def backward(dout, q, k, v, out, stats, operands, program: ScoreProgram, tiles: 
         dq = _launch(kernels._attn_bwd_dq, (triton_cdiv(Nq, t.block_m), B * H), (k, v), t.block_n,
                      p.head_dim_pad, **common, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
                      num_warps=t.num_warps, num_stages=t.num_stages)
-        return delta, dkdv, dq
+        return dkdv, dq
 
     def run(launches):
-        l_delta, l_dkdv, l_dq = launches
+        l_dkdv, l_dq = launches
         d_bufs = [torch.zeros((B, H, Nq, Nk), device=q.device, dtype=torch.float32) for _ in wanted]
         dx_args = [a for buf in d_bufs for a in (buf, *buf.stride())]
         delta = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
         dq = torch.empty_like(q)
         dk, dv = torch.empty_like(k), torch.empty_like(v)  # the strides the fake impl promises
         seeds, xstrides = _seed_args(program, seed), _strides(operands)
-        l_delta.ptr(out, dout, delta, *out.stride(), *dout.stride(), H, Nq)
+        # dQ first: it also writes Δ = rowsum(dO ∘ O), which dK/dV reads
+        launch, reads = l_dq.reads(k, v)
+        launch(q, k, v, dout, out, stats, delta, dq, *reads, *seeds, *operands, *dx_args,
+               *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *out.stride(), *dq.stride(),
+               *xstrides, H, Nq, Nk, B * H * Nq)
         launch, reads = l_dkdv.reads(q, dout)
         launch(q, k, v, dout, stats, delta, dk, dv, *reads, *seeds, *operands,
                *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
-               *xstrides, H, Nq, Nk, B * H * Nq)
-        launch, reads = l_dq.reads(k, v)
-        launch(q, k, v, dout, stats, delta, dq, *reads, *seeds, *operands, *dx_args,
-               *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
                *xstrides, H, Nq, Nk, B * H * Nq)
         return dq, dk, dv, d_bufs
 

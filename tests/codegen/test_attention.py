@@ -159,8 +159,9 @@ def test_emitted_source_is_python_and_inlines_the_program():
     src = codegen.emit(prog)
     ast.parse(src)
     assert str(prog) in src  # the header names the program it was made for
-    for kernel in ("_attn_fwd", "_attn_fwd_combine", "_attn_bwd_delta", "_attn_bwd_dkdv", "_attn_bwd_dq"):
+    for kernel in ("_attn_fwd", "_attn_fwd_combine", "_attn_bwd_dkdv", "_attn_bwd_dq"):
         assert f"def {kernel}(" in src
+    assert "def _attn_bwd_delta(" not in src  # Δ comes from the dQ kernel
     # two operands: pointers X0, X1 and their strides; the mask is applied with tl.where
     assert "X0, X1," in src and "sx1_n" in src and "tl.where(x0, float('-inf'), s)" in src
     # no N×N buffer: the kernels only store O, the two row statistics (from the forward, or
