@@ -9,7 +9,8 @@ this times, per iteration of forward + backward, with no synchronization inside 
 
     op        torch.ops.flashfx.attention + attention_backward, as a compiled graph calls them
     direct    flashfx.runtime.gpu.forward + backward (no dispatcher)
-    launches  the three Triton launches alone, with the arguments flashfx passes them
+    jit       the same with every launch through Triton's JIT (gpu.DIRECT_LAUNCH = False)
+    launches  the three Triton launches alone, through its JIT, with flashfx's arguments
     empties   the output allocations alone
 
 `host` is the time to enqueue 100 iterations over 100; `wall` adds the wait for the GPU, so a
@@ -37,7 +38,7 @@ from flashfx.ir import ScoreOp, ScoreProgram  # noqa: E402
 from flashfx.runtime import gpu  # noqa: E402
 
 KERNELS = ("_attn_fwd", "_attn_bwd_dq", "_attn_bwd_dkdv")
-PARTS = ("op", "direct", "launches", "empties")
+PARTS = ("op", "direct", "jit", "launches", "empties")
 
 
 def host_and_wall(f, n: int = 100) -> tuple[float, float]:
@@ -92,6 +93,13 @@ def measure(B: int, H: int, N: int, D: int) -> list[dict]:
         out, st = gpu.forward(q, k, v, [], prog)
         gpu.backward(do, q, k, v, out, st, [], prog)
 
+    def jit():
+        gpu.DIRECT_LAUNCH = False
+        try:
+            direct()
+        finally:
+            gpu.DIRECT_LAUNCH = True
+
     def planned_afresh():  # with the tiles given, every launcher is made again: all are recorded
         tiles = gpu.tile_plan(q, k, prog)
         out, st = gpu.forward(q, k, v, [], prog, tiles)
@@ -112,7 +120,7 @@ def measure(B: int, H: int, N: int, D: int) -> list[dict]:
                 for kernel, grid, a, kw in launches:
                     kernel[grid](*a, **kw)
 
-            for part, f in zip(PARTS, (op, direct, raw, empties)):
+            for part, f in zip(PARTS, (op, direct, jit, raw, empties)):
                 host, wall = host_and_wall(f)
                 rows.append(dict(B=B, H=H, N=N, D=D, reads=reads, part=part, host_us=host, wall_us=wall))
                 print(f"B={B} H={H} N={N} D={D} {reads:11s} {part:9s} host {host:7.1f} us  wall {wall:7.1f} us",

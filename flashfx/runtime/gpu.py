@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 from functools import lru_cache
 from typing import Callable
@@ -114,6 +113,70 @@ def _seed_args(program: ScoreProgram, seed) -> list:
 # launches that ran.
 
 
+class _Kernel:
+    """A Triton kernel with its grid and compile-time arguments bound, for one signature.
+
+    Triton's launch binds and specializes every argument on every call: tens of µs of host
+    time, several launches per attention. The first call here goes through it and keeps the
+    compiled binary it returns; later calls hand the arguments straight to that binary's
+    launcher, as Triton does once it has found the binary in its cache, when they would
+    specialize alike. Within one signature every integer argument is fixed and descriptors
+    are built only on aligned tensors; what can vary is a pointer's 16-byte alignment (a view
+    at an odd offset) and the current device: either sends the call back through Triton.
+    """
+
+    __slots__ = ("jit", "grid", "constexprs", "binary", "driver", "device", "tail", "tensor_at")
+
+    def __init__(self, jit, grid: tuple, constexprs: dict):
+        self.jit, self.constexprs = jit, constexprs
+        self.grid = tuple(grid) + (1,) * (3 - len(grid))
+        self.binary = None
+
+    def __call__(self, *args):
+        binary = self.binary
+        if binary is not None:
+            driver = self.driver
+            device = driver.get_current_device()
+            if device == self.device and all(args[i].data_ptr() % 16 == 0 for i in self.tensor_at):
+                args += self.tail
+                stream = driver.get_current_stream(device)
+                hooks = _knobs.runtime
+                binary.run(*self.grid, stream, binary.function, binary.packed_metadata,
+                           binary.launch_metadata(self.grid, stream, *args),
+                           hooks.launch_enter_hook, hooks.launch_exit_hook, *args)
+                return
+        compiled = self.jit[self.grid](*args, **self.constexprs)
+        if binary is None and DIRECT_LAUNCH and not tiling.interpreting():
+            self._keep(compiled, args)
+
+    def _keep(self, compiled, args) -> None:
+        needed = ("run", "function", "packed_metadata", "launch_metadata")
+        if _knobs is None or not all(hasattr(compiled, a) for a in needed):
+            return  # not a binary this launcher knows how to run: Triton launches
+        names = getattr(self.jit, "arg_names", None)
+        if names is None or any(n not in self.constexprs for n in names[len(args):]):
+            return  # not a JIT function, or an argument left to its default
+        names = names[len(args):]
+        tensors = tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor))
+        if not all(args[i].data_ptr() % 16 == 0 for i in tensors):
+            return  # a binary specialized for an unaligned pointer: not worth keeping
+        from triton.runtime import driver
+
+        self.driver = driver.active
+        self.device = self.driver.get_current_device()
+        self.tail = tuple(self.constexprs[n] for n in names)
+        self.tensor_at = tensors
+        self.binary = compiled
+
+
+# Launch through kept binaries (see _Kernel); False sends every launch through Triton's JIT.
+DIRECT_LAUNCH = True
+try:
+    from triton import knobs as _knobs
+except ImportError:  # a Triton without runtime knobs: every launch goes through the JIT
+    _knobs = None
+
+
 @dataclasses.dataclass(frozen=True)
 class _Launch:
     """One kernel as a signature fixes it: the launcher with its grid and compile-time
@@ -134,13 +197,12 @@ class _Launch:
 
 def _launch(kernel, grid, reads: tuple = (), rows: int = 0, dpad: int = 0, **constexprs) -> _Launch:
     """`reads`: the tensors the kernel streams tiles of (descriptor candidates)."""
-    bound = kernel[grid]
     if not reads:
-        return _Launch(functools.partial(bound, **constexprs))
+        return _Launch(_Kernel(kernel, grid, constexprs))
     tma = None
     if _tma_allowed(reads[0].device) and all(_tma_layout_ok(t) for t in reads):
-        tma = functools.partial(bound, **constexprs, TMA=True)
-    return _Launch(functools.partial(bound, **constexprs, TMA=False), tma, rows, dpad,
+        tma = _Kernel(kernel, grid, {**constexprs, "TMA": True})
+    return _Launch(_Kernel(kernel, grid, {**constexprs, "TMA": False}), tma, rows, dpad,
                    tuple(_geometry(t) for t in reads))
 
 
@@ -154,7 +216,7 @@ def _signature(kind: str, program: ScoreProgram, tensors, operands, extra=()) ->
         return None
     q = tensors[0]
     return (kind, program, extra, q.dtype, q.device, tiling._margins_version,
-            hardware.chosen_by_user(), TMA, FLAT_DKDV, os.environ.get("FLASHFX_TMA"),
+            hardware.chosen_by_user(), TMA, FLAT_DKDV, DIRECT_LAUNCH, os.environ.get("FLASHFX_TMA"),
             os.environ.get("TRITON_INTERPRET"), _precision(q),
             *((t.shape, t.stride()) for t in tensors), *((x.stride(), x.dtype) for x in operands))
 

@@ -13,8 +13,8 @@ PROG = ScoreProgram((ScoreOp("scale", None, 0.3),), "top_left")
 
 
 @pytest.fixture(autouse=True)
-def _interpreted():
-    if torch.cuda.is_available():
+def _interpreted(request):
+    if torch.cuda.is_available() and request.node.get_closest_marker("gpu") is None:
         pytest.skip("the interpreted launch path; the gpu tests cover CUDA")
     gpu._recipes.clear()
     yield
@@ -92,3 +92,114 @@ def test_forced_key_range_parts_are_part_of_the_signature(monkeypatch):
     monkeypatch.setattr(gpu, "FWD_SPLITS", 3)  # the forward in 3 parts plus a combine
     _check(*_qkvd(1))
     assert len(calls) == 3  # the forward planned again, the backward's launches reused
+
+
+# ---- direct launches (gpu._Kernel) ------------------------------------------------------------
+
+
+class _FakeBinary:
+    """What Triton's launch returns: a compiled kernel whose launcher records its arguments."""
+
+    function, packed_metadata = "function", "metadata"
+
+    def __init__(self):
+        self.runs = []
+
+    def launch_metadata(self, grid, stream, *args):
+        return None
+
+    def run(self, gx, gy, gz, stream, function, metadata, launch_metadata, enter, exit, *args):
+        self.runs.append(((gx, gy, gz), stream, args))
+
+
+class _FakeJit:
+    arg_names = ["X", "Y", "n", "BLOCK", "FLAG"]
+
+    def __init__(self):
+        self.launches, self.binary = [], _FakeBinary()
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((grid, args, kwargs))
+            return self.binary
+        return launch
+
+
+class _FakeDriver:
+    device = 0
+
+    def get_current_device(self):
+        return self.device
+
+    def get_current_stream(self, device):
+        return 1000 + device
+
+
+def test_direct_launch_keeps_the_binary_and_falls_back_when_specialization_would_differ(monkeypatch):
+    from triton.runtime import driver
+
+    monkeypatch.setattr(tiling, "interpreting", lambda: False)
+    fake = _FakeDriver()
+    monkeypatch.setattr(driver, "_active", fake)
+    jit = _FakeJit()
+    kernel = gpu._Kernel(jit, (3, 2), {"BLOCK": 64, "FLAG": True, "num_warps": 4})
+    x = torch.randn(64)
+    y = torch.randn(64)
+    kernel(x, y, 7)  # the first call goes through Triton's launch and keeps its binary
+    assert jit.launches == [((3, 2, 1), (x, y, 7), {"BLOCK": 64, "FLAG": True, "num_warps": 4})]
+    x2 = torch.randn(64)
+    kernel(x2, y, 7)  # the binary's launcher, with the compile-time arguments in signature order
+    assert len(jit.launches) == 1
+    assert jit.binary.runs == [((3, 2, 1), 1000, (x2, y, 7, 64, True))]
+    unaligned = torch.randn(65)[1:]  # 4 bytes past an aligned start: Triton would specialize anew
+    kernel(unaligned, y, 7)
+    assert len(jit.launches) == 2 and len(jit.binary.runs) == 1
+    fake.device = 1  # another current device: its own binary, through Triton
+    kernel(x, y, 7)
+    assert len(jit.launches) == 3 and len(jit.binary.runs) == 1
+    fake.device = 0
+    monkeypatch.setattr(gpu, "DIRECT_LAUNCH", False)  # switched off: nothing kept
+    off = gpu._Kernel(jit, (3,), {"BLOCK": 64, "FLAG": True})
+    off(x, y, 7)
+    off(x, y, 7)
+    assert len(jit.launches) == 5 and len(jit.binary.runs) == 1
+
+
+def test_a_binary_specialized_for_an_unaligned_pointer_is_not_kept(monkeypatch):
+    from triton.runtime import driver
+
+    monkeypatch.setattr(tiling, "interpreting", lambda: False)
+    monkeypatch.setattr(driver, "_active", _FakeDriver())
+    jit = _FakeJit()
+    kernel = gpu._Kernel(jit, (1,), {"BLOCK": 64, "FLAG": True})
+    unaligned, y = torch.randn(65)[1:], torch.randn(64)
+    kernel(unaligned, y, 7)
+    kernel(y, y, 7)
+    assert len(jit.launches) == 2 and not jit.binary.runs
+
+
+@pytest.mark.gpu
+def test_direct_launches_on_the_gpu_match_the_reference_and_respect_alignment():
+    """Repeated calls of one signature launch kept binaries; an unaligned view of the same
+    shape and strides goes back through Triton and is still right."""
+    def check(q, k, v, do, prog):
+        out, stats = gpu.forward(q, k, v, [], prog)
+        dq, dk, dv = gpu.backward(do, q, k, v, out, stats, [], prog)
+        q64, k64, v64 = (x.cpu().double().requires_grad_() for x in (q, k, v))
+        ref = reference_attention(q64, k64, v64, [], prog)
+        ref.backward(do.cpu().double())
+        for got, want in ((out, ref), (dq, q64.grad), (dk, k64.grad), (dv, v64.grad)):
+            assert ((got.double().cpu() - want).norm() / want.norm()).item() < 2e-2
+
+    prog = ScoreProgram((ScoreOp("scale", None, 0.125),), "top_left")
+    shape = (2, 4, 200, 64)
+    for seed in range(3):
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        check(*(torch.randn(shape, device="cuda", dtype=torch.float16, generator=g) for _ in range(4)), prog)
+    kept = [launch for recipe in gpu._recipes.values() for launch in recipe if isinstance(launch, gpu._Launch)]
+    assert kept and all((launch.tma or launch.ptr).binary is not None for launch in kept)
+    n = 2 * 4 * 200 * 64
+    g = torch.Generator(device="cuda").manual_seed(7)
+    flat = torch.randn(4 * n + 1, device="cuda", dtype=torch.float16, generator=g)
+    # the same shapes and strides, 2 bytes past an aligned start: Triton specializes them anew
+    check(*(flat[1 + i * n:1 + (i + 1) * n].view(shape) for i in range(4)), prog)
