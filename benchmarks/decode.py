@@ -4,9 +4,10 @@
     PYTHONPATH=. python3 benchmarks/decode.py --tiny     # CPU smoke run (Triton interpreter)
 
 Here one query block per batch·head leaves most SMs idle, and the forward splits its key range
-into parts (plan.kv_splits) merged by a combine kernel. This times, per shape, flashfx's op
-as planned (split where the planner splits), flashfx forced unsplit, and SDPA (PyTorch's own
-choice of backend, GQA through enable_gqa). Decoding reads each K/V byte once: GB/s is
+into parts (plan.kv_splits) merged by a combine kernel; under GQA a tile holds the query heads
+of a group together (gpu.packs), so each K/V block is read once per group. This times, per
+shape, flashfx's op as planned, flashfx forced unsplit, flashfx with one query head per tile
+(GQA shapes), and SDPA (PyTorch's own choice of backend, GQA through enable_gqa). Decoding reads each K/V byte once: GB/s is
 K and V bytes over the time. Times are GPU times of CUDA-graph replays
 (triton.testing.do_bench_cudagraph), which leave out the host's launch cost: a decoding loop
 is host-bound unless it replays graphs (torch.compile mode="reduce-overhead"). Every result is
@@ -35,7 +36,7 @@ from flashfx.runtime import gpu  # noqa: E402
 # (B, H, Hk, Nq, Nk, D): single-token decoding with GQA and MHA, and a short chunk of queries
 SHAPES = [(1, 32, 8, 1, 4096, 128), (1, 32, 8, 1, 32768, 128), (8, 32, 8, 1, 8192, 128),
           (4, 16, 16, 1, 16384, 64), (2, 32, 8, 16, 16384, 128)]
-TINY = [(1, 2, 1, 1, 300, 16), (1, 2, 2, 3, 200, 32)]
+TINY = [(1, 2, 1, 1, 300, 16), (1, 2, 2, 3, 200, 32), (1, 4, 2, 3, 200, 32)]
 
 
 def program(D: int, nq: int) -> ScoreProgram:
@@ -54,17 +55,19 @@ def reference(q, k, v, prog) -> torch.Tensor:
 
 
 def variants(q, k, v, prog, planned_parts=None):
-    def flashfx(parts):
+    def flashfx(parts, pack=None):
         def run():
-            saved = gpu.FWD_SPLITS
-            gpu.FWD_SPLITS = parts
+            saved = gpu.FWD_SPLITS, gpu.GQA_PACK
+            gpu.FWD_SPLITS, gpu.GQA_PACK = parts, pack
             try:
                 return gpu.forward(q, k, v, [], prog)[0]
             finally:
-                gpu.FWD_SPLITS = saved
+                gpu.FWD_SPLITS, gpu.GQA_PACK = saved
         return run
 
     out = {"flashfx": flashfx(planned_parts), "flashfx unsplit": flashfx(1)}
+    if q.shape[1] != k.shape[1]:
+        out["flashfx head per tile"] = flashfx(planned_parts, pack=False)
     if q.is_cuda:
         mask = None
         if prog.causal == "bottom_right":  # SDPA's is_causal is top-left: pass the mask itself
@@ -84,15 +87,20 @@ def measure(shape, dtype, device, timer, force_parts=None) -> list[dict]:
     ref = reference(q, k, v, prog)
     kv_bytes = 2 * k.numel() * k.element_size()
     plan = gpu.tile_plan(q, k, prog)
-    programs = -(-Nq // plan.fwd.block_m) * B * H
-    parts = force_parts or gpu.forward_splits(programs, Nk, plan.fwd.block_n, q.device)
+    bm, G = plan.fwd.block_m, H // Hk
+
+    def parts_of(pack: bool) -> int:
+        programs = -(-G * Nq // bm) * B * Hk if pack else -(-Nq // bm) * B * H
+        return force_parts or gpu.forward_splits(programs, Nk, plan.fwd.block_n, q.device)
+
+    parts = {"flashfx": parts_of(gpu.packs(G, Nq, bm)), "flashfx head per tile": parts_of(False)}
     rows = []
     for name, fn in variants(q, k, v, prog, force_parts).items():
         out = fn()
         err = ((out.float() - ref).norm() / ref.norm()).item()
         us = timer(fn) * 1e3
         rows.append(dict(B=B, H=H, Hk=Hk, Nq=Nq, Nk=Nk, D=D, variant=name, us=us, gb_s=kv_bytes / us / 1e3,
-                         err=err, parts=parts if name == "flashfx" else 1))
+                         err=err, parts=parts.get(name, 1)))
         print(f"B={B} H={H}/{Hk} Nq={Nq} Nk={Nk} D={D} {name:16s} {us:9.1f} us {kv_bytes / us / 1e3:8.0f} GB/s"
               f"  err {err:.1e}  parts {rows[-1]['parts']}", flush=True)
     return rows

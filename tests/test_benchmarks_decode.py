@@ -19,7 +19,7 @@ def test_tiny_run_checks_results_and_writes_json(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("OUT", str(tmp_path))
     assert decode.main(["--tiny"]) == 0
     rows = json.loads((tmp_path / "decode.json").read_text())["rows"]
-    assert {r["variant"] for r in rows} == {"flashfx", "flashfx unsplit"}
+    assert {r["variant"] for r in rows} == {"flashfx", "flashfx unsplit", "flashfx head per tile"}
     assert all(r["err"] < 1e-4 for r in rows)
     assert any(r["parts"] == 2 for r in rows)  # the split path ran
     assert "| flashfx | 2 |" in capsys.readouterr().out

@@ -90,8 +90,9 @@ def _operand_params(n: int) -> tuple[str, str]:
     return ptrs, strides
 
 
-def _load_operand(i: int, operand: int, d: "scoreops.ScoreOpDef") -> list[str]:
+def _load_operand(i: int, operand: int, d: "scoreops.ScoreOpDef", h: str = "h") -> list[str]:
     """Load operand tile x{i} at (offs_m, offs_n), broadcast by its strides (0 on broadcast dims).
+    `h`: the query head (a scalar, or a [BM, 1] column in a forward tile packing a GQA group).
 
     Outside the tensor (ragged tiles) it reads the op's pad value, so that even the positions
     the kernel later discards stay finite through the op and its derivative.
@@ -99,20 +100,20 @@ def _load_operand(i: int, operand: int, d: "scoreops.ScoreOpDef") -> list[str]:
     kind = d.operand
     other = repr(float(d.pad)) if kind == "float" else "0"
     return [
-        f"x{i} = tl.load(X{operand} + b * sx{operand}_b + h * sx{operand}_h"
+        f"x{i} = tl.load(X{operand} + b * sx{operand}_b + {h} * sx{operand}_h"
         f" + offs_m[:, None] * sx{operand}_m + offs_n[None, :] * sx{operand}_n,"
         f" mask=in_tile, other={other})",
         f"x{i} = x{i}.to(tl.float32)" if kind == "float" else f"x{i} = x{i} != 0",
     ]
 
 
-def _program_lines(ops: list[tuple], var: str) -> list[str]:
+def _program_lines(ops: list[tuple], var: str, h: str = "h") -> list[str]:
     """Lines that apply the program's ops to the fp32 scores in `var`."""
     lines = []
     for i, (name, operand, const) in enumerate(ops):
         d = scoreops.get(name)
         if operand is not None:
-            lines += _load_operand(i, operand, d)
+            lines += _load_operand(i, operand, d, h)
         lines.append(f"{var} = " + _subst(d.triton, s=var, x=f"x{i}", c=const))
     return lines
 
@@ -228,7 +229,7 @@ def _fwd_step(prog, ops, folded, masked: bool) -> str:
     ])
     lines.append("s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BM, BN] fp32")
     lazy = _lazy_scale(ops, folded)
-    lines += _program_lines(ops[1:] if lazy else ops, "s")
+    lines += _program_lines(ops[1:] if lazy else ops, "s", h="h_x")
     lines += _mask_lines(prog, "s", masked)
     lines.append("# online softmax: rescale what came before by exp(m_old - m_new)")
     if lazy:
@@ -246,7 +247,7 @@ def _fwd_step(prog, ops, folded, masked: bool) -> str:
         lines.append(f"p = tl.exp2({_log2_units('s - m_use[:, None]', folded)})")
     lines.append("l_i = l_i * alpha + tl.sum(p, 1)  # the softmax normalizer counts every probability")
     if prog.dropout:
-        lines += _keep_lines("pid_bh") + ["p = tl.where(keep, p, 0.0)  # dropped; 1/(1-p) at the end"]
+        lines += _keep_lines("bh_x") + ["p = tl.where(keep, p, 0.0)  # dropped; 1/(1-p) at the end"]
     lines += [
         "acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)",
         "m_i = m_new",
@@ -377,25 +378,49 @@ def _attn_fwd(
     TMA: tl.constexpr,            # K, V tiles through the descriptors KDesc, VDesc (else K, V pointers)
     SPLITS: tl.constexpr,         # > 1: program_id(2) takes one part of the key range and writes
                                   # unnormalized partials to PartO, PartStats for _attn_fwd_combine
+    PACK: tl.constexpr,           # a tile's rows are (query head of a GQA group, query) pairs, grid
+                                  # axis 1 runs over B·Hk: each K/V block is read once per group
 ):
     tl.static_assert(HEAD_DIM_PAD >= 16)
     tl.static_assert(BLOCK_N >= 16)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    hk = h // GROUP
     DIAG = 0
     if CAUSAL == 2:
         DIAG = N_K - N_Q  # query i sees keys j <= i + DIAG
 {seedload}
-    # ---- load the Q tile once; it stays in registers for the whole loop ----
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    m_ok = offs_m < N_Q
     d_ok = offs_d < HEAD_DIM
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    # Per row: the query offs_m; its head h_x and batch·head bh_x (scalars, or [BM, 1] columns
+    # when packed) and bh_v ([BM] when packed); the tile's queries lie in [m_first, m_end).
+    if PACK:
+        b = pid_bh // (H // GROUP)
+        hk = pid_bh % (H // GROUP)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = rows < GROUP * N_Q
+        offs_m = rows % N_Q
+        h_v = hk * GROUP + rows // N_Q
+        bh_v = b * H + h_v
+        h_x = h_v[:, None]
+        bh_x = bh_v[:, None]
+        r_last = tl.minimum(pid_m * BLOCK_M + BLOCK_M, GROUP * N_Q) - 1
+        one_head = (pid_m * BLOCK_M) // N_Q == r_last // N_Q
+        m_first = tl.where(one_head, (pid_m * BLOCK_M) % N_Q, 0)
+        m_end = tl.where(one_head, r_last % N_Q + 1, N_Q)
+    else:
+        b = pid_bh // H
+        h_x = pid_bh % H
+        hk = h_x // GROUP
+        bh_v = pid_bh
+        bh_x = pid_bh
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < N_Q
+        m_first = pid_m * BLOCK_M
+        m_end = pid_m * BLOCK_M + BLOCK_M
+
+    # ---- load the Q tile once; it stays in registers for the whole loop ----
+    q_ptrs = Q + b * stride_qb + h_x * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
     k_ptrs = K + b * stride_kb + hk * stride_kh + offs_n0[:, None] * stride_kn + offs_d[None, :] * stride_kd
     v_ptrs = V + b * stride_vb + hk * stride_vh + offs_n0[:, None] * stride_vn + offs_d[None, :] * stride_vd
     q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
@@ -408,9 +433,9 @@ def _attn_fwd(
     hi = N_K
     full = (N_K // BLOCK_N) * BLOCK_N
     if CAUSAL != 0:
-        hi = tl.minimum(N_K, pid_m * BLOCK_M + BLOCK_M + DIAG)
+        hi = tl.minimum(N_K, m_end + DIAG)
         hi = tl.maximum(hi, 0)
-        full = tl.minimum(full, tl.maximum(pid_m * BLOCK_M + DIAG + 1, 0) // BLOCK_N * BLOCK_N)
+        full = tl.minimum(full, tl.maximum(m_first + DIAG + 1, 0) // BLOCK_N * BLOCK_N)
 
     if SPLITS > 1:  # this program's part of the key blocks: [s_lo, s_lo + chunk)
         chunk = tl.cdiv(tl.cdiv(N_K, BLOCK_N), SPLITS) * BLOCK_N
@@ -432,7 +457,7 @@ def _attn_fwd(
 
     if SPLITS > 1:
         # unnormalized: the combine weighs each part by exp(its row max - the overall max)
-        part = (tl.program_id(2) * STATS_PLANE + pid_bh * N_Q + offs_m).to(tl.int64)
+        part = (tl.program_id(2) * STATS_PLANE + bh_v * N_Q + offs_m).to(tl.int64)
         tl.store(PartO + part[:, None] * HEAD_DIM_PAD + offs_d[None, :], acc, mask=m_ok[:, None])
         tl.store(PartStats + part, m_i, mask=m_ok)
         tl.store(PartStats + SPLITS * STATS_PLANE + part, l_i, mask=m_ok)
@@ -595,19 +620,20 @@ def _attn_bwd_dq(
 '''
 
 
-def _epilogue(program: ScoreProgram, folded: bool) -> list[str]:
+def _epilogue(program: ScoreProgram, folded: bool, h: str = "h", bh: str = "pid_bh") -> list[str]:
     """The forward's last lines (unsplit, or the combine of a split one): O = acc / l, and the
-    two row statistics, from the running max m_i and sum l_i."""
+    two row statistics, from the running max m_i and sum l_i. `h`, `bh`: the rows' head (a
+    scalar or a [BM, 1] column) and batch·head (a scalar or a [BM] vector)."""
     keep = " * KEEP_SCALE  # dropout kept 1 - P of the weights" if program.dropout else ""
     return [
         "# ---- normalize; rows that saw no key at all give 0, rowmax = -inf, logsum = 0 ----",
         "l_use = tl.where(l_i == 0.0, 1.0, l_i)",
         f"acc = acc / l_use[:, None]{keep}",
-        "o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od",
+        f"o_ptrs = Out + b * stride_ob + {h} * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od",
         "tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])",
         "# stats, natural-log units: [0] the row max of the scores, [1] log Σ exp(s - max)",
-        "tl.store(Stats + pid_bh * N_Q + offs_m, {}, mask=m_ok)".format("m_i * LN2" if folded else "m_i"),
-        "tl.store(Stats + STATS_PLANE + pid_bh * N_Q + offs_m, tl.log2(l_use) * LN2, mask=m_ok)",
+        f"tl.store(Stats + {bh} * N_Q + offs_m, {'m_i * LN2' if folded else 'm_i'}, mask=m_ok)",
+        f"tl.store(Stats + STATS_PLANE + {bh} * N_Q + offs_m, tl.log2(l_use) * LN2, mask=m_ok)",
     ]
 
 
@@ -639,7 +665,7 @@ def emit(program: ScoreProgram, grad_operands: tuple = ()) -> str:
         dxparams=dxparams,
         seedparam="Seed, " if program.dropout else "",
         seedload="    seed = tl.load(Seed)  # this call's dropout seed (int64)\n" if program.dropout else "",
-        epilogue_in_branch=_block(_epilogue(program, folded), 8),
+        epilogue_in_branch=_block(_epilogue(program, folded, h="h_x", bh="bh_v"), 8),
         epilogue=_block(_epilogue(program, folded), 4),
         dq_stats=_block(_stats_lines("pid_bh", folded, lazy), 4),
         combine_units=_log2_units("m_s - m_use", folded),

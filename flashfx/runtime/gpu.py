@@ -11,7 +11,7 @@ import torch
 
 from flashfx.codegen import attention as codegen
 from flashfx.ir import ScoreProgram
-from flashfx.planner import hardware
+from flashfx.planner import cost, hardware
 from flashfx.planner.plan import TilePlan, kv_splits
 from flashfx.runtime import tiles as tiling
 from flashfx.runtime.tiles import interpreting  # noqa: F401 - re-exported
@@ -50,6 +50,9 @@ TMA: bool | None = None
 FLAT_DKDV: bool | None = None
 # Parts of the forward's key range: None chooses (plan.kv_splits, on CUDA); an int forces.
 FWD_SPLITS: int | None = None
+# The forward's tiles of a GQA group's query heads together (one program per K/V head, each K/V
+# block read once for the group): None chooses (`packs`); True or False forces (under GQA).
+GQA_PACK: bool | None = None
 
 
 @lru_cache(maxsize=8)
@@ -216,7 +219,7 @@ def _signature(kind: str, program: ScoreProgram, tensors, operands, extra=()) ->
         return None
     q = tensors[0]
     return (kind, program, extra, q.dtype, q.device, tiling._margins_version,
-            hardware.chosen_by_user(), TMA, FLAT_DKDV, DIRECT_LAUNCH, os.environ.get("FLASHFX_TMA"),
+            hardware.chosen_by_user(), TMA, FLAT_DKDV, DIRECT_LAUNCH, GQA_PACK, os.environ.get("FLASHFX_TMA"),
             os.environ.get("TRITON_INTERPRET"), _precision(q),
             *((t.shape, t.stride()) for t in tensors), *((x.stride(), x.dtype) for x in operands))
 
@@ -251,15 +254,17 @@ def forward(q, k, v, operands, program: ScoreProgram, tiles: TilePlan | None = N
     def make(p: TilePlan):
         t = p.fwd
         kernels = _kernels(program)
-        grid = (triton_cdiv(Nq, t.block_m), B * H)
+        pack = packs(H // Hk, Nq, t.block_m)
+        grid = (triton_cdiv(H // Hk * Nq, t.block_m), B * Hk) if pack else (triton_cdiv(Nq, t.block_m), B * H)
         splits = forward_splits(grid[0] * grid[1], Nk, t.block_n, q.device)
         fwd = _launch(kernels._attn_fwd, grid + (splits,), (k, v), t.block_n,
                       p.head_dim_pad, GROUP=H // Hk, CAUSAL=_CAUSAL_CODE[program.causal], HEAD_DIM=D,
                       HEAD_DIM_PAD=p.head_dim_pad, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
-                      PRECISION=_precision(q), SPLITS=splits, num_warps=t.num_warps, num_stages=t.num_stages)
+                      PRECISION=_precision(q), SPLITS=splits, PACK=pack,
+                      num_warps=t.num_warps, num_stages=t.num_stages)
         if splits == 1:
             return fwd, None, 1, p.head_dim_pad
-        combine = _launch(kernels._attn_fwd_combine, grid, SPLITS=splits, HEAD_DIM=D,
+        combine = _launch(kernels._attn_fwd_combine, (triton_cdiv(Nq, t.block_m), B * H), SPLITS=splits, HEAD_DIM=D,
                           HEAD_DIM_PAD=p.head_dim_pad, BLOCK_M=t.block_m)
         return fwd, combine, splits, p.head_dim_pad
 
@@ -353,6 +358,14 @@ def backward(dout, q, k, v, out, stats, operands, program: ScoreProgram, tiles: 
         dims = [d for d in range(4) if shape[d] == 1 and buf.shape[d] != 1]
         d_ops[i] = buf.sum(dims, keepdim=True) if dims else buf
     return dq, dk, dv, d_ops
+
+
+def packs(group: int, n_q: int, block_m: int) -> bool:
+    """Whether the forward packs a GQA group's query heads into its tiles (cost.packs_group:
+    when one head's queries fill less than a tile); GQA_PACK forces it on or off."""
+    if GQA_PACK is not None:
+        return GQA_PACK and group > 1
+    return cost.packs_group(group, n_q, block_m)
 
 
 def forward_splits(programs: int, n_k: int, block_n: int, device: torch.device) -> int:

@@ -126,6 +126,38 @@ def test_interpreted_split_key_range(monkeypatch, prog, shape, splits):
     _run(*shape, torch.float32, PROGRAMS[prog], "cpu")
 
 
+@pytest.mark.parametrize("prog", ["scale", "causal", "bottom_right", "bias_keep", "drop_causal"])
+@pytest.mark.parametrize("shape, pack, splits", [
+    ((2, 6, 2, 5, 37, 16), None, 1),   # a group's 15 rows in one 16-row tile
+    ((1, 8, 2, 7, 50, 16), None, 2),   # 28 rows: the second tile holds heads 2 and 3 of a group
+    ((1, 4, 2, 20, 45, 32), True, 1),  # packing forced at 20 queries: tiles straddle heads
+    ((1, 4, 2, 20, 45, 32), False, 1),
+], ids=["one-tile", "two-tiles-split", "forced", "off"])
+def test_interpreted_gqa_group_packed_in_tiles(monkeypatch, prog, shape, pack, splits):
+    # the forward's rows are (query head, query) pairs of one K/V head's group: per-head
+    # operands, dropout's per-score mask and the causal range must follow each row's head
+    if torch.cuda.is_available():
+        pytest.skip("covered by the gpu tests")
+    if prog == "drop_causal" and shape[3] < 8:
+        pytest.skip("a top-left diagonal and the drop mask leave these rows one key each: dQ is all 0")
+    monkeypatch.setattr(gpu, "GQA_PACK", pack)
+    monkeypatch.setattr(gpu, "FWD_SPLITS", splits)
+    assert gpu.packs(shape[1] // shape[2], shape[3], 16) == (pack is not False)
+    _run(*shape, torch.float32, PROGRAMS[prog], "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("prog", ["bottom_right", "bias_keep", "drop_causal"])
+@pytest.mark.parametrize("shape", [(2, 32, 8, 1, 3000, 128), (2, 16, 4, 16, 1000, 64), (1, 8, 2, 50, 700, 128)],
+                         ids=["decode", "16-queries", "straddling"])
+def test_gpu_gqa_group_packed_in_tiles(monkeypatch, prog, shape):
+    if shape[3] == 50:
+        monkeypatch.setattr(gpu, "GQA_PACK", True)
+    if shape[3] == 1 and PROGRAMS[prog].causal == "top_left":
+        pytest.skip("one query under a top-left diagonal sees one key: its gradients are all 0")
+    _run(*shape, torch.bfloat16, PROGRAMS[prog], "cuda")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("splits", [2, 5])
 @pytest.mark.parametrize("prog", ["causal", "bottom_right", "bias_keep", "drop_causal"])

@@ -77,6 +77,28 @@ def test_forward_and_backward_match_a_reference_with_the_same_mask(kernel, causa
         torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=lambda m: f"d{name}: {m}")
 
 
+@pytest.mark.parametrize("causal", [None, "bottom_right"])
+def test_gqa_packing_does_not_change_the_mask(kernel, causal, monkeypatch):
+    # a forward whose tiles hold a GQA group's heads together draws each score's keep bit at
+    # the same (batch·head, query, key) index as one head per tile: same output, same gradients
+    if kernel == "chunked":
+        pytest.skip("the chunked path has no tiles to pack")
+    from flashfx.runtime import gpu
+
+    dev = _device(kernel)
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(B, 8, 5, D, generator=g).to(dev).requires_grad_()
+    k, v = (torch.randn(B, Hk, N, D, generator=g).to(dev).requires_grad_() for _ in range(2))
+    dout = torch.randn(B, 8, 5, D, generator=g).to(dev)
+    results = []
+    for pack in (True, False):
+        monkeypatch.setattr(gpu, "GQA_PACK", pack)
+        out = torch.ops.flashfx.attention(q, k, v, [], _program(causal), _seed(11).to(dev))[0]
+        results.append((out, *torch.autograd.grad(out, (q, k, v), dout)))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_chunking_does_not_change_the_mask():
     from flashfx.runtime import cpu
     g = torch.Generator().manual_seed(2)
