@@ -17,7 +17,6 @@ Symbols (all per (batch, query head) unless said otherwise):
 Each kernel holds one side in SRAM or registers and streams the other (codegen/attention.py):
 
     fwd    holds a Q tile [BM, d], streams K, V blocks [BN, d]          grid Nq/BM · B·H
-           (a GQA group packed into its rows, see `packs_group`:         grid G·Nq/BM · B·Hk)
     dkdv   holds K, V blocks [BN, d], streams Q, dO tiles [BM, d]       grid Nk/BN · B·Hk
     dq     holds Q, dO tiles [BM, d], streams K, V blocks [BN, d]       grid Nq/BM · B·H
 
@@ -304,18 +303,10 @@ class Shape:
     operand_bytes: int = 0  # X: bytes of score operands loaded per score
 
 
-def packs_group(group: int, n_q: int, block_m: int) -> bool:
-    """Whether the forward's tiles hold a GQA group's query heads together, G·Nq rows per K/V
-    head: when one head's queries fill less than a tile (decoding, short prompts). Each K/V
-    block is then read once per group, not once per query head, and fewer rows are padding."""
-    return group > 1 and n_q < block_m
-
-
 def predict(kernel: str, shape: Shape, gpu: GPU, block_m: int, block_n: int, warps: int,
             stages: int, cal: Calibration | None = None) -> Prediction:
     """Predicted resources and time of `kernel` with these tiles on `gpu`."""
     cal = cal or calibration(kernel)
-    packed = kernel == "fwd" and packs_group(shape.group, shape.n_q, block_m)
     k = KERNELS[kernel]
     a = gpu.arch
     threads = 32 * warps
@@ -358,11 +349,9 @@ def predict(kernel: str, shape: Shape, gpu: GPU, block_m: int, block_n: int, war
     per_step += exposed / max(occ, 1)
 
     # ---- programs, waves and steps
-    bh = shape.batch_heads if kernel != "dkdv" and not packed else max(shape.batch_heads // shape.group, 1)
+    bh = shape.batch_heads if kernel != "dkdv" else max(shape.batch_heads // shape.group, 1)
     held_rows, other_rows = (block_n, block_m) if kernel == "dkdv" else (block_m, block_n)
     n_held, n_other = (shape.n_k, shape.n_q) if kernel == "dkdv" else (shape.n_q, shape.n_k)
-    if packed:  # one program per K/V head holds G·Nq rows
-        n_held *= shape.group
     programs = -(-n_held // held_rows) * bh
     steps = r * -(-n_other // other_rows) * (shape.group if kernel == "dkdv" else 1)
     slots = gpu.sm_count * max(occ, 1)
@@ -372,13 +361,9 @@ def predict(kernel: str, shape: Shape, gpu: GPU, block_m: int, block_n: int, war
 
     # ---- bytes: tiles, DRAM (K/V re-reads reach DRAM only when heads in flight overflow L2)
     per_head = dict(vals, Nq=shape.n_q, Nk=shape.n_k)
-    heads = shape.batch_heads
-    if packed:  # the expressions per (batch, K/V head): a group's rows as one head's, K/V not shared
-        per_head.update(Nq=shape.n_q * shape.group, G=1)
-        heads = bh
-    tile = evaluate(kernel, "tile_bytes", **per_head) * heads
-    comp = evaluate(kernel, "compulsory", **per_head) * heads
-    lb = evaluate(kernel, "lower_bound", **per_head) * heads
+    tile = evaluate(kernel, "tile_bytes", **per_head) * shape.batch_heads
+    comp = evaluate(kernel, "compulsory", **per_head) * shape.batch_heads
+    lb = evaluate(kernel, "lower_bound", **per_head) * shape.batch_heads
     kv_head = 2 * n_other * shape.head_dim * shape.elt
     heads_in_flight = min(slots / max(-(-n_held // held_rows), 1) + 1, bh)
     working = heads_in_flight * kv_head

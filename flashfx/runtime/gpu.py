@@ -11,7 +11,7 @@ import torch
 
 from flashfx.codegen import attention as codegen
 from flashfx.ir import ScoreProgram
-from flashfx.planner import cost, hardware
+from flashfx.planner import hardware
 from flashfx.planner.plan import TilePlan, kv_splits
 from flashfx.runtime import tiles as tiling
 from flashfx.runtime.tiles import interpreting  # noqa: F401 - re-exported
@@ -361,11 +361,16 @@ def backward(dout, q, k, v, out, stats, operands, program: ScoreProgram, tiles: 
 
 
 def packs(group: int, n_q: int, block_m: int) -> bool:
-    """Whether the forward packs a GQA group's query heads into its tiles (cost.packs_group:
-    when one head's queries fill less than a tile); GQA_PACK forces it on or off."""
+    """Whether the forward packs a GQA group's query heads into the rows of its tiles: when a
+    head's queries fill less than one tile (decoding, short prompts), so that the group's K/V
+    blocks are read once instead of once per query head, and the tile's rows are not mostly
+    padding. Longer query ranges fill their tiles anyway and keep one head per program, whose
+    causal block skipping is exact. GQA_PACK forces it on or off.
+
+    The planner does not model packing yet: it plans the tiles as for one head per tile."""
     if GQA_PACK is not None:
         return GQA_PACK and group > 1
-    return cost.packs_group(group, n_q, block_m)
+    return group > 1 and n_q < block_m
 
 
 def forward_splits(programs: int, n_k: int, block_n: int, device: torch.device) -> int:
