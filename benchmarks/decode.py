@@ -117,10 +117,7 @@ def plot(rows, path):
     plots.grouped_bars(ax, [f"B{b} H{h}/{hk}\nNq{nq} Nk{nk} D{d}" for b, h, hk, nq, nk, d in shapes],
                        {n: [next((r["gb_s"] for r in rows if r["variant"] == n and key(r) == s), 0) for s in shapes]
                         for n in names})
-    ax.set_ylabel("K/V GB/s (higher is better)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    plots.save(fig, ax, "K/V GB/s (higher is better)", path)
 
 
 def main(argv=None) -> int:

@@ -142,10 +142,7 @@ def plot(rows: list[dict], path: str) -> None:
                                   {p: [mine[g, p]["host_us"] for g in groups] for p in PARTS})
     ax.scatter([j + width for j in range(len(groups))], [mine[g, "direct"]["wall_us"] for g in groups],
                color="k", marker="_", s=400, label="GPU-bound wall")
-    ax.set_ylabel("host µs per fwd+bwd")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    plots.save(fig, ax, "host µs per fwd+bwd", path)
 
 
 def main(argv=None) -> int:

@@ -24,3 +24,11 @@ def grouped_bars(ax, groups: list[str], series: dict[str, list[float]]) -> tuple
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))])
     ax.set_xticklabels(groups, fontsize=7)
     return width, bars
+
+
+def save(fig, ax, ylabel: str, path: str) -> None:
+    """Label the y axis, add the legend, and write the figure to `path`."""
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

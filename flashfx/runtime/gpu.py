@@ -140,6 +140,7 @@ class _Kernel:
         if binary is not None:
             driver = self.driver
             device = driver.get_current_device()
+            # _aligned, inlined: this is the per-call path
             if device == self.device and all(args[i].data_ptr() % 16 == 0 for i in self.tensor_at):
                 args += self.tail
                 stream = driver.get_current_stream(device)
@@ -161,7 +162,7 @@ class _Kernel:
             return  # not a JIT function, or an argument left to its default
         names = names[len(args):]
         tensors = tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor))
-        if not all(args[i].data_ptr() % 16 == 0 for i in tensors):
+        if not _aligned(*(args[i] for i in tensors)):
             return  # a binary specialized for an unaligned pointer: not worth keeping
         from triton.runtime import driver
 
