@@ -296,7 +296,7 @@ class Case:
             self.out, self.stats = gpu.forward(self.q, self.k, self.v, [], self.program, tiles=base_plan)
         else:
             self.out = torch.empty_like(self.q)
-            self.stats = torch.empty((2, B, H, N), device=device, dtype=torch.float32)
+            self.stats = torch.empty((self.program.stats_planes, B, H, N), device=device, dtype=torch.float32)
 
     def error(self, kernel: str, launch: Launch) -> float:
         """Normwise relative error of what `launch` wrote against an fp32 reference (SDPA on

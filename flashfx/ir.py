@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 CAUSAL_ALIGNMENTS = ("top_left", "bottom_right")
+# score ops that only mask: with an infinite fill they commute with a positive scale
+INFINITE_MASKS = ("keep", "drop")
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,21 @@ class ScoreProgram:
     def num_operands(self) -> int:
         used = [op.operand for op in self.ops if op.operand is not None]
         return max(used) + 1 if used else 0
+
+    @property
+    def stats_planes(self) -> int:
+        """Row statistics the forward saves for the backward, one [B, H, Nq] plane each.
+
+        1, the log-sum-exp, when the program is a positive scale and infinite masks: no score
+        is a finite fill, so max + log Σ exp(s - max) loses nothing. Otherwise 2, the row max
+        and log Σ exp(s - max) apart: a row of finfo.min fills has a max so large that their
+        sum rounds log Σ away, where eager gives the row uniform weights.
+        """
+        ops = self.ops
+        if not ops or ops[0].name != "scale" or not ops[0].const > 0:
+            return 2
+        masks = all(op.name in INFINITE_MASKS and op.const == float("-inf") for op in ops[1:])
+        return 1 if masks else 2
 
     def encode(self) -> str:
         """A stable, compact string: the custom op's `program` argument and the kernel cache key."""

@@ -1,7 +1,7 @@
 """Emit the Triton source of one attention site's kernels, with its score program inlined.
 
     emit(program) -> source text of four kernels:
-      _attn_fwd        O = softmax(f(Q Kᵀ)) V, saves LSE                 grid (Nq/BM, B·H[, parts])
+      _attn_fwd        O = softmax(f(Q Kᵀ)) V, saves row stats             grid (Nq/BM, B·H[, parts])
       _attn_fwd_combine  merges the parts of a split key range           grid (Nq/BM, B·H)
       _attn_bwd_dq     dQ: holds a Q block, streams K/V blocks; first    grid (Nq/BM, B·H)
                        writes Δ = rowsum(dO ∘ O) of its rows
@@ -14,10 +14,11 @@ twice, once in each backward kernel) — no N×N tensor is ever written to memor
 Softmax uses exp2 (one instruction; exp is two). When the program is a leading scale and
 infinite masks, log2(e) is folded into that scale and scores live in log2 units. Otherwise
 scores stay in natural units and only differences from the row max are scaled by log2(e), so
-finite fills such as finfo.min stay finite, as in eager. The forward saves two row statistics
-(natural-log units, as the CPU path's): the row max and log Σ exp(s - max). Their sum is the
-log-sum-exp, but the backward uses them apart: a row whose scores are all ≈ finfo.min has a
-max so large that adding log Σ to it would round the sum away.
+finite fills such as finfo.min stay finite, as in eager. The forward saves row statistics in
+natural-log units, as the CPU path does (ScoreProgram.stats_planes): the log-sum-exp alone for
+a positive scale and infinite masks; otherwise the row max and log Σ exp(s - max) apart, since
+a row whose scores are all ≈ finfo.min has a max so large that adding log Σ to it would round
+the sum away.
 
 Key blocks come in two loops: blocks every query row of the tile sees whole (no masks at all)
 and the rest (the causal diagonal, the ragged end of N), where bounds and causal masks apply.
@@ -44,10 +45,9 @@ import textwrap
 from functools import lru_cache
 
 from flashfx import scoreops
-from flashfx.ir import ScoreProgram
+from flashfx.ir import INFINITE_MASKS, ScoreProgram
 
 LOG2E = 1.4426950408889634
-_MASK_ONLY = {"keep", "drop"}  # with an infinite fill: invariant under scaling the scores
 
 
 def _fold_log2e(program: ScoreProgram) -> tuple[list[tuple], bool]:
@@ -56,7 +56,7 @@ def _fold_log2e(program: ScoreProgram) -> tuple[list[tuple], bool]:
     Returns (ops, folded): when not folded the kernel multiplies the result by log2(e).
     """
     ops = [(op.name, op.operand, op.const) for op in program.ops]
-    masks_only = all(o[0] in _MASK_ONLY and o[2] == float("-inf") for o in ops[1:])
+    masks_only = all(o[0] in INFINITE_MASKS and o[2] == float("-inf") for o in ops[1:])
     if ops and ops[0][0] == "scale" and masks_only:
         ops[0] = ("scale", None, ops[0][2] * LOG2E)
         return ops, True
@@ -171,13 +171,20 @@ def _log2_units(diff: str, folded: bool) -> str:
 
 
 def _stats_lines(bh: str, folded: bool, lazy: float | None = None) -> list[str]:
-    """Load the forward's row statistics, in the kernel's score units."""
+    """Load the forward's row statistics, in the kernel's score units (ScoreProgram.stats_planes:
+    one plane, the log-sum-exp, exactly when the scale is applied late)."""
+    if lazy:
+        return [
+            f"lse = tl.load(Stats + {bh} * N_Q + offs_m, mask=m_ok, other=float('inf'))",
+            "# rows that saw no key (lse = -inf) and padded rows: +inf makes their p exactly 0",
+            "lse = tl.where(lse == float('-inf'), float('inf'), lse) * LOG2E  # log2 units",
+        ]
     return [
         f"rowmax = tl.load(Stats + {bh} * N_Q + offs_m, mask=m_ok, other=float('inf'))",
         "# rows that saw no key (rowmax = -inf) and padded rows: +inf makes their p exactly 0",
         "rowmax = tl.where(rowmax == float('-inf'), float('inf'), rowmax)" + (" * LOG2E" if folded else ""),
         f"logsum = tl.load(Stats + STATS_PLANE + {bh} * N_Q + offs_m, mask=m_ok, other=0.0) * LOG2E",
-    ] + (["lse = rowmax + logsum  # log2 units"] if lazy else [])
+    ]
 
 
 def _subst(expr: str, c=None, **names: str) -> str:
@@ -622,15 +629,22 @@ def _attn_bwd_dq(
 
 def _epilogue(program: ScoreProgram, folded: bool, h: str = "h", bh: str = "pid_bh") -> list[str]:
     """The forward's last lines (unsplit, or the combine of a split one): O = acc / l, and the
-    two row statistics, from the running max m_i and sum l_i. `h`, `bh`: the rows' head (a
-    scalar or a [BM, 1] column) and batch·head (a scalar or a [BM] vector)."""
+    row statistics (program.stats_planes), from the running max m_i and sum l_i. `h`, `bh`: the
+    rows' head (a scalar or a [BM, 1] column) and batch·head (a scalar or a [BM] vector)."""
     keep = " * KEEP_SCALE  # dropout kept 1 - P of the weights" if program.dropout else ""
-    return [
+    lines = [
         "# ---- normalize; rows that saw no key at all give 0, rowmax = -inf, logsum = 0 ----",
         "l_use = tl.where(l_i == 0.0, 1.0, l_i)",
         f"acc = acc / l_use[:, None]{keep}",
         f"o_ptrs = Out + b * stride_ob + {h} * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od",
         "tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])",
+    ]
+    if program.stats_planes == 1:  # folded: m_i is in log2 units
+        return lines + [
+            "# stats, natural-log units: the log-sum-exp (-inf for a row that saw no key)",
+            f"tl.store(Stats + {bh} * N_Q + offs_m, (m_i + tl.log2(l_use)) * LN2, mask=m_ok)",
+        ]
+    return lines + [
         "# stats, natural-log units: [0] the row max of the scores, [1] log Σ exp(s - max)",
         f"tl.store(Stats + {bh} * N_Q + offs_m, {'m_i * LN2' if folded else 'm_i'}, mask=m_ok)",
         f"tl.store(Stats + STATS_PLANE + {bh} * N_Q + offs_m, tl.log2(l_use) * LN2, mask=m_ok)",
@@ -648,6 +662,7 @@ def emit(program: ScoreProgram, grad_operands: tuple = ()) -> str:
     header = _HEADER.format(program=program, log2e=LOG2E)
     dkdv_masked = _bwd_step(program, ops, folded, masked=True, want="dkdv")
     lazy = _lazy_scale(ops, folded)
+    assert (lazy is not None) == (program.stats_planes == 1), program  # one rule, two places
     late_scale = "" if lazy is None else (
         "    {0} = {0} * %r  # the scale's derivative, once (see _lazy_scale)\n" % (lazy / LOG2E))
     if program.dropout:

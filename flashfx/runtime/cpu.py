@@ -155,11 +155,12 @@ def _block_scores(q_c: Tensor, k_c: Tensor, xs_c, program: ScoreProgram, mask: T
 def attention_forward(q, k, v, operands, program: ScoreProgram, *, q_chunk=None, k_chunk=None, seed=None):
     """(out, stats): softmax(program(q·kᵀ)) @ v one block at a time, with an online softmax.
 
-    out: [B, H, Nq, D] in q's dtype and with q's strides. stats: [2, B, H, Nq], float32
-    (float64 for float64 inputs, so that the backward keeps float64 accuracy): the row max of
-    the scores, and log Σ exp(s - max). Their sum is the log-sum-exp; they are kept apart
-    because a row of finfo.min fills has a max so large that the sum rounds log Σ away, and
-    eager gives such a row uniform weights. Fully masked rows: max = -inf, log Σ = 0.
+    out: [B, H, Nq, D] in q's dtype and with q's strides. stats: [program.stats_planes, B, H,
+    Nq], float32 (float64 for float64 inputs, so that the backward keeps float64 accuracy):
+    the row max of the scores and log Σ exp(s - max), or for a positive scale and infinite
+    masks their sum, the log-sum-exp, alone. They are kept apart otherwise because a row of
+    finfo.min fills has a max so large that the sum rounds log Σ away, and eager gives such a
+    row uniform weights. Fully masked rows: max = -inf, log Σ = 0.
     """
     B, H, Nq, D = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
@@ -206,7 +207,10 @@ def attention_forward(q, k, v, operands, program: ScoreProgram, *, q_chunk=None,
         out_g[..., rows, :] = (acc / (l_safe * keep_scale)).unflatten(2, (G, cq))
         stats[0, ..., rows] = m.squeeze(-1).unflatten(2, (G, cq))
         stats[1, ..., rows] = torch.log(l_safe).squeeze(-1).unflatten(2, (G, cq))
-    return out, stats.reshape(2, B, H, Nq)
+    stats = stats.reshape(2, B, H, Nq)
+    if program.stats_planes == 1:  # the log-sum-exp: -inf for fully masked rows
+        return out, stats.sum(0, keepdim=True)
+    return out, stats
 
 
 # --- backward ------------------------------------------------------------------------------------
@@ -232,9 +236,10 @@ def attention_backward(dout, q, k, v, out, stats, operands, program: ScoreProgra
 
     qg, dout_g, out_g = (t.unflatten(1, (Hk, G)) for t in (q, dout, out))  # [B, Hk, G, Nq, D]
     # fully masked rows: max = -inf becomes +inf, so exp(s - max) = 0 instead of NaN
+    # one plane: the log-sum-exp serves as the max, with log Σ = 0
     rowmax = stats[0].to(ct)
     rowmax_g = rowmax.masked_fill(rowmax == _NEG_INF, float("inf")).unflatten(1, (Hk, G))  # [B, Hk, G, Nq]
-    logsum_g = stats[1].to(ct).unflatten(1, (Hk, G))
+    logsum_g = (stats[1].to(ct) if len(stats) > 1 else torch.zeros_like(rowmax)).unflatten(1, (Hk, G))
     xs = _group_operands(operands, B, H, Nq, Nk, Hk, G)
     dq = torch.empty_like(q)  # each query chunk's rows are written once
     dq_g = dq.unflatten(1, (Hk, G))

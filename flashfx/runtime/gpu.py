@@ -248,7 +248,7 @@ def _planned(key, make: Callable[[TilePlan], tuple], run: Callable[[tuple], obje
 
 
 def forward(q, k, v, operands, program: ScoreProgram, tiles: TilePlan | None = None, seed=None):
-    """(out [B, H, Nq, D], stats [2, B, H, Nq] fp32: row max, log-sum) via the forward kernel."""
+    """(out [B, H, Nq, D], stats [program.stats_planes, B, H, Nq] fp32) via the forward kernel."""
     B, H, Nq, D = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
 
@@ -273,7 +273,7 @@ def forward(q, k, v, operands, program: ScoreProgram, tiles: TilePlan | None = N
         fwd, combine, splits, dpad = launches
         out = torch.empty_like(q)
         # fp64 for fp64 inputs, as the op's fake implementation promises (the kernel computes fp32)
-        stats = torch.empty((2, B, H, Nq), device=q.device,
+        stats = torch.empty((program.stats_planes, B, H, Nq), device=q.device,
                             dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
         if combine is None:
             part_o, part_stats = out, stats  # not read: the kernel writes out and stats itself

@@ -7,8 +7,10 @@
       seed: a one-element int64 tensor, needed when the program has dropout: the mask is a
             function of (seed, position), so the backward regenerates it
       out: [B, H, Nq, D] in q's dtype
-      stats: [2, B, H, Nq] fp32 (fp64 for fp64 inputs): the row max of the final scores and
-             log Σ exp(s - max); their sum is the log-sum-exp (-inf for rows with no visible key)
+      stats: [P, B, H, Nq] fp32 (fp64 for fp64 inputs), P = program.stats_planes: for a
+             positive scale and infinite masks the log-sum-exp of the final scores; otherwise
+             their row max and log Σ exp(s - max), whose sum is the log-sum-exp (-inf for rows
+             with no visible key)
 
 Autograd saves q, k, v, out and stats — O(N) — and the backward op recomputes the
 probabilities from them. CUDA tensors run the generated Triton kernels; CPU tensors the
@@ -113,7 +115,8 @@ def _attention_fake(q, k, v, operands, program, seed=None):
     B, H, Nq, D = q.shape
     torch._check(k.shape[-1] == D and v.shape[-1] == D, lambda: "flashfx: q, k, v head dims differ")
     stats_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return torch.empty_like(q), q.new_empty((2, B, H, Nq), dtype=stats_dtype)
+    planes = ScoreProgram.decode(program).stats_planes
+    return torch.empty_like(q), q.new_empty((planes, B, H, Nq), dtype=stats_dtype)
 
 
 def attention_backward(

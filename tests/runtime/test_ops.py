@@ -7,6 +7,8 @@ from flashfx import config
 from flashfx.ir import ScoreOp, ScoreProgram
 
 PROGRAM = ScoreProgram((ScoreOp("scale", None, 0.25), ScoreOp("bias", 0)), "bottom_right").encode()
+# a positive scale and infinite masks: the op saves one plane of row statistics, not two
+LSE_PROGRAM = ScoreProgram((ScoreOp("scale", None, 0.25), ScoreOp("keep", 0, float("-inf"))), "bottom_right").encode()
 
 
 def _inputs(dtype=torch.float32):
@@ -19,11 +21,53 @@ def _inputs(dtype=torch.float32):
     return q, k, v, [bias]
 
 
+@pytest.mark.parametrize("program", [PROGRAM, LSE_PROGRAM], ids=["two-planes", "one-plane"])
 @pytest.mark.parametrize("kernel", ["chunked", "triton"])
-def test_opcheck(kernel, monkeypatch):
+def test_opcheck(kernel, program, monkeypatch):
     monkeypatch.setattr(config, "cpu_kernel", kernel)
     q, k, v, xs = _inputs()
-    torch.library.opcheck(torch.ops.flashfx.attention.default, (q, k, v, xs, PROGRAM))
+    if program == LSE_PROGRAM:
+        xs = [torch.rand(2, 1, 1, 23, generator=torch.Generator().manual_seed(2)) > 0.3]
+    torch.library.opcheck(torch.ops.flashfx.attention.default, (q, k, v, xs, program))
+
+
+def test_stats_planes_follow_the_program():
+    scale = ScoreOp("scale", None, 0.3)
+    keep = ScoreOp("keep", 0, float("-inf"))
+    assert ScoreProgram((scale,)).stats_planes == 1
+    assert ScoreProgram((scale, keep, ScoreOp("drop", 1, float("-inf"))), "top_left", 0.1).stats_planes == 1
+    assert ScoreProgram((ScoreOp("scale", None, -0.3), keep)).stats_planes == 2  # the max flips
+    assert ScoreProgram((scale, ScoreOp("keep", 0, -1e4))).stats_planes == 2  # a finite fill
+    assert ScoreProgram((scale, ScoreOp("bias", 0))).stats_planes == 2
+    assert ScoreProgram((keep, scale)).stats_planes == 2  # not led by the scale
+    assert ScoreProgram().stats_planes == 2
+
+
+@pytest.mark.parametrize("program", [PROGRAM, LSE_PROGRAM], ids=["two-planes", "one-plane"])
+@pytest.mark.parametrize("kernel", ["chunked", "triton", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_stats_are_the_log_sum_exp(kernel, program, monkeypatch):
+    """Either form of the saved statistics sums to the rows' log-sum-exp; rows that see no
+    key (a bottom-right diagonal with more queries than keys) give -inf."""
+    monkeypatch.setattr(config, "cpu_kernel", "chunked" if kernel == "cuda" else kernel)
+    dev = "cuda" if kernel == "cuda" else "cpu"
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 4, n, 16, generator=g, dtype=torch.float64) for n in (30, 23, 23))
+    prog = ScoreProgram.decode(program)
+    if prog.stats_planes == 1:
+        x = torch.rand(2, 1, 1, 23, generator=g) > 0.3
+        fill = float("-inf")
+    else:
+        x = torch.randn(1, 4, 1, 23, generator=g, dtype=torch.float64)
+    s = q @ k.transpose(-2, -1) * 0.25
+    s = s.masked_fill(~x, fill) if prog.stats_planes == 1 else s + x
+    s = s.masked_fill(torch.ones(30, 23, dtype=torch.bool).tril(23 - 30).logical_not(), float("-inf"))
+    want = torch.logsumexp(s, -1)
+    dtype = torch.float64 if kernel == "chunked" else torch.float32
+    _, stats = torch.ops.flashfx.attention(*(t.to(dev, dtype) for t in (q, k, v)), [x.to(dev, x.dtype if x.dtype == torch.bool else dtype)], program)
+    assert stats.shape == (prog.stats_planes, 2, 4, 30)
+    got = stats.double().cpu().sum(0)
+    assert torch.isneginf(got[..., :7]).all() and torch.isneginf(want[..., :7]).all()
+    torch.testing.assert_close(got[..., 7:], want[..., 7:], rtol=1e-5, atol=1e-5)
 
 
 def test_gradcheck_chunked_float64():
