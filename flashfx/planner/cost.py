@@ -100,7 +100,9 @@ class KernelModel:
         return sp.Max(self.compulsory, e * rho * Nq * Nk * d**2 / M)
 
 
-_stats = 12  # bytes a query row of row statistics costs the backward: max, log-sum, delta (fp32)
+# bytes a query row of row statistics costs the backward: max, log-sum, delta (fp32); 8 for
+# programs that save the log-sum-exp alone (ScoreProgram.stats_planes), where 12 is a bound
+_stats = 12
 # Tiles read through tensor descriptors (sm90+) land in 1024-byte-aligned swizzled buffers with
 # an mbarrier per stage: Triton 3.6 measured up to 1024 bytes above the tiles themselves.
 _tma = 1024
