@@ -6,9 +6,16 @@
 flashfx compiles attention the way users write it:
     softmax(q @ k.transpose(-2, -1) * scale [masked_fill(causal, -inf)], dim=-1) @ v
 Shapes follow B·N = 16384 tokens, H·D = 2048, bf16. FLOPs: fwd 4·B·H·N²·D (halved when
-causal), fwd+bwd 3.5× fwd. Times are triton.testing.do_bench medians; memory is the peak
-allocated beyond the inputs during one call. Writes a table, JSON and a plot under $OUT (or
-benchmarks/out/) and docs/benchmarks.md.
+causal), fwd+bwd 3.5× fwd. Memory is the peak allocated beyond the inputs during one call.
+
+Timing: the variants of a row are timed in turns, --rounds rounds of triton.testing.do_bench
+(median of --rep-ms), each round starting one variant later, and each variant's TFLOP/s comes
+from its median round. The GPU's clock drifts over a run (the same kernel moved by up to 8%
+between processes on an H200): timing variants one after another puts that drift into their
+ratios, taking turns spreads it over all of them. The table's "ffx ±%" is the spread of
+flashfx's rounds, (max − min) / median.
+
+Writes a table, JSON and a plot under $OUT (or benchmarks/out/) and docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import argparse
 import datetime
 import json
 import os
+import statistics
 import sys
 
 import torch
@@ -72,10 +80,8 @@ def eager_bytes(B, H, N, elt=2) -> int:
     return 4 * B * H * N * N * elt  # scores, probabilities and their grads
 
 
-def bench_one(fn, B, H, N, D, causal, mode, device, dtype):
-    """(TFLOP/s, extra peak GiB, relative errors) of one variant at one shape."""
-    from triton.testing import do_bench
-
+def prepare(fn, B, H, N, D, causal, mode, device, dtype):
+    """(step, FLOPs of one step, extra peak GiB, relative errors) of one variant at one shape."""
     gen = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(B, H, N, D, device=device, dtype=dtype, generator=gen) for _ in range(3))
     dout = torch.randn(B, H, N, D, device=device, dtype=dtype, generator=gen)
@@ -117,8 +123,32 @@ def bench_one(fn, B, H, N, D, causal, mode, device, dtype):
     step()
     torch.cuda.synchronize()
     extra = (torch.cuda.max_memory_allocated() - base) / 2**30
-    ms = do_bench(step, warmup=25, rep=100, return_mode="median")
-    return flops / ms * 1e-9, extra, errors
+    return step, flops, extra, errors
+
+
+def in_turns(steps: dict, rounds: int, time_ms) -> dict:
+    """{name: [ms of each round]}: every step timed once a round, round r starting at the r-th
+    name, so that no variant always runs first or right after the same one. time_ms(step,
+    first) times one step (first: its first round, which also warms it up); a step that
+    raises is dropped from the later rounds and its name maps to the exception."""
+    names = list(steps)
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        for i in range(len(names)):
+            name = names[(r + i) % len(names)]
+            if isinstance(times[name], Exception):
+                continue
+            try:
+                times[name].append(time_ms(steps[name], r == 0))
+            except Exception as e:  # noqa: BLE001 - one failing variant must not lose the rest
+                times[name] = e
+    return times
+
+
+def _do_bench_ms(rep_ms: float):
+    from triton.testing import do_bench
+
+    return lambda step, first: do_bench(step, warmup=25 if first else 5, rep=rep_ms, return_mode="median")
 
 
 def run(args):
@@ -138,18 +168,28 @@ def run(args):
             torch._dynamo.reset()
             variants = make_variants(args.backend)
             row = {"D": D, "N": N, "B": B, "H": H, "causal": causal, "mode": mode}
+            steps, flops = {}, {}
             for name in chosen:
                 if name == "eager" and eager_bytes(B, H, N) > args.eager_cap_gib * 2**30:
                     row[name] = {"skipped": f"N×N scores over {args.eager_cap_gib} GiB"}
                     continue
                 try:
-                    tflops, gib, err = bench_one(variants[name], B, H, N, D, causal, mode, device, dtype)
-                    row[name] = {"tflops": tflops, "extra_gib": gib, "errors": err}
+                    steps[name], flops[name], gib, err = prepare(variants[name], B, H, N, D, causal, mode, device, dtype)
+                    row[name] = {"extra_gib": gib, "errors": err}
                     if name == "flashfx" and args.backend == "flashfx":
                         row[name]["sites"] = _explain(B, H, N, D, causal, device, dtype)
                 except Exception as e:  # noqa: BLE001 - one failing variant must not lose the rest
                     row[name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+                    steps.pop(name, None)
                 torch.cuda.empty_cache()
+            for name, ms in in_turns(steps, args.rounds, _do_bench_ms(args.rep_ms)).items():
+                if isinstance(ms, Exception):
+                    row[name] = {"error": f"{type(ms).__name__}: {str(ms)[:200]}"}
+                    continue
+                row[name].update(tflops=flops[name] / statistics.median(ms) * 1e-9,
+                                 tflops_rounds=[flops[name] / t * 1e-9 for t in ms])
+            del steps
+            torch.cuda.empty_cache()
             rows.append(row)
             print(_row_text(row, chosen), flush=True)
             if args.partial:  # keep what is measured so far if the run is cut short
@@ -186,11 +226,20 @@ def _ratio(row, a, b):
     return "—"
 
 
+def _spread(r) -> str:
+    """(max − min) / median of a variant's rounds, in percent."""
+    t = r.get("tflops_rounds")
+    if not t or len(t) < 2:
+        return "—"
+    return f"{(max(t) - min(t)) / statistics.median(t) * 100:.1f}"
+
+
 def markdown(rows, chosen, header) -> str:
     cols = " | ".join(chosen)
-    out = [header, "", "TFLOP/s (higher is better); extra peak memory of one call in GiB; max relative error",
-           "of flashfx against fp32 math attention.", "",
-           f"| D | N | mask | mode | {cols} | ffx/flash | ffx/cuDNN | ffx/flex | GiB ffx / flash | ffx err |",
+    out = [header, "", "TFLOP/s (higher is better), each variant's median round of the rounds in which the",
+           "variants took turns; extra peak memory of one call in GiB; max relative error of flashfx",
+           "against fp32 math attention; the spread of flashfx's rounds, (max − min) / median.", "",
+           f"| D | N | mask | mode | {cols} | ffx/flash | ffx/cuDNN | ffx/flex | GiB ffx / flash | ffx err | ffx ±% |",
            "|" + "---|" * (len(chosen) + 10)]
     for r in rows:
         cells = " | ".join(_cell(r.get(n, {})) for n in chosen)
@@ -198,7 +247,8 @@ def markdown(rows, chosen, header) -> str:
         mem = f"{f['extra_gib']:.2f} / {fl['extra_gib']:.2f}" if "extra_gib" in f and "extra_gib" in fl else "—"
         err = f"{max(f['errors'].values()):.1e}" if "errors" in f else "—"
         out.append(f"| {r['D']} | {r['N']} | {'causal' if r['causal'] else 'none'} | {r['mode']} | {cells} | "
-                   f"{_ratio(r, 'flashfx', 'flash')} | {_ratio(r, 'flashfx', 'cudnn')} | {_ratio(r, 'flashfx', 'flex')} | {mem} | {err} |")
+                   f"{_ratio(r, 'flashfx', 'flash')} | {_ratio(r, 'flashfx', 'cudnn')} | {_ratio(r, 'flashfx', 'flex')} | {mem} | {err} | "
+                   f"{_spread(f)} |")
     return "\n".join(out) + "\n"
 
 
@@ -235,6 +285,8 @@ def main():
     p.add_argument("--eager-cap-gib", type=float, default=48.0, help="skip eager beyond this N×N memory")
     p.add_argument("--no-doc", action="store_true", help="do not write docs/benchmarks.md")
     p.add_argument("--partial", default=None, help="rewrite this JSON file after every row")
+    p.add_argument("--rounds", type=int, default=3, help="turns each variant is timed in (see Timing)")
+    p.add_argument("--rep-ms", type=float, default=40.0, help="do_bench's measuring time a round")
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("benchmarks/attention.py needs a CUDA GPU; none found.")

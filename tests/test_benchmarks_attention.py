@@ -1,0 +1,55 @@
+"""The attention benchmark's timing in turns and its table, without a GPU (times are made up)."""
+
+from benchmarks import attention
+
+
+def test_variants_take_turns_and_rotate_the_first():
+    order = []
+
+    def time_ms(step, first):
+        order.append((step(), first))
+        return float(len(order))
+
+    steps = {name: (lambda name=name: name) for name in ("flashfx", "cudnn", "flex")}
+    times = attention.in_turns(steps, rounds=3, time_ms=time_ms)
+    names = [name for name, _ in order]
+    # each round times every variant once, starting one variant later than the round before
+    assert names == ["flashfx", "cudnn", "flex", "cudnn", "flex", "flashfx", "flex", "flashfx", "cudnn"]
+    assert [first for _, first in order] == [True] * 3 + [False] * 6
+    assert times == {"flashfx": [1.0, 6.0, 8.0], "cudnn": [2.0, 4.0, 9.0], "flex": [3.0, 5.0, 7.0]}
+    assert attention.in_turns({}, rounds=3, time_ms=time_ms) == {}
+
+
+def test_a_variant_that_fails_to_run_keeps_its_error_and_leaves_the_turns():
+    calls = []
+
+    def time_ms(step, first):
+        calls.append(step())
+        if step() == "flex" and not first:
+            raise RuntimeError("out of memory")
+        return 1.0
+
+    steps = {name: (lambda name=name: name) for name in ("flashfx", "flex")}
+    times = attention.in_turns(steps, rounds=3, time_ms=time_ms)
+    assert times["flashfx"] == [1.0, 1.0, 1.0]
+    assert isinstance(times["flex"], RuntimeError)
+    assert calls.count("flex") == 2  # timed in round 0, failed in round 1, not tried in round 2
+
+
+def test_table_reports_the_spread_of_flashfx_rounds():
+    row = {"D": 64, "N": 1024, "causal": True, "mode": "fwd",
+           "flashfx": {"tflops": 400.0, "tflops_rounds": [390.0, 400.0, 410.0], "extra_gib": 0.07,
+                       "errors": {"out": 2e-3}},
+           "cudnn": {"tflops": 440.0, "tflops_rounds": [440.0, 441.0, 439.0]},
+           "flash": {"tflops": 300.0, "extra_gib": 0.06},
+           "flex": {"error": "RuntimeError: no"},
+           "eager": {"skipped": "too big"}}
+    md = attention.markdown([row], attention.VARIANTS, "# t")
+    line = md.strip().splitlines()[-1]
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    head = next(x for x in md.splitlines() if x.startswith("| D |"))
+    header = [c.strip() for c in head.strip("|").split("|")]
+    assert len(cells) == len(header) and header[-1] == "ffx ±%"
+    got = dict(zip(header, cells))
+    assert got["flashfx"] == "400" and got["flex"] == "err" and got["eager"] == "—"
+    assert got["ffx/cuDNN"] == "0.91" and got["ffx ±%"] == "5.0"
