@@ -1,7 +1,7 @@
 """Emit the Triton source of one attention site's kernels, with its score program inlined.
 
     emit(program) -> source text of four kernels:
-      _attn_fwd        O = softmax(f(Q Kᵀ)) V, saves row stats             grid (Nq/BM, B·H[, parts])
+      _attn_fwd        O = softmax(f(Q Kᵀ)) V, saves row statistics      grid (Nq/BM, B·H[, parts])
       _attn_fwd_combine  merges the parts of a split key range           grid (Nq/BM, B·H)
       _attn_bwd_dq     dQ: holds a Q block, streams K/V blocks; first    grid (Nq/BM, B·H)
                        writes Δ = rowsum(dO ∘ O) of its rows
