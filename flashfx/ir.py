@@ -70,6 +70,14 @@ class ScoreProgram:
         return max(used) + 1 if used else 0
 
     @property
+    def scale_then_infinite_masks(self) -> bool:
+        """A leading scale, then only masks with an infinite fill, which commute with it (the
+        kernels fold log2(e) into such a scale)."""
+        ops = self.ops
+        return (bool(ops) and ops[0].name == "scale"
+                and all(op.name in INFINITE_MASKS and op.const == float("-inf") for op in ops[1:]))
+
+    @property
     def stats_planes(self) -> int:
         """Row statistics the forward saves for the backward, one [B, H, Nq] plane each.
 
@@ -78,11 +86,7 @@ class ScoreProgram:
         and log Σ exp(s - max) apart: a row of finfo.min fills has a max so large that their
         sum rounds log Σ away, where eager gives the row uniform weights.
         """
-        ops = self.ops
-        if not ops or ops[0].name != "scale" or not ops[0].const > 0:
-            return 2
-        masks = all(op.name in INFINITE_MASKS and op.const == float("-inf") for op in ops[1:])
-        return 1 if masks else 2
+        return 1 if self.scale_then_infinite_masks and self.ops[0].const > 0 else 2
 
     def encode(self) -> str:
         """A stable, compact string: the custom op's `program` argument and the kernel cache key."""

@@ -45,7 +45,7 @@ import textwrap
 from functools import lru_cache
 
 from flashfx import scoreops
-from flashfx.ir import INFINITE_MASKS, ScoreProgram
+from flashfx.ir import ScoreProgram
 
 LOG2E = 1.4426950408889634
 
@@ -56,15 +56,15 @@ def _fold_log2e(program: ScoreProgram) -> tuple[list[tuple], bool]:
     Returns (ops, folded): when not folded the kernel multiplies the result by log2(e).
     """
     ops = [(op.name, op.operand, op.const) for op in program.ops]
-    masks_only = all(o[0] in INFINITE_MASKS and o[2] == float("-inf") for o in ops[1:])
-    if ops and ops[0][0] == "scale" and masks_only:
+    if program.scale_then_infinite_masks:
         ops[0] = ("scale", None, ops[0][2] * LOG2E)
         return ops, True
     return ops, False
 
 
 def _lazy_scale(ops: list[tuple], folded: bool) -> float | None:
-    """The folded scale c when it can be applied late, else None.
+    """The folded scale c when it can be applied late, else None: exactly the programs whose
+    forward saves one plane of row statistics (ScoreProgram.stats_planes).
 
     A folded program is a positive scale and infinite masks; the masks commute with the
     scale, so the kernels mask the raw scores and apply c where they are used anyway: in the
@@ -662,7 +662,6 @@ def emit(program: ScoreProgram, grad_operands: tuple = ()) -> str:
     header = _HEADER.format(program=program, log2e=LOG2E)
     dkdv_masked = _bwd_step(program, ops, folded, masked=True, want="dkdv")
     lazy = _lazy_scale(ops, folded)
-    assert (lazy is not None) == (program.stats_planes == 1), program  # one rule, two places
     late_scale = "" if lazy is None else (
         "    {0} = {0} * %r  # the scale's derivative, once (see _lazy_scale)\n" % (lazy / LOG2E))
     if program.dropout:

@@ -239,7 +239,7 @@ def attention_backward(dout, q, k, v, out, stats, operands, program: ScoreProgra
     # one plane: the log-sum-exp serves as the max, with log Σ = 0
     rowmax = stats[0].to(ct)
     rowmax_g = rowmax.masked_fill(rowmax == _NEG_INF, float("inf")).unflatten(1, (Hk, G))  # [B, Hk, G, Nq]
-    logsum_g = (stats[1].to(ct) if len(stats) > 1 else torch.zeros_like(rowmax)).unflatten(1, (Hk, G))
+    logsum_g = (stats[1].to(ct) if program.stats_planes == 2 else torch.zeros_like(rowmax)).unflatten(1, (Hk, G))
     xs = _group_operands(operands, B, H, Nq, Nk, Hk, G)
     dq = torch.empty_like(q)  # each query chunk's rows are written once
     dq_g = dq.unflatten(1, (Hk, G))

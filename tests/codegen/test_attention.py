@@ -202,6 +202,17 @@ def test_emitted_source_is_python_and_inlines_the_program():
     assert src.count("tl.store(") == 7 + 3 + 3
 
 
+def test_late_scale_is_exactly_the_one_plane_programs():
+    # the kernels apply the scale late and load one plane of statistics for the same programs
+    # the op allocates one plane for
+    programs = [*PROGRAMS.values(), *LATE_SCALE.values(), ScoreProgram((ScoreOp("keep", 0, float("-inf")), SCALE)),
+                ScoreProgram((SCALE, ScoreOp("keep", 0, -1e4))), ScoreProgram()]
+    for prog in programs:
+        late = codegen._lazy_scale(*codegen._fold_log2e(prog)) is not None
+        assert late == (prog.stats_planes == 1), prog
+    assert {p.stats_planes for p in programs} == {1, 2}
+
+
 def test_scale_only_program_folds_log2e():
     src = codegen.emit(PROGRAMS["scale"])
     c = 0.3 * codegen.LOG2E
