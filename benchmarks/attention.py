@@ -15,7 +15,8 @@ between processes on an H200): timing variants one after another puts that drift
 ratios, taking turns spreads it over all of them. The table's "ffx ±%" is the spread of
 flashfx's rounds, (max − min) / median.
 
-Writes a table, JSON and a plot under $OUT (or benchmarks/out/) and docs/benchmarks.md.
+Writes a table, JSON and a plot under $OUT (or benchmarks/out/), and the table into
+docs/benchmarks.md between its markers (the notes around them stay).
 """
 
 from __future__ import annotations
@@ -252,6 +253,22 @@ def markdown(rows, chosen, header) -> str:
     return "\n".join(out) + "\n"
 
 
+TABLE_BEGIN, TABLE_END = "<!-- generated: benchmarks/attention.py -->", "<!-- end generated -->"
+
+
+def write_doc(path: str, md: str) -> None:
+    """docs/benchmarks.md gets the new header and table between its markers; the notes written
+    around them by hand (readings of the table, other benchmarks) stay. A file without the
+    markers is written whole, markers included."""
+    block = f"{TABLE_BEGIN}\n{md.rstrip()}\n{TABLE_END}\n"
+    old = open(path).read() if os.path.exists(path) else ""
+    if TABLE_BEGIN in old and TABLE_END in old:
+        head, rest = old.split(TABLE_BEGIN, 1)
+        block = head + block + rest.split(TABLE_END, 1)[1].removeprefix("\n")
+    with open(path, "w") as f:
+        f.write(block)
+
+
 def plot(rows, chosen, path):
     import matplotlib
 
@@ -312,8 +329,7 @@ def main():
     with open(os.path.join(out_dir, "benchmarks.md"), "w") as f:
         f.write(md)
     if not args.no_doc and not args.quick:
-        with open(os.path.join(ROOT, "docs", "benchmarks.md"), "w") as f:
-            f.write(md)
+        write_doc(os.path.join(ROOT, "docs", "benchmarks.md"), md)
     print()
     print(md)
     return 0

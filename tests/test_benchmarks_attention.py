@@ -53,3 +53,16 @@ def test_table_reports_the_spread_of_flashfx_rounds():
     got = dict(zip(header, cells))
     assert got["flashfx"] == "400" and got["flex"] == "err" and got["eager"] == "—"
     assert got["ffx/cuDNN"] == "0.91" and got["ffx ±%"] == "5.0"
+
+
+def test_the_doc_keeps_its_notes_around_the_new_table(tmp_path):
+    doc = tmp_path / "benchmarks.md"
+    attention.write_doc(str(doc), "# Attention benchmark\n\n| old table |\n")  # a new file: written whole
+    first = doc.read_text()
+    assert first.startswith(attention.TABLE_BEGIN) and "| old table |" in first
+    doc.write_text("# Notes above\n\n" + first + "\nReading of the table, by hand.\n\n## Other benchmarks\n")
+    attention.write_doc(str(doc), "# Attention benchmark\n\n| new table |\n")
+    text = doc.read_text()
+    assert "| new table |" in text and "| old table |" not in text
+    assert text.startswith("# Notes above\n\n" + attention.TABLE_BEGIN)
+    assert text.endswith(attention.TABLE_END + "\n\nReading of the table, by hand.\n\n## Other benchmarks\n")
