@@ -17,8 +17,10 @@ inductor-sdpa-cudagraphs and flashfx-cudagraphs.
 A step is what a user's loop does: forward under bf16 autocast (fp32 master weights), cross
 entropy, backward, fused AdamW step, zero_grad. Batches hold the same number of tokens at every
 sequence length (--batch-tokens / seq rows of random token ids). Timing: --warmup steps (the
-first compiles), then --steps steps between CUDA events. Peak memory is max_memory_allocated
-over the timed steps: weights, grads, AdamW state and the step's activations. Before timing
+first compiles), then --windows windows of --steps steps between CUDA events, the median
+window reported (the table's "± %" is the windows' spread, (max − min) / median). Peak memory
+is max_memory_allocated over the timed steps: weights, grads, AdamW state and the step's
+activations. Before timing
 flashfx the script prints `flashfx.explain` and checks that every attention site is fused; it
 also checks that every variant's first-step loss agrees with the first variant's.
 
@@ -145,20 +147,27 @@ def measure(variant: str, cfg: GPTConfig, seq: int, batch: int, args) -> dict:
     sync()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-    t0 = time.perf_counter()
-    timed = [train_step(run, opt, x, y, autocast, graphs) for _ in range(args.steps)]
-    # the host's time to enqueue the steps: close to the step time, the step is host-bound
-    host_ms = (time.perf_counter() - t0) * 1e3 / args.steps
-    if cuda:
-        end.record()
-    sync()
-    ms = (start.elapsed_time(end) if cuda else (time.perf_counter() - t0) * 1e3) / args.steps
+    # several windows of timed steps, the median reported: one window disturbed by something
+    # else on the machine (a compile worker, another process) moves the median little
+    timed, windows = [], []
+    for _ in range(args.windows):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        t0 = time.perf_counter()
+        timed += [train_step(run, opt, x, y, autocast, graphs) for _ in range(args.steps)]
+        # the host's time to enqueue the steps: close to the step time, the step is host-bound
+        host_ms = (time.perf_counter() - t0) * 1e3 / args.steps
+        if cuda:
+            end.record()
+        sync()
+        ms = (start.elapsed_time(end) if cuda else (time.perf_counter() - t0) * 1e3) / args.steps
+        windows.append((ms, host_ms))
+    ms, host_ms = sorted(windows)[len(windows) // 2]
     losses += [t.item() for t in timed]
 
     row.update(ms=ms, host_ms=host_ms, tokens_per_s=batch * seq / ms * 1e3, first_loss=losses[0],
-               last_loss=losses[-1])
+               last_loss=losses[-1], ms_windows=[w[0] for w in windows], host_ms_windows=[w[1] for w in windows])
     if cuda:
         row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         row["reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
@@ -237,18 +246,26 @@ def row_text(r) -> str:
     if "tokens_per_s" not in r:
         return f"seq {r['seq']:5} {r['variant']:14} {_status(r)}: {r.get('oom') or r.get('error')}"
     peak = f"  peak {r['peak_gib']:.2f} GiB" if "peak_gib" in r else ""
-    return (f"seq {r['seq']:5} {r['variant']:14} {r['tokens_per_s']:10.0f} tok/s  {r['ms']:8.1f} ms/step{peak}"
+    windows = "/".join(f"{w:.1f}" for w in r.get("ms_windows", ()))
+    return (f"seq {r['seq']:5} {r['variant']:14} {r['tokens_per_s']:10.0f} tok/s  {r['ms']:8.1f} ms/step"
+            f" (windows {windows}){peak}"
             f"  loss {r['first_loss']:.4f}  (first step {r['first_step_s']:.1f} s, {r['wall_s']:.0f} s in all)")
+
+
+def _spread(r) -> str:
+    """The timed windows' spread, (max − min) / median, in percent."""
+    w = r.get("ms_windows") or []
+    return f"{(max(w) - min(w)) / r['ms'] * 100:.1f}" if len(w) > 1 else "—"
 
 
 def table(rows) -> list[str]:
     """seq, variant, tokens/s, ratios, peak GiB and loss: markdown, also printed as is."""
-    out = ["| seq | batch | variant | tokens/s | × inductor-sdpa | × eager | ms/step | host ms/step | peak GiB | "
+    out = ["| seq | batch | variant | tokens/s | × inductor-sdpa | × eager | ms/step | ± % | host ms/step | peak GiB | "
            "peak − sdpa MiB | first loss | loss Δ |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["seq"], VARIANTS.index(r["variant"]))):
         if "tokens_per_s" not in r:
-            out.append(f"| {r['seq']} | {r['batch']} | {r['variant']} | {_status(r)} | — | — | — | — | — | — | — | — |")
+            out.append(f"| {r['seq']} | {r['batch']} | {r['variant']} | {_status(r)} | — | — | — | — | — | — | — | — | — |")
             continue
         host = f"{r['host_ms']:.1f}" if "host_ms" in r else "—"
         peak = f"{r['peak_gib']:.3f}" if "peak_gib" in r else "—"
@@ -257,7 +274,7 @@ def table(rows) -> list[str]:
         dpeak = f"{(r['peak_gib'] - sdpa['peak_gib']) * 1024:+.1f}" if "peak_gib" in r and "peak_gib" in sdpa else "—"
         diff = f"{r['loss_rel_diff']:.1e}" + ("" if r.get("loss_ok", True) else " ✗") if "loss_rel_diff" in r else "—"
         out.append(f"| {r['seq']} | {r['batch']} | {r['variant']} | {r['tokens_per_s']:,.0f} | "
-                   f"{_ratio(rows, r, 'inductor-sdpa')} | {_ratio(rows, r, 'eager')} | {r['ms']:.1f} | {host} | "
+                   f"{_ratio(rows, r, 'inductor-sdpa')} | {_ratio(rows, r, 'eager')} | {r['ms']:.1f} | {_spread(r)} | {host} | "
                    f"{peak} | {dpeak} | {r['first_loss']:.4f} | {diff} |")
     return out
 
@@ -293,8 +310,9 @@ def markdown(rows, env, args, cfg_line: str) -> str:
         f"`{' '.join(['PYTHONPATH=. python3 benchmarks/gpt2_train.py'] + sys.argv[1:])}`.",
         "",
         f"{cfg_line} A step: forward under bf16 autocast with fp32 weights, cross entropy, backward, "
-        f"fused AdamW, zero_grad; {args.warmup} warm-up step{'s' if args.warmup > 1 else ''} (the first compiles), then the mean of "
-        f"{args.steps} timed steps. Host ms/step: the time the host took to enqueue those steps; when it "
+        f"fused AdamW, zero_grad; {args.warmup} warm-up step{'s' if args.warmup > 1 else ''} (the first compiles), then "
+        f"{args.windows} windows of {args.steps} timed steps, the median window's mean step reported (± %: the "
+        f"windows' spread, (max − min) / median). Host ms/step: the time the host took to enqueue those steps; when it "
         f"is close to ms/step, the step is host-bound. Peak: max_memory_allocated over the timed steps "
         f"(weights, grads, AdamW state, activations). Every variant is a fresh model from the same seed.",
         "",
@@ -365,7 +383,8 @@ def main(argv=None) -> int:
                    "the length that matters most is measured even if a run is cut short)")
     p.add_argument("--batch-tokens", type=int, default=None,
                    help="tokens per step; batch = this // seq (default 8192 on CUDA: 8×1024, 2×4096; 256 on CPU)")
-    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--steps", type=int, default=10, help="timed steps a window")
+    p.add_argument("--windows", type=int, default=3, help="windows of timed steps; the median one is reported")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (the first one compiles)")
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"some of {','.join(VARIANTS)}")
     p.add_argument("--layers", type=int, default=12, help="n_layer (fewer for quick runs)")

@@ -73,14 +73,18 @@ def test_flashfx_fuses_every_layer_and_matches_eager():
 
 def test_benchmark_step_and_report(tmp_path):
     """One eager training step through the benchmark's own harness, then its table, markdown and plot."""
-    args = SimpleNamespace(device="cpu", dtype="fp32", seed=0, warmup=1, steps=1)
+    args = SimpleNamespace(device="cpu", dtype="fp32", seed=0, warmup=1, steps=1, windows=3)
     row = gpt2_train.run_variant("eager", TINY, 32, 2, args)
     assert row["tokens_per_s"] > 0 and row["first_loss"] == pytest.approx(torch.log(torch.tensor(100.0)).item(), rel=0.05)
+    # the reported step is the median of the timed windows
+    assert len(row["ms_windows"]) == 3 and row["ms"] == sorted(row["ms_windows"])[1]
+    assert row["host_ms"] in row["host_ms_windows"]
     rows = [row, {"seq": 32, "batch": 2, "variant": "flashfx", "oom": "OutOfMemoryError: (a test row)"}]
     gpt2_train.check_losses(rows)
     assert rows[0]["loss_ok"]
     text = "\n".join(gpt2_train.table(rows))
     assert "| 32 | 2 | eager |" in text and "| 32 | 2 | flashfx | OOM |" in text
+    assert all(line.count("|") == text.splitlines()[0].count("|") for line in text.splitlines())
     env = {"gpu": "CPU", "torch": torch.__version__, "triton": "-", "date": "today"}
     assert "GPT-2 small" in gpt2_train.markdown(rows, env, args, "tiny config.")
     pytest.importorskip("matplotlib")
