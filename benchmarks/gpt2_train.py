@@ -20,9 +20,9 @@ sequence length (--batch-tokens / seq rows of random token ids). Timing: --warmu
 first compiles), then --windows windows of --steps steps between CUDA events, the median
 window reported (the table's "± %" is the windows' spread, (max − min) / median). Peak memory
 is max_memory_allocated over the timed steps: weights, grads, AdamW state and the step's
-activations. Before timing
-flashfx the script prints `flashfx.explain` and checks that every attention site is fused; it
-also checks that every variant's first-step loss agrees with the first variant's.
+activations. Before timing flashfx the script prints `flashfx.explain` and checks that every
+attention site is fused; it also checks that every variant's first-step loss agrees with the
+first variant's.
 
 Writes a table, JSON, docs/gpt2_train.md and a plot docs/gpt2_train.png (copies under $OUT when
 set); with --out-dir, or on CPU, everything goes to that folder ($OUT or benchmarks/out) instead.
@@ -147,8 +147,8 @@ def measure(variant: str, cfg: GPTConfig, seq: int, batch: int, args) -> dict:
     sync()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    # several windows of timed steps, the median reported: one window disturbed by something
-    # else on the machine (a compile worker, another process) moves the median little
+    # several windows of timed steps, the median reported: a window disturbed by something else
+    # on the machine moves the median little (one lasting all windows is still measured)
     timed, windows = [], []
     for _ in range(args.windows):
         if cuda:
