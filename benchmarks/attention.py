@@ -32,6 +32,11 @@ import torch
 import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from benchmarks import plots  # noqa: E402
+
 SHAPES = [(D, N, causal) for D in (64, 128) for N in (1024, 4096, 16384) for causal in (False, True)]
 VARIANTS = ["flashfx", "cudnn", "flash", "flex", "eager"]
 
@@ -227,14 +232,6 @@ def _ratio(row, a, b):
     return "—"
 
 
-def _spread(r) -> str:
-    """(max − min) / median of a variant's rounds, in percent."""
-    t = r.get("tflops_rounds")
-    if not t or len(t) < 2:
-        return "—"
-    return f"{(max(t) - min(t)) / statistics.median(t) * 100:.1f}"
-
-
 def markdown(rows, chosen, header) -> str:
     cols = " | ".join(chosen)
     out = [header, "", "TFLOP/s (higher is better), each variant's median round of the rounds in which the",
@@ -249,7 +246,7 @@ def markdown(rows, chosen, header) -> str:
         err = f"{max(f['errors'].values()):.1e}" if "errors" in f else "—"
         out.append(f"| {r['D']} | {r['N']} | {'causal' if r['causal'] else 'none'} | {r['mode']} | {cells} | "
                    f"{_ratio(r, 'flashfx', 'flash')} | {_ratio(r, 'flashfx', 'cudnn')} | {_ratio(r, 'flashfx', 'flex')} | {mem} | {err} | "
-                   f"{_spread(f)} |")
+                   f"{plots.spread(f.get('tflops_rounds'))} |")
     return "\n".join(out) + "\n"
 
 
@@ -270,26 +267,21 @@ def write_doc(path: str, md: str) -> None:
 
 
 def plot(rows, chosen, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = plots.pyplot()
+    if plt is None:
+        return
     modes = sorted({r["mode"] for r in rows}, key=["fwd", "fwdbwd"].index)
     fig, axes = plt.subplots(len(modes), 1, figsize=(13, 4.5 * len(modes)), squeeze=False)
     for ax, mode in zip(axes[:, 0], modes):
         sub = [r for r in rows if r["mode"] == mode]
-        width = 0.8 / len(chosen)
-        for i, name in enumerate(chosen):
-            ys = [r.get(name, {}).get("tflops", 0) for r in sub]
-            ax.bar([x + i * width for x in range(len(sub))], ys, width, label=name)
-        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(sub))])
-        ax.set_xticklabels([f"D{r['D']} N{r['N']}\n{'causal' if r['causal'] else 'full'}" for r in sub], fontsize=8)
+        plots.grouped_bars(ax, [f"D{r['D']} N{r['N']}\n{'causal' if r['causal'] else 'full'}" for r in sub],
+                           {name: [r.get(name, {}).get("tflops", 0) for r in sub] for name in chosen})
         ax.set_ylabel("TFLOP/s")
         ax.set_title(f"attention {mode}, bf16")
         ax.legend(ncol=len(chosen), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main():
@@ -308,7 +300,6 @@ def main():
     if not torch.cuda.is_available():
         print("benchmarks/attention.py needs a CUDA GPU; none found.")
         return 0
-    sys.path.insert(0, ROOT)
     import triton
 
     import flashfx  # noqa: F401  (an installed flashfx needs no import; a source tree does)

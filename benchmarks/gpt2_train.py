@@ -252,12 +252,6 @@ def row_text(r) -> str:
             f"  loss {r['first_loss']:.4f}  (first step {r['first_step_s']:.1f} s, {r['wall_s']:.0f} s in all)")
 
 
-def _spread(r) -> str:
-    """The timed windows' spread, (max − min) / median, in percent."""
-    w = r.get("ms_windows") or []
-    return f"{(max(w) - min(w)) / r['ms'] * 100:.1f}" if len(w) > 1 else "—"
-
-
 def table(rows) -> list[str]:
     """seq, variant, tokens/s, ratios, peak GiB and loss: markdown, also printed as is."""
     out = ["| seq | batch | variant | tokens/s | × inductor-sdpa | × eager | ms/step | ± % | host ms/step | peak GiB | "
@@ -274,7 +268,7 @@ def table(rows) -> list[str]:
         dpeak = f"{(r['peak_gib'] - sdpa['peak_gib']) * 1024:+.1f}" if "peak_gib" in r and "peak_gib" in sdpa else "—"
         diff = f"{r['loss_rel_diff']:.1e}" + ("" if r.get("loss_ok", True) else " ✗") if "loss_rel_diff" in r else "—"
         out.append(f"| {r['seq']} | {r['batch']} | {r['variant']} | {r['tokens_per_s']:,.0f} | "
-                   f"{_ratio(rows, r, 'inductor-sdpa')} | {_ratio(rows, r, 'eager')} | {r['ms']:.1f} | {_spread(r)} | {host} | "
+                   f"{_ratio(rows, r, 'inductor-sdpa')} | {_ratio(rows, r, 'eager')} | {r['ms']:.1f} | {plots.spread(r.get('ms_windows'))} | {host} | "
                    f"{peak} | {dpeak} | {r['first_loss']:.4f} | {diff} |")
     return out
 

@@ -1,6 +1,9 @@
-"""Grouped bar charts for the benchmark scripts (matplotlib, headless)."""
+"""Grouped bar charts for the benchmark scripts (matplotlib, headless), and the spread their
+tables report for repeated timings."""
 
 from __future__ import annotations
+
+import statistics
 
 
 def pyplot():
@@ -32,3 +35,10 @@ def save(fig, ax, ylabel: str, path: str) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def spread(values: list[float]) -> str:
+    """(max − min) / median of repeated timings, in percent; "—" for fewer than two."""
+    if not values or len(values) < 2:
+        return "—"
+    return f"{(max(values) - min(values)) / statistics.median(values) * 100:.1f}"

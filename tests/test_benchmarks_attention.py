@@ -1,5 +1,7 @@
 """The attention benchmark's timing in turns and its table, without a GPU (times are made up)."""
 
+import pytest
+
 from benchmarks import attention
 
 
@@ -66,3 +68,11 @@ def test_the_doc_keeps_its_notes_around_the_new_table(tmp_path):
     assert "| new table |" in text and "| old table |" not in text
     assert text.startswith("# Notes above\n\n" + attention.TABLE_BEGIN)
     assert text.endswith(attention.TABLE_END + "\n\nReading of the table, by hand.\n\n## Other benchmarks\n")
+
+
+def test_plot_draws_every_mode(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = [{"D": 64, "N": 1024, "causal": c, "mode": m, "flashfx": {"tflops": 400.0}, "cudnn": {"error": "x"}}
+            for c in (False, True) for m in ("fwd", "fwdbwd")]
+    attention.plot(rows, ["flashfx", "cudnn"], str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").stat().st_size > 0
