@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python3 benchmarks/planner_fit.py docs/planner_sweep.json
     PYTHONPATH=. python3 benchmarks/planner_fit.py docs/planner_sweep.json --samples 400 --write
+    PYTHONPATH=. python3 benchmarks/planner_fit.py docs/planner_sweep.json docs/planner_sweep_long.json
 
 A sweep (benchmarks/planner_sweep.py) measured every sound tile config of every kernel at 24
 shapes. For a calibration, this replays the planner on each shape (the same tiers and ranking as
@@ -142,13 +143,17 @@ def _fmt(s: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("sweep", help="planner_sweep.json")
+    ap.add_argument("sweeps", nargs="+", help="planner_sweep.json files (their shapes are pooled)")
     ap.add_argument("--samples", type=int, default=400, help="random-search trials per part")
     ap.add_argument("--parts", default=",".join(PARTS), help="fit only these kernels' constants, e.g. dkdv")
+    ap.add_argument("--seed", type=int, default=0, help="the random search's seed")
     ap.add_argument("--no-held-out", action="store_true", help="skip the held-out fits")
     ap.add_argument("--write", action="store_true", help="store the result in benchmarks/out/planner_fit.json")
     args = ap.parse_args(argv)
-    cases, gpu = load(args.sweep)
+    cases, gpu = [], None
+    for path in args.sweeps:
+        more, gpu = load(path)
+        cases += more
     if not cases:
         print("no complete shapes in the sweep")
         return 1
@@ -158,7 +163,7 @@ def main(argv=None) -> int:
     parts = [p for p in args.parts.split(",") if p]
     if not set(parts) <= set(PARTS):
         ap.error(f"--parts: choose from {', '.join(PARTS)}")
-    fitted = fit(cases, gpu, start, args.samples, parts=parts)
+    fitted = fit(cases, gpu, start, args.samples, seed=args.seed, parts=parts)
     after = score(cases, gpu, fitted)
     print(f"fitted on all shapes: {_fmt(after)}")
     held = {}

@@ -3,6 +3,8 @@
     PYTHONPATH=. python3 benchmarks/planner_sweep.py                # 24 shapes, full grid
     PYTHONPATH=. python3 benchmarks/planner_sweep.py --grid small   # 16 configs a kernel: the fallback
     PYTHONPATH=. python3 benchmarks/planner_sweep.py --dry-run      # no GPU: shapes, grid sizes, plans (H200)
+    PYTHONPATH=. python3 benchmarks/planner_sweep.py --ns 16384 --shapes 64:16384:mha,128:16384:mha,256:16384:mha \
+        --out-dir $OUT --no-doc                                     # long sequences (docs/planner_sweep_long.json)
     PYTHONPATH=. python3 benchmarks/planner_sweep.py --tiny --out-dir /tmp/sweep   # CPU smoke run
 
 Acceptance: over 24 shapes the planner's choice reaches >= 95% (median) and >= 90% (minimum) of
@@ -114,11 +116,16 @@ class Family:
         return f"d{self.D}-{'causal' if self.causal else 'full'}-{heads}"
 
 
-def all_shapes(tiny: bool = False) -> list[Shape]:
+def all_shapes(tiny: bool = False, ns: tuple[int, ...] = (1024, 4096)) -> list[Shape]:
+    """The acceptance shapes; `ns` other sequence lengths (B = 16384 // N as before)."""
     if tiny:  # the interpreter: one small N, two heads
         return [Shape(16, TINY_TOKENS, 1, 2, hk, c) for c in (False, True) for hk in (2, 1)]
     return [Shape(D, N, TOKENS // N, 16, hk, c)
-            for c in (False, True) for hk in (16, 4) for D in (64, 128, 256) for N in (1024, 4096)]
+            for c in (False, True) for hk in (16, 4) for D in (64, 128, 256) for N in ns]
+
+
+def _ns(args) -> tuple[int, ...]:
+    return tuple(int(n) for n in args.ns.split(","))
 
 
 def select(shapes: list[Shape], shape_filter: str | None, family_filter: str | None) -> list[Shape]:
@@ -775,7 +782,7 @@ def dry_run(args) -> int:
     from flashfx.planner import hardware
 
     gpu, elt = hardware.KNOWN["H200"], 2
-    shapes = select(all_shapes(), args.shapes, args.families)
+    shapes = select(all_shapes(ns=_ns(args)), args.shapes, args.families)
     plans, keywords, families, units = build(args, shapes, gpu, elt)
     print(f"dry run: planner for {gpu.name} (hardware.KNOWN), bf16, grid {args.grid}, "
           f"plan keywords: {', '.join(keywords) or 'none'}\n")
@@ -820,7 +827,7 @@ def sweep(args) -> int:
     gpu = hardware.INTERPRETER if args.tiny else hardware.current()
     elt = dtype.itemsize
     env = environment(device)
-    shapes = select(all_shapes(args.tiny), args.shapes, args.families)
+    shapes = select(all_shapes(args.tiny, _ns(args)), args.shapes, args.families)
     if not shapes:
         print("no shape matches --shapes / --families")
         return 1
@@ -934,6 +941,8 @@ def _fill(result, rows, compiled_all, units, pool, args, clock, wanted):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--grid", choices=("full", "small"), default="full")
+    p.add_argument("--ns", default="1024,4096",
+                   help="sequence lengths (B = 16384 // N); the acceptance is over 1024,4096")
     p.add_argument("--shapes", default=None, help="only these, e.g. 128:4096,64:1024:causal:gqa")
     p.add_argument("--families", default=None, help="only these kernel families, e.g. d128,causal-gqa4")
     p.add_argument("--jobs", type=int, default=None,

@@ -28,6 +28,10 @@ def test_sweep_filters():
     assert len(planner_sweep.select(shapes, None, "d128")) == 8
     assert len(planner_sweep.select(shapes, None, "causal-gqa4")) == 6
     assert [s.label for s in planner_sweep.select(shapes, "64:1024:causal:gqa", None)] == ["D=64 N=1024 causal GQA4"]
+    long = planner_sweep.select(planner_sweep.all_shapes(ns=(16384,)), "64:16384:mha,128:16384:mha", None)
+    assert sorted(s.label for s in long) == ["D=128 N=16384 causal MHA", "D=128 N=16384 full MHA",
+                                             "D=64 N=16384 causal MHA", "D=64 N=16384 full MHA"]
+    assert all(s.B == 1 for s in long)
     # 3 x 3 blocks x 2 warps x 3 stages, less 8-warp tiles with a dot under 128 rows, and
     # for dK/dV less 32-row Q tiles under wider key blocks (wrong results, plan._sound)
     assert len(planner_sweep.grid("fwd", "full")) == len(planner_sweep.grid("dq", "full")) == 36
