@@ -42,11 +42,13 @@ from flashfx.planner.plan import _pow2_at_least, _ranked  # noqa: E402
 
 FIELDS = ("mma_efficiency", "overlap", "warpgroup_overlap", "step_cycles", "load_issue", "latency",
           "latency_bwd", "spill_cycles", "regs_tolerance", "mma_sync_ratio", "program_cycles",
-          "l2_bytes_per_cycle")
+          "l2_bytes_per_cycle", "fill",
+          "warpgroup_interleave", "transfer")
 PARTS = {"fwd": "CALIBRATION", "dkdv": "CALIBRATION_DKDV", "dq": "CALIBRATION_DQ"}
 STEPS = (0.5, 0.8, 1.25, 2.0)
 BOUNDS = {"mma_efficiency": (0.3, 0.95), "overlap": (0.05, 1.0), "warpgroup_overlap": (0.0, 1.0),
-          "regs_tolerance": (1.0, 1.6), "mma_sync_ratio": (0.25, 1.0)}
+          "regs_tolerance": (1.0, 1.6), "mma_sync_ratio": (0.25, 1.0),
+          "warpgroup_interleave": (0.0, 1.0)}
 
 
 @dataclasses.dataclass

@@ -51,9 +51,10 @@ pipelines those loads through SRAM like the streamed tiles: every kernel adds S�
 (sm90+) or max(S-1, 1)·BM·BN·X (sm8x), an upper bound (an H100 run of the bias-and-mask
 programs at D=16..256 overflowed without this term; broadcast operands may need less).
 
-Registers per thread: the fp32 accumulators and about two live fp32 copies of the [BM, BN]
-score tile (s and p; dp and ds in the backward), spread over T threads, plus a base for
-pointers, offsets and row statistics. On mma.sync the held operand tiles add e·rows·d/(4T).
+Registers per thread: the fp32 accumulators and live fp32 copies of the [BM, BN] score tile
+(one in the forward, fitted by least squares to the ptxas counts of the sweeps' unspilled
+configs; two in the backward: dp and ds), spread over T threads, plus a base for pointers,
+offsets and row statistics. On mma.sync the held operand tiles add e·rows·d/(4T).
 
 Time. See `predict`: per-iteration compute terms (tensor cores, exp2 on the special-function
 units, fp32 ALU work on the score tile), per-iteration and per-program overheads, SRAM
@@ -111,7 +112,7 @@ FWD = KernelModel(
     "fwd", 2, 0,
     sram_wgmma=e * d * (BM + S * 2 * BN) + S * BM * BN * X + _tma,
     sram_mma=e * d * (BM + sp.Max(S - 1, 1) * 2 * BN) + e * BM * BN + sp.Max(S - 1, 1) * BM * BN * X,
-    regs=(BM * d + 2 * BM * BN) / T + 56,
+    regs=(BM * d + BM * BN) / T + 62,  # least squares over the sweeps' unspilled configs
     regs_held=e * BM * d / (4 * T),
     tile_bytes=e * d * (2 * Nq + 2 * rho * Nk * sp.ceiling(Nq / BM)) + 8 * Nq + rho * Nq * Nk * X,
     compulsory=e * d * (2 * Nq + 2 * Nk / G) + 8 * Nq,
@@ -172,6 +173,9 @@ class Calibration:
         of 4 warps per SM) at ~420 TFLOP/s while its serial phases alone give ~330.
     warpgroup_overlap: a second warp group inside one program counts as this fraction of an
         independent program (its phases are barrier-coupled to the first).
+    warpgroup_interleave: the fraction of the shorter of a step's two phases (the products;
+        exp2 and the fp32 softmax work) that runs under the longer one when a program has two
+        or more warp groups, which take turns. 0 for the backward kernels (not fitted).
     step_cycles: fixed cost of one loop iteration of one program (loop control, barrier,
         wgmma wait); load_issue: cycles per 16-byte async copy a thread issues. Together these
         are the per-tile overhead that makes small tiles lose (64x32 vs 64x64 at d=64) and
@@ -182,6 +186,9 @@ class Calibration:
         steps issue 3-4 dependent MMAs and 3 row-statistic loads between tile loads, hiding
         most of a load inside one step; fitted to the sweep, where 2 stages won for both
         backward kernels (a third costs registers and SRAM and gains nothing measurable).
+        transfer: a tile also takes its bytes over the L2 rate to arrive, times this (0 for
+        the backward kernels, not fitted); it is why 128x128 tiles at d=128 need 3 stages
+        (2 lose 17% in the sweeps).
     spill_cycles, regs_headroom: cycles per iteration per register predicted past
         (limit - headroom): ptxas spills or serialises once a tile's live values come within
         ~16 registers of the 255 limit (fwd 128x32 and 128x128 at d=128 compile to 244-254
@@ -192,11 +199,17 @@ class Calibration:
         fit puts it near 0.55; for dK/dV the fit left it at 1, occupancy explaining its
         32-row tiles).
     program_cycles: prologue and epilogue of one program (load the held tile, store results).
+    fill: weight of the pipeline fill and drain of one program (a load latency, the held tiles
+        in and out, S-1 stages of streamed tiles at the L2 rate), divided among the programs
+        an SM holds. It makes few long programs of big tiles pay for their start: fwd d=128
+        128x128 with 8 warps (one program per SM) loses 8% to 64x64 at N=1024 and wins 12%
+        at N=16384, where each program runs 128 steps.
     launch_s: launch and tail of one kernel.
     l2_bytes_per_cycle: the L2 -> SM bandwidth share of one SM. Every program streams its own
         copy of the K/V (or Q/dO) tiles from L2, so 64-row tiles at d=128 (32 KiB per 2 MFLOP)
         cap near 460 TFLOP/s on an H200 while 128-row tiles halve that traffic: why fwd d=128
-        prefers 128x64 with 8 warps although it fits only one program per SM.
+        prefers 128x64 with 8 warps although it fits only one program per SM. (The forward's
+        latest fit, on sequences up to 16384, took this bound out; see CALIBRATION.)
     """
 
     mma_efficiency: float = 0.75
@@ -211,19 +224,26 @@ class Calibration:
     regs_headroom: int = 16
     mma_sync_ratio: float = 0.6
     program_cycles: float = 1500.0
+    fill: float = 0.0
+    warpgroup_interleave: float = 0.0
+    transfer: float = 0.0  # see `latency`
     launch_s: float = 4e-6
     l2_bytes_per_cycle: float = 28.0  # L2 -> SM bandwidth per SM (~6.8 TB/s on an H200)
     smem_reserved: int = 1024  # bytes the driver reserves per program (sm80+)
 
 
-# Fitted by benchmarks/planner_fit.py to H200 sweeps (24 shapes, every sound tile config timed),
-# each kernel's constants to its own ranking: the forward and dQ on the 2026-11-24 sweep, dK/dV
-# on a 2026-12-01 one; docs/planner_sweep.json is a later sweep none of them was fitted on.
+# Fitted by benchmarks/planner_fit.py to H200 sweeps (every sound tile config timed), each
+# kernel's constants to its own ranking: dQ on the 2026-11-24 sweep (24 shapes), dK/dV on a
+# 2026-12-01 one, the forward on docs/planner_sweep.json and docs/planner_sweep_long.json
+# together (30 shapes, N up to 16384). The forward's fit moved the L2 rate out of the
+# throughput bound (169.8 bytes a cycle, about 4x the H200's) and into the latency a pipeline
+# must cover: transfer / l2_bytes_per_cycle is one byte per 43.6 cycles.
 # The backward kernels issue 3-4 dependent MMAs a step, hold two accumulators and spill at
 # 64x64, and no one set of constants ranks all three well.
 CALIBRATION = Calibration(
-    mma_efficiency=0.95, warpgroup_overlap=0.14, step_cycles=106.0, load_issue=1.74, latency=2143.0,
-    spill_cycles=16.9, regs_tolerance=1.32, program_cycles=1065.0, l2_bytes_per_cycle=36.2)
+    mma_efficiency=0.95, overlap=0.551, warpgroup_overlap=0.0611, step_cycles=553.6, load_issue=0.644,
+    latency=2839.0, spill_cycles=35.3, regs_tolerance=1.0, mma_sync_ratio=1.0, program_cycles=97.0,
+    l2_bytes_per_cycle=169.8, fill=0.255, warpgroup_interleave=0.125, transfer=3.895)
 CALIBRATION_DKDV = Calibration(
     mma_efficiency=0.501, overlap=0.578, warpgroup_overlap=0.204, step_cycles=507.3, load_issue=1.504,
     latency_bwd=3711.0, spill_cycles=7.449, regs_tolerance=1.412, mma_sync_ratio=1.0, program_cycles=217.6,
@@ -341,13 +361,19 @@ def predict(kernel: str, shape: Shape, gpu: GPU, block_m: int, block_n: int, war
     alu = (k.alu_per_score * scores + block_m * shape.head_dim) / a.fp32_per_clk
     stream_rows = block_m if kernel == "dkdv" else block_n
     loads = 2 * stream_rows * shape.head_dim * shape.elt / (16 * threads)  # 16-byte copies a thread
-    step = mma + sfu + alu + cal.step_cycles + cal.load_issue * loads + cal.spill_cycles * spilled
+    # two or more warp groups in one program take turns: one's exp2 and softmax run while the
+    # other's products do (FlashAttention 3's ping-pong, which Triton's scheduling gives in part)
+    hidden = cal.warpgroup_interleave * min(mma, sfu + alu) if warps >= 8 else 0.0
+    step = (mma + sfu + alu - hidden + cal.step_cycles + cal.load_issue * loads
+            + cal.spill_cycles * spilled)
     parallel = max(occ, 1) * (1 + cal.warpgroup_overlap * (max(warps // 4, 1) - 1))
     l2 = 2 * stream_rows * shape.head_dim * shape.elt / cal.l2_bytes_per_cycle  # streamed tiles in
     per_step = max(mma * cal.mma_efficiency / 0.95, l2, step / parallel**cal.overlap)  # SM cycles
     wall_step = per_step * max(occ, 1)  # one program's step, sharing the SM with the others
     latency = cal.latency if kernel == "fwd" else cal.latency_bwd
-    exposed = max(0.0, latency - (stages - 1) * wall_step)
+    # a tile arrives a load latency plus its transfer after its copy is issued; S-1 steps of
+    # this program cover it, and what they do not is exposed
+    exposed = max(0.0, latency + cal.transfer * l2 - (stages - 1) * wall_step)
     per_step += exposed / max(occ, 1)
 
     # ---- programs, waves and steps
@@ -358,7 +384,14 @@ def predict(kernel: str, shape: Shape, gpu: GPU, block_m: int, block_n: int, war
     steps = r * -(-n_other // other_rows) * (shape.group if kernel == "dkdv" else 1)
     slots = gpu.sm_count * max(occ, 1)
     waves = programs / slots if shape.causal else math.ceil(programs / slots)
-    cycles = waves * max(occ, 1) * (steps * per_step + cal.program_cycles)
+    # prologue and epilogue: before its first step a program waits one load latency and moves
+    # its held tiles plus S-1 stages of streamed tiles in; after its last it writes its held-
+    # size results. Co-resident programs run their steps meanwhile, hiding 1 - 1/occ of it.
+    held_in, held_out = {"fwd": (1, 1), "dq": (2, 1), "dkdv": (2, 2)}[kernel]
+    fill_bytes = shape.head_dim * shape.elt * (
+        (held_in + held_out) * held_rows + (stages - 1) * 2 * stream_rows)
+    fill = (latency + fill_bytes / cal.l2_bytes_per_cycle) * cal.fill / max(occ, 1)
+    cycles = waves * max(occ, 1) * (steps * per_step + cal.program_cycles + fill)
     compute_s = cycles / gpu.clock_hz
 
     # ---- bytes: tiles, DRAM (K/V re-reads reach DRAM only when heads in flight overflow L2)

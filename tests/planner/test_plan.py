@@ -69,6 +69,24 @@ def test_choices_against_the_h200_sweep():
     assert s["bwd_median"] >= 0.95 and s["bwd_min"] >= 0.85
 
 
+def test_choices_against_the_long_sequence_sweep():
+    """docs/planner_sweep_long.json: the same sweep at N = 16384 (B = 1, MHA). Before the
+    forward learned a program's pipeline fill and a tile's transfer time it chose 64x64 at
+    d=128 there, 0.878 of the best (128x128, 8 warps, 3 stages)."""
+    import os
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, os.path.join(root, "benchmarks"))
+    import planner_fit
+
+    cases, gpu = planner_fit.load(os.path.join(root, "docs", "planner_sweep_long.json"))
+    assert len(cases) == 6 and {c.n for c in cases} == {16384}
+    s = planner_fit.score(cases, gpu, {"fwd": None, "dkdv": None, "dq": None})
+    assert s["fwd_median"] >= 0.95 and s["fwd_min"] >= 0.95
+    assert s["bwd_median"] >= 0.95 and s["bwd_min"] >= 0.9
+
+
 def test_predicted_rates_are_plausible_on_h200():
     p = plan(128, 2, KNOWN["H200"])
     tflops = 4 * 4096 * 4096 * 128 * 64 / p.fwd.time_s / 1e12
