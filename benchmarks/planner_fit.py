@@ -14,8 +14,12 @@ scores 0.
 The fit is a random search over the `Calibration` fields (multiplicative perturbations around
 the best so far), then single-field steps, keeping a change when it raises the objective. Each
 kernel has its own constants (`CALIBRATION`, `CALIBRATION_DKDV`, `CALIBRATION_DQ`), fitted to
-its own median plus minimum ratio and, for the two backward kernels, the backward's. Held-out
-check: fit on the N=1024 shapes and score the N=4096 ones, and the other way round — what a
+its own median plus minimum ratio and, for the two backward kernels, the backward's. The steps
+multiply, so a field at 0 stays 0: the backward kernels' `fill`, `transfer` and
+`warpgroup_interleave` stay off unless set to a starting value first. The search is
+seed-dependent (--seed): on the two H200 sweeps, seed 0 found the forward's constants and seed 1
+stayed at the old minimum. Held-out check: fit on the shapes of one N and score the others
+(N=1024 against 4096 and the other way round, with more Ns when the sweeps have them) — what a
 calibration does on shapes it was not fitted to.
 
 Prints the fitted constants (as a `Calibration(...)` literal), the scores before and after and the
