@@ -105,7 +105,9 @@ def _sound(kernel: str, bm: int, bn: int, warps: int) -> bool:
     warps, a dot of fewer than 16 rows per warp (a 32-row Q tile in dK/dV) gave wrong dK, so
     8 warps need every dot 128 rows or more; 4 warps are exact from 16 rows up, except dK/dV
     with a 32-row Q tile under a wider key block (32x64, 32x128: relative errors 0.005-0.06
-    in two sweeps where every other config stays under 0.003)."""
+    in two sweeps where every other config stays under 0.003). The Triton interpreter computes
+    those tiles exactly (fp32, errors near 4e-7 against fp64), so the fault is in the code Triton
+    3.6 generates for sm90 there, not in the kernel's logic."""
     if kernel == "dkdv" and bm < 64 and bn > bm:
         return False
     return min(_dot_rows(kernel, bm, bn)) >= (128 if warps == 8 else 16)
