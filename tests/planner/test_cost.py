@@ -194,17 +194,21 @@ def test_sram_model_bounds_triton(kernel, cap, D, bm, bn, w, s, shared):
     assert shared <= predicted <= 1.75 * shared
 
 
-def _sweep_points():
-    """(kernel, D, BM, BN, warps, stages, shared) of every config the H200 sweep compiled
-    (Triton 3.6, sm90: docs/planner_sweep.json), one per distinct config."""
+def _sweep_rows():
+    """The rows of the H200 sweep (Triton 3.6, sm90: docs/planner_sweep.json)."""
     import json
     import os
 
     path = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "planner_sweep.json")
     with open(path) as f:
-        rows = json.load(f)["rows"]
+        return json.load(f)["rows"]
+
+
+def _sweep_points():
+    """(kernel, D, BM, BN, warps, stages, shared) of every config the H200 sweep compiled,
+    one per distinct config."""
     points = {}
-    for row in rows:
+    for row in _sweep_rows():
         for kernel, unit in row["units"].items():
             for c in unit["configs"]:
                 if kernel in cost.KERNELS and "shared" in c:
@@ -281,14 +285,8 @@ def test_forward_registers_follow_ptxas():
     """The forward's register formula against ptxas's counts for every unspilled config of the
     H200 sweep (Triton 3.6, sm90): less than 10 registers off on average, and never more
     than 70 (the 32-row tiles, which run as mma.sync, are the worst)."""
-    import json
-    import os
-
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "planner_sweep.json")
-    with open(path) as f:
-        rows = json.load(f)["rows"]
     errors = []
-    for row in rows:
+    for row in _sweep_rows():
         for c in row["units"]["fwd"]["configs"]:
             if c.get("regs") and not c.get("spills"):
                 bm, bn, w, s = c["cfg"]

@@ -51,10 +51,8 @@ def _tiles(t):
     return t.block_m, t.block_n, t.num_warps, t.num_stages
 
 
-def test_choices_against_the_h200_sweep():
-    """docs/planner_sweep.json timed every sound config of every kernel at 24 shapes on an
-    H200: replayed there, the planner's untuned choices keep the throughput they had when the
-    calibration was fitted (a change to the model that ranks worse fails here)."""
+def _replay(name: str):
+    """The planner replayed on a recorded H200 sweep in docs/: (its shapes, planner_fit's scores)."""
     import os
     import sys
 
@@ -62,9 +60,17 @@ def test_choices_against_the_h200_sweep():
     sys.path.insert(0, os.path.join(root, "benchmarks"))
     import planner_fit
 
-    cases, gpu = planner_fit.load(os.path.join(root, "docs", "planner_sweep.json"))
-    assert len(cases) == 24 and gpu.name == "H200"
-    s = planner_fit.score(cases, gpu, {"fwd": None, "dkdv": None, "dq": None})
+    cases, gpu = planner_fit.load(os.path.join(root, "docs", name))
+    assert gpu.name == "H200"
+    return cases, planner_fit.score(cases, gpu, {"fwd": None, "dkdv": None, "dq": None})
+
+
+def test_choices_against_the_h200_sweep():
+    """docs/planner_sweep.json timed every sound config of every kernel at 24 shapes on an
+    H200: replayed there, the planner's untuned choices keep the throughput they had when the
+    calibration was fitted (a change to the model that ranks worse fails here)."""
+    cases, s = _replay("planner_sweep.json")
+    assert len(cases) == 24
     assert s["fwd_median"] >= 0.95 and s["fwd_min"] >= 0.9
     assert s["bwd_median"] >= 0.95 and s["bwd_min"] >= 0.85
 
@@ -73,16 +79,8 @@ def test_choices_against_the_long_sequence_sweep():
     """docs/planner_sweep_long.json: the same sweep at N = 16384 (B = 1, MHA). Before the
     forward learned a program's pipeline fill and a tile's transfer time it chose 64x64 at
     d=128 there, 0.878 of the best (128x128, 8 warps, 3 stages)."""
-    import os
-    import sys
-
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    sys.path.insert(0, os.path.join(root, "benchmarks"))
-    import planner_fit
-
-    cases, gpu = planner_fit.load(os.path.join(root, "docs", "planner_sweep_long.json"))
+    cases, s = _replay("planner_sweep_long.json")
     assert len(cases) == 6 and {c.n for c in cases} == {16384}
-    s = planner_fit.score(cases, gpu, {"fwd": None, "dkdv": None, "dq": None})
     assert s["fwd_median"] >= 0.95 and s["fwd_min"] >= 0.95
     assert s["bwd_median"] >= 0.95 and s["bwd_min"] >= 0.9
 
