@@ -266,7 +266,7 @@ def write_doc(path: str, md: str) -> None:
         f.write(block)
 
 
-def plot(rows, chosen, path):
+def plot(rows, chosen, path, env=None):
     plt = plots.pyplot()
     if plt is None:
         return
@@ -279,6 +279,8 @@ def plot(rows, chosen, path):
         ax.set_ylabel("TFLOP/s")
         ax.set_title(f"attention {mode}, bf16")
         ax.legend(ncol=len(chosen), fontsize=8)
+    if env:
+        fig.suptitle(env, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -316,7 +318,7 @@ def main():
     md = markdown(rows, chosen, header)
     with open(os.path.join(out_dir, "attention.json"), "w") as f:
         json.dump({"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__, "rows": rows}, f, indent=1)
-    plot(rows, chosen, os.path.join(out_dir, "attention.png"))
+    plot(rows, chosen, os.path.join(out_dir, "attention.png"), plots.env_line(gpu, torch.__version__, triton.__version__))
     with open(os.path.join(out_dir, "benchmarks.md"), "w") as f:
         f.write(md)
     if not args.no_doc and not args.quick:

@@ -106,7 +106,7 @@ def measure(shape, dtype, device, timer, force_parts=None) -> list[dict]:
     return rows
 
 
-def plot(rows, path):
+def plot(rows, path, env=None):
     plt = plots.pyplot()
     if plt is None:
         return
@@ -117,7 +117,7 @@ def plot(rows, path):
     plots.grouped_bars(ax, [f"B{b} H{h}/{hk}\nNq{nq} Nk{nk} D{d}" for b, h, hk, nq, nk, d in shapes],
                        {n: [next((r["gb_s"] for r in rows if r["variant"] == n and key(r) == s), 0) for s in shapes]
                         for n in names})
-    plots.save(fig, ax, "K/V GB/s (higher is better)", path)
+    plots.save(fig, ax, "K/V GB/s (higher is better)", path, env)
 
 
 def main(argv=None) -> int:
@@ -156,7 +156,7 @@ def main(argv=None) -> int:
                torch=torch.__version__, triton=__import__("triton").__version__)
     with open(os.path.join(out_dir, "decode.json"), "w") as f:
         json.dump(dict(env=env, rows=rows), f, indent=1)
-    plot(rows, os.path.join(out_dir, "decode.png"))
+    plot(rows, os.path.join(out_dir, "decode.png"), plots.env_line(env["device"], env["torch"], env["triton"]))
     print(f"\n{env['device']}, torch {env['torch']}, triton {env['triton']}")
     print("| B | H/Hk | Nq | Nk | D | variant | parts | µs | K/V GB/s | max rel err |")
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -130,7 +130,7 @@ def measure(B: int, H: int, N: int, D: int) -> list[dict]:
     return rows
 
 
-def plot(rows: list[dict], path: str) -> None:
+def plot(rows: list[dict], path: str, env: str | None = None) -> None:
     plt = plots.pyplot()
     if plt is None:
         return
@@ -142,7 +142,7 @@ def plot(rows: list[dict], path: str) -> None:
                                   {p: [mine[g, p]["host_us"] for g in groups] for p in PARTS})
     ax.scatter([j + width for j in range(len(groups))], [mine[g, "direct"]["wall_us"] for g in groups],
                color="k", marker="_", s=400, label="GPU-bound wall")
-    plots.save(fig, ax, "host µs per fwd+bwd", path)
+    plots.save(fig, ax, "host µs per fwd+bwd", path, env)
 
 
 def main(argv=None) -> int:
@@ -161,7 +161,7 @@ def main(argv=None) -> int:
                triton=__import__("triton").__version__)
     with open(os.path.join(out_dir, "host_overhead.json"), "w") as f:
         json.dump(dict(env=env, rows=rows), f, indent=1)
-    plot(rows, os.path.join(out_dir, "host_overhead.png"))
+    plot(rows, os.path.join(out_dir, "host_overhead.png"), plots.env_line(**env))
     print(f"\n{env['gpu']}, torch {env['torch']}, triton {env['triton']}")
     print("| shape | reads | " + " | ".join(f"{p} host µs" for p in PARTS) + " | wall µs (direct) |")
     print("|---|---|" + "---|" * (len(PARTS) + 1))

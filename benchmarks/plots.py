@@ -29,10 +29,18 @@ def grouped_bars(ax, groups: list[str], series: dict[str, list[float]]) -> tuple
     return width, bars
 
 
-def save(fig, ax, ylabel: str, path: str) -> None:
-    """Label the y axis, add the legend, and write the figure to `path`."""
+def env_line(gpu: str, torch: str, triton: str) -> str:
+    """What a plot was measured on: the GPU and the versions, one line."""
+    return f"{gpu}, torch {torch}, triton {triton}"
+
+
+def save(fig, ax, ylabel: str, path: str, env: str | None = None) -> None:
+    """Label the y axis, add the legend, title the figure with `env` (env_line), and write the
+    figure to `path`."""
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=7)
+    if env:
+        fig.suptitle(env, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
