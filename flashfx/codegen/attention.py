@@ -381,7 +381,7 @@ def _attn_fwd(
     CAUSAL: tl.constexpr,         # 0: none, 1: top-left diagonal, 2: bottom-right diagonal
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr,      # tl.dot input precision for fp32 inputs ("tf32" / "ieee")
+    PRECISION: tl.constexpr,      # tl.dot input precision for fp32 inputs ("tf32" / "tf32x3")
     TMA: tl.constexpr,            # K, V tiles through the descriptors KDesc, VDesc (else K, V pointers)
     SPLITS: tl.constexpr,         # > 1: program_id(2) takes one part of the key range and writes
                                   # unnormalized partials to PartO, PartStats for _attn_fwd_combine

@@ -86,6 +86,31 @@ def test_autotuned_programs_choose_per_call(monkeypatch, tmp_path):
     tiling.clear_memory()
 
 
+@pytest.fixture
+def _fp32_settings():
+    """Restores torch's fp32 matmul precision settings (new API) after a test changes them."""
+    saved = torch.backends.fp32_precision, torch.backends.cuda.matmul.fp32_precision
+    yield
+    torch.backends.fp32_precision, torch.backends.cuda.matmul.fp32_precision = saved
+
+
+@pytest.mark.parametrize("setting, want", [
+    (None, "tf32x3"),  # torch's default: IEEE fp32 matmuls
+    ("torch.backends.cuda.matmul.allow_tf32 = True", "tf32"),  # the legacy flag
+    ("torch.set_float32_matmul_precision('high')", "tf32"),
+    ("torch.backends.cuda.matmul.fp32_precision = 'tf32'", "tf32"),  # the new API, which makes
+    ("torch.backends.fp32_precision = 'tf32'", "tf32"),               # reading allow_tf32 raise
+    ("torch.backends.cuda.matmul.fp32_precision = 'ieee'", "tf32x3"),
+])
+def test_fp32_products_follow_the_users_tf32_setting(_fp32_settings, setting, want):
+    torch.backends.fp32_precision = torch.backends.cuda.matmul.fp32_precision = "none"
+    if setting:
+        exec(setting)
+    q = torch.randn(1, 1, 4, 16)
+    assert gpu._precision(q) == want
+    assert gpu._precision(q.half()) == gpu._precision(q.bfloat16()) == "tf32"  # ignored there
+
+
 def test_forced_key_range_parts_are_part_of_the_signature(monkeypatch):
     calls = _planning_calls(monkeypatch)
     _check(*_qkvd(0))
