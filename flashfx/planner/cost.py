@@ -54,7 +54,10 @@ programs at D=16..256 overflowed without this term; broadcast operands may need 
 Registers per thread: the fp32 accumulators and live fp32 copies of the [BM, BN] score tile
 (one in the forward, fitted by least squares to the ptxas counts of the sweeps' unspilled
 configs; two in the backward: dp and ds), spread over T threads, plus a base for pointers,
-offsets and row statistics. On mma.sync the held operand tiles add e·rows·d/(4T).
+offsets and row statistics. On mma.sync the held operand tiles add e·rows·d/(4T). fp32
+inputs computed in 3xTF32 (Shape.products = 3) add one fp32 remainder per element of every
+product's operands (regs_split); ptxas on sm_90 spills wherever this puts a tile past the
+register file (docs/planner_fp32_regs.json), and at d = 128 every grid config spills a little.
 
 Time. See `predict`: per-iteration compute terms (tensor cores, exp2 on the special-function
 units, fp32 ALU work on the score tile), per-iteration and per-program overheads, SRAM
@@ -87,6 +90,7 @@ class KernelModel:
     sram_mma: sp.Expr  # bytes, sm8x
     regs: sp.Expr  # 32-bit registers per thread (wgmma; mma.sync adds held operands)
     regs_held: sp.Expr  # registers per thread the held operand tiles add on mma.sync
+    regs_split: sp.Expr  # registers per thread 3xTF32 adds: each operand's TF32 remainder
     tile_bytes: sp.Expr  # memory -> SRAM traffic per (batch, query head)
     compulsory: sp.Expr  # inputs read once and outputs written once per (batch, query head)
     alu_per_score: int  # fp32 operations per score element besides the MMAs (calibrated)
@@ -114,6 +118,7 @@ FWD = KernelModel(
     sram_mma=e * d * (BM + sp.Max(S - 1, 1) * 2 * BN) + e * BM * BN + sp.Max(S - 1, 1) * BM * BN * X,
     regs=(BM * d + BM * BN) / T + 62,  # least squares over the sweeps' unspilled configs
     regs_held=e * BM * d / (4 * T),
+    regs_split=(BM * d + 2 * BN * d + BM * BN) / T,  # Q, K, V, P
     tile_bytes=e * d * (2 * Nq + 2 * rho * Nk * sp.ceiling(Nq / BM)) + 8 * Nq + rho * Nq * Nk * X,
     compulsory=e * d * (2 * Nq + 2 * Nk / G) + 8 * Nq,
     alu_per_score=6,
@@ -134,6 +139,7 @@ DKDV = KernelModel(
               + sp.Max(S - 1, 1) * BM * BN * X),
     regs=(2 * BN * d + 3 * BM * BN) / T + 80,
     regs_held=2 * e * BN * d / (4 * T),
+    regs_split=2 * (BM * d + BN * d + BM * BN) / T,  # Q, dO, K, V, P, dS
     tile_bytes=4 * e * Nk * d / G + rho * Nq * sp.ceiling(Nk / BN) * (2 * e * d + _stats) + rho * Nq * Nk * X,
     compulsory=e * d * (2 * Nq + 4 * Nk / G) + _stats * Nq,
     alu_per_score=10,
@@ -144,6 +150,7 @@ DQ = KernelModel(
     sram_mma=e * d * (2 * BM + sp.Max(S - 1, 1) * 2 * BN) + e * BM * BN + sp.Max(S - 1, 1) * BM * BN * X,
     regs=(BM * d + 3 * BM * BN) / T + 56,
     regs_held=2 * e * BM * d / (4 * T),
+    regs_split=(2 * BM * d + 2 * BN * d + BM * BN) / T,  # Q, dO, K, V, dS
     # Q, dO and O read (O once, for Δ), dQ written
     tile_bytes=e * d * (4 * Nq + 2 * rho * Nk * sp.ceiling(Nq / BM)) + _stats * Nq + rho * Nq * Nk * X,
     compulsory=e * d * (4 * Nq + 2 * Nk / G) + _stats * Nq,
@@ -323,6 +330,7 @@ class Shape:
     group: int = 1
     batch_heads: int = 1  # B·H (query heads)
     operand_bytes: int = 0  # X: bytes of score operands loaded per score
+    products: int = 1  # tensor-core products per matrix product: 3 for 3xTF32 (fp32 inputs)
 
 
 def predict(kernel: str, shape: Shape, gpu: GPU, block_m: int, block_n: int, warps: int,
@@ -338,6 +346,8 @@ def predict(kernel: str, shape: Shape, gpu: GPU, block_m: int, block_n: int, war
                 M=gpu.smem_per_sm / shape.elt)
     sram = int(evaluate(kernel, "sram_wgmma" if a.wgmma else "sram_mma", **vals))
     regs = evaluate(kernel, "regs", **vals) + (0 if a.wgmma else evaluate(kernel, "regs_held", **vals))
+    if shape.products > 1:
+        regs += evaluate(kernel, "regs_split", **vals)
     regs = int(math.ceil(regs))
     spilled = max(0, regs - (gpu.max_regs_per_thread - cal.regs_headroom))
     fits = sram <= gpu.smem_per_block and regs <= cal.regs_tolerance * gpu.max_regs_per_thread
@@ -356,7 +366,7 @@ def predict(kernel: str, shape: Shape, gpu: GPU, block_m: int, block_n: int, war
     # dots too short for a warp group run as mma.sync (sm90+; on sm8x every dot is mma.sync)
     rows = [block_m] * (k.matmuls - k.held_row_matmuls) + [block_n] * k.held_row_matmuls
     dots = sum(1 if not a.wgmma or r >= 16 * warps else 1 / cal.mma_sync_ratio for r in rows)
-    mma = 2 * dots * scores * shape.head_dim / (mma_rate * cal.mma_efficiency)
+    mma = 2 * shape.products * dots * scores * shape.head_dim / (mma_rate * cal.mma_efficiency)
     sfu = scores / a.sfu_per_clk
     alu = (k.alu_per_score * scores + block_m * shape.head_dim) / a.fp32_per_clk
     stream_rows = block_m if kernel == "dkdv" else block_n

@@ -147,21 +147,22 @@ def _tiles(p: cost.Prediction) -> KernelTiles:
                        p.lower_bound_bytes)
 
 
-def _shape(head_dim, elem_size, n_q, n_k, causal, group, batch_heads, operand_bytes=0) -> cost.Shape:
+def _shape(head_dim, elem_size, n_q, n_k, causal, group, batch_heads, operand_bytes=0, products=1) -> cost.Shape:
     d_pad = _pow2_at_least(head_dim)
     n_q = n_q or n_k or DEFAULT_N
     n_k = n_k or n_q
     if batch_heads is None:
         batch_heads = max(group, DEFAULT_TOKENS_X_WIDTH // (n_q * d_pad))
-    return cost.Shape(n_q, n_k, d_pad, elem_size, bool(causal), group, batch_heads, operand_bytes)
+    return cost.Shape(n_q, n_k, d_pad, elem_size, bool(causal), group, batch_heads, operand_bytes, products)
 
 
 def candidates(kernel: str, head_dim: int, elem_size: int, gpu: GPU, k: int = 5, *,
                n_q: int | None = None, n_k: int | None = None, causal: bool = False,
-               group: int = 1, batch_heads: int | None = None, operand_bytes: int = 0) -> list[KernelTiles]:
+               group: int = 1, batch_heads: int | None = None, operand_bytes: int = 0,
+               products: int = 1) -> list[KernelTiles]:
     """The model's k best tiles for `kernel` ("fwd", "dkdv" or "dq"), best first: all fit."""
     _check(head_dim)
-    shape = _shape(head_dim, elem_size, n_q, n_k, causal, group, batch_heads, operand_bytes)
+    shape = _shape(head_dim, elem_size, n_q, n_k, causal, group, batch_heads, operand_bytes, products)
     return [_tiles(p) for p in _ranked(kernel, shape, gpu)[:k]]
 
 
@@ -173,7 +174,7 @@ def _check(head_dim: int) -> None:
 @lru_cache(maxsize=None)
 def plan(head_dim: int, elt_bytes: int, gpu: GPU, interpret: bool = False, *,
          n_q: int | None = None, n_k: int | None = None, causal: bool = False, group: int = 1,
-         batch_heads: int | None = None, operand_bytes: int = 0) -> TilePlan:
+         batch_heads: int | None = None, operand_bytes: int = 0, products: int = 1) -> TilePlan:
     """Choose tiles for one attention site's kernels on `gpu`.
 
     head_dim:  D of q/k/v (any size 1..256)
@@ -183,6 +184,7 @@ def plan(head_dim: int, elt_bytes: int, gpu: GPU, interpret: bool = False, *,
                known; the choice depends on it only through waves, L2 reuse and causal blocks
     operand_bytes: bytes of score operands (biases, masks) the program loads per score; they
                are pipelined through SRAM with the streamed tiles
+    products:  tensor-core products per matrix product: 3 for fp32 inputs computed in 3xTF32
     """
     _check(head_dim)
     d_pad = _pow2_at_least(head_dim)
@@ -192,7 +194,7 @@ def plan(head_dim: int, elt_bytes: int, gpu: GPU, interpret: bool = False, *,
         t = KernelTiles(16, 16, 4, 1, elt_bytes * d_pad * 48)
         return TilePlan(d_pad, t, t, t, limit, gpu.name, "interpreter")
 
-    shape = _shape(head_dim, elt_bytes, n_q, n_k, causal, group, batch_heads, operand_bytes)
+    shape = _shape(head_dim, elt_bytes, n_q, n_k, causal, group, batch_heads, operand_bytes, products)
     chosen = {}
     for kernel in ("fwd", "dkdv", "dq"):
         ranked = _ranked(kernel, shape, gpu)
@@ -204,7 +206,8 @@ def plan(head_dim: int, elt_bytes: int, gpu: GPU, interpret: bool = False, *,
     desc = (f"N={shape.n_q}" + (f"x{shape.n_k}" if shape.n_k != shape.n_q else "")
             + f" d={d_pad} B·H={shape.batch_heads}" + (" causal" if shape.causal else "")
             + (f" GQA {shape.group}" if shape.group > 1 else "")
-            + (f" operands {operand_bytes} B/score" if operand_bytes else ""))
+            + (f" operands {operand_bytes} B/score" if operand_bytes else "")
+            + (" 3xTF32" if products == 3 else ""))
     return TilePlan(d_pad, chosen["fwd"], chosen["dkdv"], chosen["dq"], limit, gpu.name, desc)
 
 

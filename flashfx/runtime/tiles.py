@@ -70,12 +70,33 @@ def operand_bytes(operands) -> int:
     return sum(x.element_size() for x in operands)
 
 
-def call_shape(q_shape, k_shape, program: ScoreProgram, op_bytes: int = 0) -> dict:
+def tf32_allowed() -> bool:
+    """Whether the user's torch settings let fp32 matmuls run in TF32.
+
+    Reads torch.backends.cuda.matmul.fp32_precision ("tf32", "ieee", or "none": the default,
+    IEEE), which both the legacy flag (allow_tf32 = True) and set_float32_matmul_precision
+    set. Reading allow_tf32 itself raises once the new API has set TF32 (torch 2.9 and later).
+    """
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is not None:
+        return precision == "tf32"
+    return bool(matmul.allow_tf32)
+
+
+def products(dtype: torch.dtype) -> int:
+    """Tensor-core products per matrix product: 3 for fp32 inputs where TF32 is not allowed
+    (3xTF32, see gpu._precision), else 1."""
+    return 3 if dtype == torch.float32 and not tf32_allowed() else 1
+
+
+def call_shape(q_shape, k_shape, program: ScoreProgram, op_bytes: int = 0, dtype: torch.dtype | None = None) -> dict:
     """The planner's shape keywords for a call, bucketed."""
     B, H, Nq, _ = (int(x) for x in q_shape)
     Hk, Nk = int(k_shape[1]), int(k_shape[2])
     return dict(n_q=bucket(Nq), n_k=bucket(Nk), causal=program.causal is not None,
-                group=max(1, H // Hk), batch_heads=bucket(B * H, lo=1), operand_bytes=op_bytes)
+                group=max(1, H // Hk), batch_heads=bucket(B * H, lo=1), operand_bytes=op_bytes,
+                products=products(dtype) if dtype is not None else 1)
 
 
 _plans: dict[tuple, TilePlan] = {}  # every op call asks: answer repeats from a dict
@@ -90,7 +111,7 @@ def for_shape(q_shape, k_shape, dtype: torch.dtype, device: torch.device, progra
     if not all(type(x) is int for x in (*q_shape, *k_shape)):  # symbolic sizes: nothing to key
         return _for_shape(q_shape, k_shape, dtype, device, program, op_bytes)
     key = (tuple(q_shape), tuple(k_shape), dtype, device, program, op_bytes, _margins_version,
-           hardware.chosen_by_user(), interpreting())
+           hardware.chosen_by_user(), interpreting(), products(dtype))
     hit = _plans.get(key)
     if hit is None:
         if len(_plans) >= _PLANS_MAX:
@@ -106,7 +127,7 @@ def _for_shape(q_shape, k_shape, dtype, device, program, op_bytes) -> TilePlan:
         margin = _margins.get(_margin_key(gpu, program, q_shape[-1], dtype))
         if margin:  # a launch overflowed this plan's SRAM before: plan within less
             gpu = dataclasses.replace(gpu, smem_per_block=gpu.smem_per_block - margin)
-        return plan(int(q_shape[-1]), elt, gpu, **call_shape(q_shape, k_shape, program, op_bytes))
+        return plan(int(q_shape[-1]), elt, gpu, **call_shape(q_shape, k_shape, program, op_bytes, dtype))
     return plan(int(q_shape[-1]), elt, hardware.INTERPRETER, interpret=True)
 
 
@@ -126,7 +147,7 @@ def candidate_tiles(kernel: str, q: torch.Tensor, k: torch.Tensor, program: Scor
     if q.device.type != "cuda" or interpreting():
         return list(INTERPRETER_CANDIDATES)
     return candidates(kernel, q.shape[-1], q.element_size(), gpu_of(q.device), k=TOP_K,
-                      **call_shape(q.shape, k.shape, program, operand_bytes(operands)))
+                      **call_shape(q.shape, k.shape, program, operand_bytes(operands), q.dtype))
 
 
 # ---- when the model under-counts SRAM ---------------------------------------------------------
@@ -180,10 +201,11 @@ def tune_key(kernel: str, q: torch.Tensor, k: torch.Tensor, program: ScoreProgra
              extra: str = "") -> str:
     """What a tuned choice is valid for: GPU, kernel, score program, head dim, dtype, bucket."""
     where = "interpreter" if q.device.type != "cuda" or interpreting() else gpu_of(q.device).name
-    shape = call_shape(q.shape, k.shape, program, operand_bytes(operands))
+    shape = call_shape(q.shape, k.shape, program, operand_bytes(operands), q.dtype)
     prog = hashlib.sha256(dataclasses.replace(program, autotune=False).encode().encode()).hexdigest()[:12]
     return (f"{where}|{kernel}{extra}|{prog}|d{q.shape[-1]}|{str(q.dtype).removeprefix('torch.')}|"
-            f"nq{shape['n_q']}|nk{shape['n_k']}|g{shape['group']}|bh{shape['batch_heads']}|x{shape['operand_bytes']}")
+            f"nq{shape['n_q']}|nk{shape['n_k']}|g{shape['group']}|bh{shape['batch_heads']}|x{shape['operand_bytes']}"
+            + (f"|p{shape['products']}" if shape["products"] > 1 else ""))
 
 
 # ---- the on-disk cache ------------------------------------------------------------------------

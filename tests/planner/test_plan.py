@@ -139,3 +139,27 @@ def test_key_range_splits_only_when_the_grid_leaves_sms_idle():
     # every part keeps at least 4 key blocks
     assert kv_splits(programs=8, n_k=512, block_n=64, sm_count=h200) == 2
     assert kv_splits(programs=8, n_k=128, block_n=64, sm_count=h200) == 1
+
+
+def test_3xtf32_plans_at_d64_do_not_spill_where_the_tf32_ones_would():
+    """fp32 inputs without TF32 run three products and hold each operand's remainder: planned
+    for that (products=3), the forward and dQ tiles at d=64 do not spill per ptxas, where the
+    tiles planned as for one product do (docs/planner_fp32_regs.json, 3xTF32 on sm_90), and
+    dK/dV spills less. (The grid has 1 and 2 stages; a plan of 3 or 4 is read as 2.)"""
+    import json
+    import os
+
+    from flashfx.planner import hardware
+
+    with open(os.path.join(os.path.dirname(__file__), "..", "..", "docs", "planner_fp32_regs.json")) as f:
+        spill = {(r["kernel"], r["D"], r["bm"], r["bn"], r["warps"], r["stages"]): r.get("spill")
+                 for r in json.load(f)["rows"]}
+
+    def spills(products):
+        p = plan(64, 4, hardware.KNOWN["H200"], n_q=1024, n_k=1024, causal=True, batch_heads=16, products=products)
+        return {k: spill[(k, 64, t.block_m, t.block_n, t.num_warps, min(t.num_stages, 2))]
+                for k, t in (("fwd", p.fwd), ("dkdv", p.bwd_dkdv), ("dq", p.bwd_dq))}
+
+    one, three = spills(1), spills(3)
+    assert three["fwd"] == three["dq"] == 0 and one["fwd"] > 0
+    assert three["dkdv"] < one["dkdv"]

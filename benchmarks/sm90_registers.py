@@ -1,0 +1,122 @@
+"""Registers and spills of the generated kernels on sm_90, from ptxas, without a GPU.
+
+    PYTHONPATH=. python3 benchmarks/sm90_registers.py --precision tf32x3 --out docs/planner_fp32_regs.json
+
+Compiles the forward, dK/dV and dQ kernels of a causal scaled program for sm_90a (Triton's CUDA
+backend and the ptxas it ships; no device needed), with tile reads through tensor descriptors as
+on Hopper, over a grid of sound tiles (BM, BN in 32/64/128, 4 or 8 warps, 1 or 2 stages) at
+head dims 64 and 128, and records ptxas's registers per thread and spill-store bytes. The cost
+model's register formulas (flashfx/planner/cost.py) are checked against these counts in
+tests/planner/test_cost.py. --precision picks tl.dot's input precision for fp32 inputs ("tf32",
+"tf32x3"; "ieee" takes minutes a kernel); --jobs compiles in parallel processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+KERNELS = {"fwd": "_attn_fwd", "dkdv": "_attn_bwd_dkdv", "dq": "_attn_bwd_dq"}
+PTRS = {"Q", "K", "V", "dOut", "Out", "Stats", "Delta", "dK", "dV", "dQ", "PartO", "PartStats"}
+
+
+def grid(head_dims=(64, 128)) -> list[tuple]:
+    from flashfx.planner import plan
+
+    return [(kern, d, bm, bn, w, s) for d in head_dims for kern in KERNELS for bm in (32, 64, 128)
+            for bn in (32, 64, 128) for w in (4, 8) for s in (1, 2) if plan._sound(kern, bm, bn, w)]
+
+
+def compile_one(job: tuple, precision: str) -> dict:
+    """ptxas's registers and spill bytes for one (kernel, head dim, BM, BN, warps, stages)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from flashfx.codegen import attention as codegen
+    from flashfx.ir import ScoreOp, ScoreProgram
+
+    kern, d, bm, bn, warps, stages = job
+    program = ScoreProgram((ScoreOp("scale", None, d ** -0.5),), "top_left")
+    fn = getattr(codegen.load(program.encode()), KERNELS[kern])
+    names = fn.arg_names
+    rows = {"QDesc": bm, "dODesc": bm, "KDesc": bn, "VDesc": bn}
+    constexprs = dict(GROUP=1, CAUSAL=1, HEAD_DIM=d, HEAD_DIM_PAD=d, BLOCK_M=bm, BLOCK_N=bn, PRECISION=precision,
+                      TMA=True, FLAT=False, SPLITS=1, PACK=False)
+    constexprs.update({n: 1 for n in names if n.startswith("stride") and n.endswith("d")})  # unit inner strides
+    constexprs = {n: v for n, v in constexprs.items() if n in names}
+    signature = {n: ("constexpr" if n in constexprs else f"tensordesc<fp32[1,1,{rows[n]},{d}]>" if n in rows
+                     else "*fp32" if n in PTRS else "i32") for n in names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in PTRS or n.startswith("stride")}
+    src = ASTSource(fn=fn, signature=signature, attrs=attrs,
+                    constexprs={(names.index(n),): v for n, v in constexprs.items()})
+    start = time.time()
+    try:
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 128), options=dict(num_warps=warps, num_stages=stages))
+    except Exception as e:  # noqa: BLE001 - a config Triton cannot compile is recorded, not fatal
+        return dict(error=f"{type(e).__name__}: {str(e)[:160]}")
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    out = ""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(compiled.asm["ptx"])
+        # the ptxas Triton ships that reads its PTX version (3.9 emits PTX newer than "ptxas")
+        for name in ("ptxas", "ptxas-blackwell"):
+            if os.path.exists(os.path.join(bindir, name)):
+                run = subprocess.run([os.path.join(bindir, name), "-v", "--gpu-name", "sm_90a", path, "-o",
+                                      path + ".cubin"], capture_output=True, text=True)
+                if run.returncode == 0:
+                    out = run.stderr
+                    break
+    regs = re.search(r"Used (\d+) registers", out)
+    spill = re.search(r"(\d+) bytes spill stores", out)
+    return dict(smem=compiled.metadata.shared, regs=regs and int(regs.group(1)),
+                spill=spill and int(spill.group(1)), compile_s=round(time.time() - start, 1))
+
+
+def _run(args):
+    job, precision = args
+    kern, d, bm, bn, w, s = job
+    return dict(kernel=kern, D=d, bm=bm, bn=bn, warps=w, stages=s, **compile_one(job, precision))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--precision", default="tf32x3", choices=("tf32", "tf32x3", "ieee"))
+    p.add_argument("--head-dims", default="64,128")
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--out", default=None, help="JSON file (default: benchmarks/out/sm90_registers.json)")
+    args = p.parse_args(argv)
+    import triton
+
+    jobs = grid(tuple(int(x) for x in args.head_dims.split(",")))
+    rows = []
+    with ProcessPoolExecutor(args.jobs) as pool:
+        for row in pool.map(_run, [(j, args.precision) for j in jobs]):
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    out = args.out or os.path.join(ROOT, "benchmarks", "out", "sm90_registers.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    env = dict(target="sm_90a (ptxas -v, no device)", triton=triton.__version__, precision=args.precision,
+               inputs="fp32", program="causal, scaled", command="PYTHONPATH=. python3 benchmarks/sm90_registers.py "
+               + " ".join(argv if argv is not None else sys.argv[1:]))
+    with open(out, "w") as f:
+        json.dump(dict(env=env, rows=rows), f, indent=1)
+    print(f"\n{len(rows)} configs, {sum(1 for r in rows if (r.get('spill') or 0) > 0)} spill; written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
