@@ -38,32 +38,50 @@ def grid(head_dims=(64, 128)) -> list[tuple]:
             for bn in (32, 64, 128) for w in (4, 8) for s in (1, 2) if plan._sound(kern, bm, bn, w)]
 
 
-def compile_one(job: tuple, precision: str) -> dict:
-    """ptxas's registers and spill bytes for one (kernel, head dim, BM, BN, warps, stages)."""
+def compile_sm90(kernel: str, program: str, head_dim: int, bm: int, bn: int, warps: int, stages: int,
+                 precision: str = "tf32", elt: str = "bf16", tma: bool = True):
+    """One generated kernel ("fwd", "dkdv" or "dq" of the encoded `program`) compiled for sm_90a as
+    a launch on contiguous `elt` tensors would be: unit head-dim strides, 16-byte aligned
+    pointers, tile reads through tensor descriptors when `tma`. Needs Triton's NVIDIA backend and
+    a process that is not interpreting (TRITON_INTERPRET unset when Triton was imported)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from flashfx.codegen import attention as codegen
+    from flashfx.ir import ScoreProgram
+
+    fn = getattr(codegen.load(program), KERNELS[kernel])
+    names = fn.arg_names
+    rows = {"QDesc": bm, "dODesc": bm, "KDesc": bn, "VDesc": bn}
+    causal = {None: 0, "top_left": 1, "bottom_right": 2}[ScoreProgram.decode(program).causal]
+    constexprs = dict(GROUP=1, CAUSAL=causal, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim, BLOCK_M=bm, BLOCK_N=bn,
+                      PRECISION=precision, TMA=tma, FLAT=False, SPLITS=1, PACK=False)
+    constexprs.update({n: 1 for n in names if n.startswith("stride") and n.endswith("d")})  # unit inner strides
+    constexprs = {n: v for n, v in constexprs.items() if n in names}
+    fp32 = {"Stats", "Delta", "PartO", "PartStats"}
+    signature = {n: ("constexpr" if n in constexprs
+                     else f"tensordesc<{elt}[1,1,{rows[n]},{head_dim}]>" if n in rows and tma
+                     else "*fp32" if n in fp32 else f"*{elt}" if n in PTRS or n in rows else "i32") for n in names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if signature[n].startswith("*") or n.startswith("stride")}
+    src = ASTSource(fn=fn, signature=signature, attrs=attrs,
+                    constexprs={(names.index(n),): v for n, v in constexprs.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 128), options=dict(num_warps=warps, num_stages=stages))
+
+
+def compile_one(job: tuple, precision: str) -> dict:
+    """ptxas's registers and spill bytes for one (kernel, head dim, BM, BN, warps, stages), fp32
+    inputs, causal scaled program."""
+    import triton
+
     from flashfx.ir import ScoreOp, ScoreProgram
 
     kern, d, bm, bn, warps, stages = job
-    program = ScoreProgram((ScoreOp("scale", None, d ** -0.5),), "top_left")
-    fn = getattr(codegen.load(program.encode()), KERNELS[kern])
-    names = fn.arg_names
-    rows = {"QDesc": bm, "dODesc": bm, "KDesc": bn, "VDesc": bn}
-    constexprs = dict(GROUP=1, CAUSAL=1, HEAD_DIM=d, HEAD_DIM_PAD=d, BLOCK_M=bm, BLOCK_N=bn, PRECISION=precision,
-                      TMA=True, FLAT=False, SPLITS=1, PACK=False)
-    constexprs.update({n: 1 for n in names if n.startswith("stride") and n.endswith("d")})  # unit inner strides
-    constexprs = {n: v for n, v in constexprs.items() if n in names}
-    signature = {n: ("constexpr" if n in constexprs else f"tensordesc<fp32[1,1,{rows[n]},{d}]>" if n in rows
-                     else "*fp32" if n in PTRS else "i32") for n in names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in PTRS or n.startswith("stride")}
-    src = ASTSource(fn=fn, signature=signature, attrs=attrs,
-                    constexprs={(names.index(n),): v for n, v in constexprs.items()})
+    program = ScoreProgram((ScoreOp("scale", None, d ** -0.5),), "top_left").encode()
     start = time.time()
     try:
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 128), options=dict(num_warps=warps, num_stages=stages))
+        compiled = compile_sm90(kern, program, d, bm, bn, warps, stages, precision, elt="fp32")
     except Exception as e:  # noqa: BLE001 - a config Triton cannot compile is recorded, not fatal
         return dict(error=f"{type(e).__name__}: {str(e)[:160]}")
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")

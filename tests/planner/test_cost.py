@@ -194,14 +194,18 @@ def test_sram_model_bounds_triton(kernel, cap, D, bm, bn, w, s, shared):
     assert shared <= predicted <= 1.75 * shared
 
 
-def _sweep_rows():
-    """The rows of the H200 sweep (Triton 3.6, sm90: docs/planner_sweep.json)."""
+def _doc(name: str) -> dict:
+    """A JSON file of docs/."""
     import json
     import os
 
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "planner_sweep.json")
-    with open(path) as f:
-        return json.load(f)["rows"]
+    with open(os.path.join(os.path.dirname(__file__), "..", "..", "docs", name)) as f:
+        return json.load(f)
+
+
+def _sweep_rows():
+    """The rows of the H200 sweep (Triton 3.6, sm90: docs/planner_sweep.json)."""
+    return _doc("planner_sweep.json")["rows"]
 
 
 def _sweep_points():
@@ -300,12 +304,7 @@ def test_forward_registers_follow_ptxas():
 def _fp32_register_rows():
     """ptxas's counts for the fp32 kernels in 3xTF32 on sm_90 (Triton 3.6, no device:
     benchmarks/sm90_registers.py, docs/planner_fp32_regs.json)."""
-    import json
-    import os
-
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "planner_fp32_regs.json")
-    with open(path) as f:
-        data = json.load(f)
+    data = _doc("planner_fp32_regs.json")
     assert data["env"]["precision"] == "tf32x3"
     # 4 configs at d=128 got 32 registers and 30-51 KB of spills: ptxas gave up on them
     return [r for r in data["rows"] if r.get("regs") and r["regs"] > 32]

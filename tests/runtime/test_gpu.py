@@ -94,18 +94,22 @@ def _fp32_settings():
     torch.backends.fp32_precision, torch.backends.cuda.matmul.fp32_precision = saved
 
 
+def _set(obj, attr: str, value):
+    return lambda: setattr(obj, attr, value)
+
+
 @pytest.mark.parametrize("setting, want", [
-    (None, "tf32x3"),  # torch's default: IEEE fp32 matmuls
-    ("torch.backends.cuda.matmul.allow_tf32 = True", "tf32"),  # the legacy flag
-    ("torch.set_float32_matmul_precision('high')", "tf32"),
-    ("torch.backends.cuda.matmul.fp32_precision = 'tf32'", "tf32"),  # the new API, which makes
-    ("torch.backends.fp32_precision = 'tf32'", "tf32"),               # reading allow_tf32 raise
-    ("torch.backends.cuda.matmul.fp32_precision = 'ieee'", "tf32x3"),
-])
+    (lambda: None, "tf32x3"),  # torch's default: IEEE fp32 matmuls
+    (_set(torch.backends.cuda.matmul, "allow_tf32", True), "tf32"),  # the legacy flag
+    (lambda: torch.set_float32_matmul_precision("high"), "tf32"),
+    (_set(torch.backends.cuda.matmul, "fp32_precision", "tf32"), "tf32"),  # the new API, which makes
+    (_set(torch.backends, "fp32_precision", "tf32"), "tf32"),               # reading allow_tf32 raise
+    (_set(torch.backends.cuda.matmul, "fp32_precision", "ieee"), "tf32x3"),
+], ids=["default", "allow_tf32", "set_float32_matmul_precision", "matmul.fp32_precision",
+        "backends.fp32_precision", "ieee"])
 def test_fp32_products_follow_the_users_tf32_setting(_fp32_settings, setting, want):
     torch.backends.fp32_precision = torch.backends.cuda.matmul.fp32_precision = "none"
-    if setting:
-        exec(setting)
+    setting()
     q = torch.randn(1, 1, 4, 16)
     assert gpu._precision(q) == want
     assert gpu._precision(q.half()) == gpu._precision(q.bfloat16()) == "tf32"  # ignored there
