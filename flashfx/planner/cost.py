@@ -45,6 +45,10 @@ measured points):
         fwd   e·d·(BM + max(S-1, 1)·2·BN) + e·BM·BN           upper bound, exact at 32x32
         dq    e·d·(2·BM + max(S-1, 1)·2·BN) + e·BM·BN         upper bound, exact at 32x32
         dkdv  e·d·(2·BN + max(S-1, 1)·2·BM) + e·BM·BN + S·12·BM   within 2% above
+    3xTF32 (fp32 inputs, Shape.products = 3) on sm90 stages each wgmma operand's TF32
+    remainder beside it (sram_split; Triton 3.6, docs/planner_fp32_regs.json): the forward
+    adds e·BM·d (Q), dQ 2·e·BM·d (Q, dO), dK/dV 2·e·BN·d + e·BM·BN (K, V, one more staged
+    [BM, BN] tile); an upper bound on all 128 configs there, within 4 KB where BM, BN ≥ 64
 
 Score operands (biases, masks) are loaded as [BM, BN] tiles inside the loop, and Triton
 pipelines those loads through SRAM like the streamed tiles: every kernel adds S·BM·BN·X
@@ -91,6 +95,7 @@ class KernelModel:
     regs: sp.Expr  # 32-bit registers per thread (wgmma; mma.sync adds held operands)
     regs_held: sp.Expr  # registers per thread the held operand tiles add on mma.sync
     regs_split: sp.Expr  # registers per thread 3xTF32 adds: each operand's TF32 remainder
+    sram_split: sp.Expr  # bytes of shared memory 3xTF32 adds on sm90+: remainders staged for wgmma
     tile_bytes: sp.Expr  # memory -> SRAM traffic per (batch, query head)
     compulsory: sp.Expr  # inputs read once and outputs written once per (batch, query head)
     alu_per_score: int  # fp32 operations per score element besides the MMAs (calibrated)
@@ -111,6 +116,8 @@ _stats = 12
 # Tiles read through tensor descriptors (sm90+) land in 1024-byte-aligned swizzled buffers with
 # an mbarrier per stage: Triton 3.6 measured up to 1024 bytes above the tiles themselves.
 _tma = 1024
+_wg_m = sp.Min(sp.Max(BM - 63, 0), 1)  # 1 when BM >= 64: the BM-row products run as wgmma
+_wg_n = sp.Min(sp.Max(BN - 63, 0), 1)  # 1 when BN >= 64
 
 FWD = KernelModel(
     "fwd", 2, 0,
@@ -119,6 +126,7 @@ FWD = KernelModel(
     regs=(BM * d + BM * BN) / T + 62,  # least squares over the sweeps' unspilled configs
     regs_held=e * BM * d / (4 * T),
     regs_split=(BM * d + 2 * BN * d + BM * BN) / T,  # Q, K, V, P
+    sram_split=_wg_m * e * BM * d,  # Q's remainder
     tile_bytes=e * d * (2 * Nq + 2 * rho * Nk * sp.ceiling(Nq / BM)) + 8 * Nq + rho * Nq * Nk * X,
     compulsory=e * d * (2 * Nq + 2 * Nk / G) + 8 * Nq,
     alu_per_score=6,
@@ -140,6 +148,8 @@ DKDV = KernelModel(
     regs=(2 * BN * d + 3 * BM * BN) / T + 80,
     regs_held=2 * e * BN * d / (4 * T),
     regs_split=2 * (BM * d + BN * d + BM * BN) / T,  # Q, dO, K, V, P, dS
+    # K's and V's remainders and a second staged [BM, BN] tile; upper bound below 64 keys
+    sram_split=_wg_n * 2 * e * BN * d + (1 - _wg_n) * e * BM * d + e * BM * BN,
     tile_bytes=4 * e * Nk * d / G + rho * Nq * sp.ceiling(Nk / BN) * (2 * e * d + _stats) + rho * Nq * Nk * X,
     compulsory=e * d * (2 * Nq + 4 * Nk / G) + _stats * Nq,
     alu_per_score=10,
@@ -151,6 +161,8 @@ DQ = KernelModel(
     regs=(BM * d + 3 * BM * BN) / T + 56,
     regs_held=2 * e * BM * d / (4 * T),
     regs_split=(2 * BM * d + 2 * BN * d + BM * BN) / T,  # Q, dO, K, V, dS
+    # Q's and dO's remainders; one [BM, d] tile when no product runs as wgmma
+    sram_split=_wg_m * 2 * e * BM * d + (1 - _wg_m) * (1 - _wg_n) * e * BM * d,
     # Q, dO and O read (O once, for Δ), dQ written
     tile_bytes=e * d * (4 * Nq + 2 * rho * Nk * sp.ceiling(Nq / BM)) + _stats * Nq + rho * Nq * Nk * X,
     compulsory=e * d * (4 * Nq + 2 * Nk / G) + _stats * Nq,
@@ -344,7 +356,10 @@ def predict(kernel: str, shape: Shape, gpu: GPU, block_m: int, block_n: int, war
     vals = dict(Nq=shape.n_q, Nk=shape.n_k, d=shape.head_dim, BM=block_m, BN=block_n,
                 e=shape.elt, rho=r, G=shape.group, S=stages, T=threads, X=shape.operand_bytes,
                 M=gpu.smem_per_sm / shape.elt)
-    sram = int(evaluate(kernel, "sram_wgmma" if a.wgmma else "sram_mma", **vals))
+    sram = evaluate(kernel, "sram_wgmma" if a.wgmma else "sram_mma", **vals)
+    if shape.products > 1 and a.wgmma:
+        sram += evaluate(kernel, "sram_split", **vals)
+    sram = int(sram)
     regs = evaluate(kernel, "regs", **vals) + (0 if a.wgmma else evaluate(kernel, "regs_held", **vals))
     if shape.products > 1:
         regs += evaluate(kernel, "regs_split", **vals)
