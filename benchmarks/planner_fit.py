@@ -60,7 +60,7 @@ class Case:
     label: str
     n: int
     shape: cost.Shape
-    measured: dict  # kernel -> {(bm, bn, w, s): us}
+    measured: dict  # kernel -> {(bm, bn, w, s): us}, dK/dV keys down {(bm, bn, w, s, True): us}
 
 
 def load(path: str) -> tuple[list[Case], hardware.GPU]:
@@ -80,7 +80,7 @@ def load(path: str) -> tuple[list[Case], hardware.GPU]:
 
 def choice(kernel: str, case: Case, gpu, cals: dict) -> tuple:
     p = _ranked(kernel, case.shape, gpu, cals[kernel])[0]
-    return (p.block_m, p.block_n, p.num_warps, p.num_stages)
+    return (p.block_m, p.block_n, p.num_warps, p.num_stages) + ((True,) if p.keys_down else ())
 
 
 def score(cases: list[Case], gpu, cals: dict) -> dict:

@@ -6,6 +6,7 @@
     PYTHONPATH=. python3 benchmarks/planner_sweep.py --ns 16384 --shapes 64:16384:mha,128:16384:mha,256:16384:mha \
         --out-dir $OUT --no-doc                                     # long sequences (docs/planner_sweep_long.json)
     PYTHONPATH=. python3 benchmarks/planner_sweep.py --tiny --out-dir /tmp/sweep   # CPU smoke run
+    PYTHONPATH=. python3 benchmarks/planner_sweep.py --replan docs/planner_sweep.json  # after a refit
 
 Acceptance: over 24 shapes the planner's choice reaches >= 95% (median) and >= 90% (minimum) of
 the throughput of the best configuration the search finds, for the forward and for the backward
@@ -157,11 +158,24 @@ def grid(kernel: str, size: str) -> list[Config]:
     else:
         stages = (2, 3, 4) if kernel == "fwd" else (1, 2, 3)
         configs = itertools.product((32, 64, 128), (32, 64, 128), (4, 8), stages)
-    return [c for c in configs if _sound(kernel, *c[:3])]
+    out = [c for c in configs if _sound(kernel, *c[:3])]
+    if kernel == "dkdv" and size == "full":  # keys down the rows: (bm, bn, warps, stages, True)
+        from flashfx.planner import hardware
+        from flashfx.planner.plan import _legal
+
+        h200 = hardware.KNOWN["H200"]
+        out += [(*c, True) for c in itertools.product((16, 32, 64, 128), (64, 128), (4, 8), (2, 3))
+                if _sound(kernel, *c[:3], True) and _legal(kernel, h200, *c[:3], True)]
+    return out
 
 
 def cfg_text(c: Config | None) -> str:
-    return f"{c[0]}x{c[1]} w{c[2]} s{c[3]}" if c else "—"
+    return (f"{c[0]}x{c[1]} w{c[2]} s{c[3]}" + (" kd" if _down(c) else "")) if c else "—"
+
+
+def _down(c) -> bool:
+    """Whether config `c` has dK/dV's tiles keys down the rows (a fifth element, True)."""
+    return len(c) > 4 and bool(c[4])
 
 
 # ---- the planner and its cost model -------------------------------------------------------------
@@ -181,14 +195,15 @@ def planner_plan(shape: Shape, gpu, elt: int, interpret: bool):
 
 def tiles_of(tp, kernel: str) -> Config:
     t = {"fwd": tp.fwd, "dkdv": tp.bwd_dkdv, "dq": tp.bwd_dq}[kernel]
-    return (t.block_m, t.block_n, t.num_warps, t.num_stages)
+    return (t.block_m, t.block_n, t.num_warps, t.num_stages) + ((True,) if getattr(t, "keys_down", False) else ())
 
 
 def with_tiles(tp, kernel: str, cfg: Config):
     """`tp` with one kernel's tiles replaced."""
     from flashfx.planner.plan import KernelTiles
 
-    t = KernelTiles(block_m=cfg[0], block_n=cfg[1], num_warps=cfg[2], num_stages=cfg[3], sram_bytes=0)
+    t = KernelTiles(block_m=cfg[0], block_n=cfg[1], num_warps=cfg[2], num_stages=cfg[3], sram_bytes=0,
+                    **({"keys_down": True} if _down(cfg) else {}))
     field = {"fwd": "fwd", "dkdv": "bwd_dkdv", "dq": "bwd_dq"}[kernel]
     return dataclasses.replace(tp, **{field: t})
 
@@ -204,7 +219,7 @@ def model(kernel: str, shape: Shape, gpu, elt: int, cfg: Config):
 
         s = cost.Shape(n_q=shape.N, n_k=shape.N, head_dim=_pow2_at_least(shape.D), elt=elt,
                        causal=shape.causal, group=shape.group, batch_heads=shape.B * shape.H)
-        return cost.predict(kernel, s, gpu, *cfg)
+        return cost.predict(kernel, s, gpu, *cfg[:4], **({"keys_down": True} if _down(cfg) else {}))
     except Exception as e:  # noqa: BLE001 - the sweep measures without the model, and says so
         if not _model_warned:
             _model_warned.append(1)
@@ -614,7 +629,9 @@ def markdown(result: dict) -> str:
         "## Planner sweep: untuned tiles against exhaustive search",
         "",
         f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}; {env['date']}; "
-        f"`{result['command']}`.",
+        f"`{result['command']}`"
+        + (f"; the planner's choices and predictions redone by `{result['replanned']}`" if result.get("replanned") else "")
+        + ".",
         "",
         f"Grid `{result['args']['grid']}`; ratio = best time / planner time (the planner's share of the "
         f"best throughput), per shape; the backward adds dK/dV and dQ. Each kernel timed alone, median of "
@@ -924,6 +941,34 @@ def sweep(args) -> int:
     return 0
 
 
+def replan(args) -> int:
+    """--replan: a recorded sweep scored again with the current planner (after a calibration
+    fit or a model change): each shape's choices and every config's predicted time are redone,
+    the measured times kept; the result is written as a final sweep."""
+    from flashfx.planner import hardware
+
+    with open(args.replan) as f:
+        result = json.load(f)
+    gpu = hardware.lookup(result["env"]["gpu"]) or hardware.KNOWN["H200"]
+    for row in result["rows"]:
+        s = Shape(row["D"], row["N"], row["B"], row["H"], row["Hk"], row["causal"])
+        tp, _ = planner_plan(s, gpu, 2, False)
+        row["plan"] = tp.summary()
+        for kernel, unit in row["units"].items():
+            unit["planner"] = list(tiles_of(tp, kernel))
+            for c in unit["configs"]:
+                c["pred_us"] = to_us(getattr(model(kernel, s, gpu, 2, tuple(c["cfg"])), "time_s", None))
+            row["kernels"][kernel] = kernel_result(unit, tp, kernel)
+        finish_row(row)
+    result["summary"] = summary(result["rows"], result["summary"].get("shapes_wanted", len(result["rows"])))
+    result["replanned"] = " ".join(["PYTHONPATH=. python3 benchmarks/planner_sweep.py", *args.argv])
+    args.out_dir = args.out_dir or (None if result["env"].get("device") == "cuda" else scratch_dir(args))
+    dirs = write(result, args, final=True)
+    print(f"replanned {len(result['rows'])} shapes; wrote under {', '.join(dirs)}")
+    print(markdown(result))
+    return 0
+
+
 def _fill(result, rows, compiled_all, units, pool, args, clock, wanted):
     infos = [i for c in compiled_all.values() for i in c.values()]
     result["compile"] = {
@@ -957,10 +1002,14 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="CPU smoke run under TRITON_INTERPRET=1 (times mean nothing)")
     p.add_argument("--out-dir", default=None, help="write results here, not to docs/")
     p.add_argument("--no-doc", action="store_true", help="do not write docs/")
+    p.add_argument("--replan", default=None, metavar="JSON",
+                   help="no GPU: score a recorded sweep again with the current planner, and rewrite it")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.dry_run:
         return dry_run(args)
+    if args.replan:
+        return replan(args)
     if args.jobs is None:
         args.jobs = 0 if args.tiny else max(1, min(DEFAULT_JOBS, (os.cpu_count() or 2) - 2))
     if args.tiny:

@@ -33,11 +33,16 @@ def test_sweep_filters():
                                              "D=64 N=16384 causal MHA", "D=64 N=16384 full MHA"]
     assert all(s.B == 1 for s in long)
     # 3 x 3 blocks x 2 warps x 3 stages, less 8-warp tiles with a dot under 128 rows, and
-    # for dK/dV less 32-row Q tiles under wider key blocks (wrong results, plan._sound)
+    # for dK/dV less 32-row Q tiles under wider key blocks (wrong results, plan._sound); dK/dV
+    # adds its keys-down tiles, whose dots all have the BN rows: BN 64 with 4 warps, 128 with
+    # 4 or 8, BM 16..128, 2 or 3 stages
     assert len(planner_sweep.grid("fwd", "full")) == len(planner_sweep.grid("dq", "full")) == 36
-    assert len(planner_sweep.grid("dkdv", "full")) == 24
-    assert all(c[2] == 4 or min(c[:2]) == 128 for c in planner_sweep.grid("dkdv", "full"))
-    assert not any(c[0] == 32 and c[1] > 32 for c in planner_sweep.grid("dkdv", "full"))
+    dkdv = planner_sweep.grid("dkdv", "full")
+    down = [c for c in dkdv if planner_sweep._down(c)]
+    assert len(dkdv) - len(down) == 24 and len(down) == 24
+    assert all(c[2] == 4 or min(c[:2]) == 128 for c in dkdv if not planner_sweep._down(c))
+    assert not any(c[0] == 32 and c[1] > 32 for c in dkdv if not planner_sweep._down(c))
+    assert all(c[1] >= 16 * c[2] for c in down) and {c[0] for c in down} == {16, 32, 64, 128}
     assert len(planner_sweep.grid("dkdv", "small")) == 10
 
 

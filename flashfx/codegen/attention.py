@@ -34,6 +34,7 @@ zero-fills rows past N and columns past D), else through masked pointer loads.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import re
@@ -90,7 +91,25 @@ def _operand_params(n: int) -> tuple[str, str]:
     return ptrs, strides
 
 
-def _load_operand(i: int, operand: int, d: "scoreops.ScoreOpDef", h: str = "h") -> list[str]:
+@dataclasses.dataclass(frozen=True)
+class _Axes:
+    """How a score tile lies: the broadcast query and key positions, and the suffix that
+    spreads a per-query vector (row statistics, Δ) over the tile."""
+
+    m: str
+    n: str
+    per_query: str
+
+
+# [BM, BN], queries down the rows: every kernel's score tiles, and dK/dV's when not KEYS_DOWN
+_QK = _Axes("offs_m[:, None]", "offs_n[None, :]", "[:, None]")
+# [BN, BM], keys down the rows: dK/dV with KEYS_DOWN computes K·Qᵀ, so P and dS come out of
+# their products in the layout dV += P·dO and dK += dS·Q take them in, and never pass through
+# shared memory to be transposed (the plan chooses: KernelTiles.keys_down)
+_KQ = _Axes("offs_m[None, :]", "offs_n[:, None]", "[None, :]")
+
+
+def _load_operand(i: int, operand: int, d: "scoreops.ScoreOpDef", h: str = "h", ax: _Axes = _QK) -> list[str]:
     """Load operand tile x{i} at (offs_m, offs_n), broadcast by its strides (0 on broadcast dims).
     `h`: the query head (a scalar, or a [BM, 1] column in a forward tile packing a GQA group).
 
@@ -101,34 +120,34 @@ def _load_operand(i: int, operand: int, d: "scoreops.ScoreOpDef", h: str = "h") 
     other = repr(float(d.pad)) if kind == "float" else "0"
     return [
         f"x{i} = tl.load(X{operand} + b * sx{operand}_b + {h} * sx{operand}_h"
-        f" + offs_m[:, None] * sx{operand}_m + offs_n[None, :] * sx{operand}_n,"
+        f" + {ax.m} * sx{operand}_m + {ax.n} * sx{operand}_n,"
         f" mask=in_tile, other={other})",
         f"x{i} = x{i}.to(tl.float32)" if kind == "float" else f"x{i} = x{i} != 0",
     ]
 
 
-def _program_lines(ops: list[tuple], var: str, h: str = "h") -> list[str]:
+def _program_lines(ops: list[tuple], var: str, h: str = "h", ax: _Axes = _QK) -> list[str]:
     """Lines that apply the program's ops to the fp32 scores in `var`."""
     lines = []
     for i, (name, operand, const) in enumerate(ops):
         d = scoreops.get(name)
         if operand is not None:
-            lines += _load_operand(i, operand, d, h)
+            lines += _load_operand(i, operand, d, h, ax)
         lines.append(f"{var} = " + _subst(d.triton, s=var, x=f"x{i}", c=const))
     return lines
 
 
-def _mask_lines(prog: ScoreProgram, var: str, masked: bool) -> list[str]:
+def _mask_lines(prog: ScoreProgram, var: str, masked: bool, ax: _Axes = _QK) -> list[str]:
     if not masked:
         return []
     lines = ["visible = in_tile"]
     if prog.causal:
-        lines.append("visible = visible & (offs_n[None, :] <= offs_m[:, None] + DIAG)")
+        lines.append(f"visible = visible & ({ax.n} <= {ax.m} + DIAG)")
     lines.append(f"{var} = tl.where(visible, {var}, float('-inf'))")
     return lines
 
 
-def _grad_lines(ops: list[tuple], folded: bool, grad_operands: tuple = ()) -> list[str]:
+def _grad_lines(ops: list[tuple], folded: bool, grad_operands: tuple = (), ax: _Axes = _QK) -> list[str]:
     """Lines that turn g = dL/d(program output, natural units) into dL/d(raw scores) `g`.
 
     The value each op saw is recomputed forward (s0 = raw scores, s1, ...), then the ops'
@@ -141,7 +160,7 @@ def _grad_lines(ops: list[tuple], folded: bool, grad_operands: tuple = ()) -> li
         d = scoreops.get(name)
         c = const / LOG2E if (folded and i == 0) else const  # undo the log2(e) fold
         if operand is not None:
-            lines += _load_operand(i, operand, d)
+            lines += _load_operand(i, operand, d, ax=ax)
         lines.append(f"s{i + 1} = " + _subst(d.triton, s=f"s{i}", x=f"x{i}", c=c))
         chain.append((d, i, c))
     seen = set()
@@ -155,8 +174,8 @@ def _grad_lines(ops: list[tuple], folded: bool, grad_operands: tuple = ()) -> li
             seen.add(o)
         lines.append("g = " + _subst(d.triton_grad, g="g", s=f"s{i}", x=f"x{i}", c=c))
     for o in sorted(seen):
-        lines.append(f"tl.store(DX{o} + b * sdx{o}_b + h * sdx{o}_h + offs_m[:, None] * sdx{o}_m"
-                     f" + offs_n[None, :] * sdx{o}_n, dx{o}, mask=in_tile)")
+        lines.append(f"tl.store(DX{o} + b * sdx{o}_b + h * sdx{o}_h + {ax.m} * sdx{o}_m"
+                     f" + {ax.n} * sdx{o}_n, dx{o}, mask=in_tile)")
     return lines
 
 
@@ -293,11 +312,11 @@ def _group_run(start: str, count: str, body: str) -> str:
     ])
 
 
-def _keep_lines(bh: str) -> list[str]:
+def _keep_lines(bh: str, ax: _Axes = _QK) -> list[str]:
     """`keep`: which probabilities of this tile dropout keeps, from a counter-based RNG (Philox)
     at the score's global index, so the backward regenerates exactly the forward's mask."""
     return [
-        f"rng = ({bh} * N_Q + offs_m[:, None]).to(tl.int64) * N_K + offs_n[None, :]",
+        f"rng = ({bh} * N_Q + {ax.m}).to(tl.int64) * N_K + {ax.n}",
         "keep = tl.rand(seed, rng) >= P_DROP",
     ]
 
@@ -333,37 +352,60 @@ def _bwd_step(prog, ops, folded, masked: bool, want: str, grad_operands: tuple =
             "k = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_ok, other=0.0)",
             "v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_ok, other=0.0)",
         ])
+    if want == "dq":
+        return _block(lines + _bwd_scores(prog, ops, folded, masked, want, grad_operands), 8)
+    # dK/dV: the plan orients the tiles (KEYS_DOWN, a compile-time argument: one branch compiles)
+    kd, qd = (_bwd_scores(prog, ops, folded, masked, want, keys_down=x) for x in (True, False))
+    lines += ["if KEYS_DOWN:", *("    " + x for x in kd), "else:", *("    " + x for x in qd)]
+    return _block(lines, 8)
+
+
+def _bwd_scores(prog, ops, folded, masked: bool, want: str, grad_operands: tuple = (),
+                keys_down: bool = False) -> list[str]:
+    """A backward tile's products and score program, its blocks loaded. keys_down (dK/dV only):
+    the tile is [BN, BM], computed as K·Qᵀ, so P and dS feed dV and dK from registers."""
+    lazy = _lazy_scale(ops, folded)
     dkdv = want == "dkdv"
-    lines += ["qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BM, BN] fp32",
-              "in_tile = m_ok[:, None] & n_ok[None, :]",
-              "s = qk"]
-    lines += _program_lines(ops[1:] if lazy else ops, "s")
-    lines += _mask_lines(prog, "s", masked)
+    kq = dkdv and keys_down
+    lines = []
+    ax = _KQ if kq else _QK
+    r = ax.per_query
+    if kq:
+        lines += ["qk = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # [BN, BM] fp32: keys down the rows",
+                  "in_tile = n_ok[:, None] & m_ok[None, :]"]
+    else:
+        lines += ["qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [BM, BN] fp32",
+                  "in_tile = m_ok[:, None] & n_ok[None, :]"]
+    lines.append("s = qk")
+    lines += _program_lines(ops[1:] if lazy else ops, "s", ax=ax)
+    lines += _mask_lines(prog, "s", masked, ax)
     if lazy:  # infinite masks only: no finfo.min rows, so rowmax + logsum loses nothing
-        lines.append(f"p = tl.exp2(s * {lazy!r} - lse[:, None])  # recomputed probabilities")
+        lines.append(f"p = tl.exp2(s * {lazy!r} - lse{r})  # recomputed probabilities")
     else:
         lines += [
             "# recomputed probabilities: exp(s - rowmax) / exp(logsum), never exp(s - lse), which",
             "# loses logsum when the row max is huge (a row of finfo.min fills: uniform weights)",
-            f"p = tl.exp2({_log2_units('s - rowmax[:, None]', folded)} - logsum[:, None])",
+            f"p = tl.exp2({_log2_units(f's - rowmax{r}', folded)} - logsum{r})",
         ]
-    lines.append("dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BM, BN]")
+    lines.append("dp = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # [BN, BM]" if kq else
+                 "dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BM, BN]")
     if prog.dropout:  # out = (p ∘ keep / (1 - P)) v: the mask and scale sit between p and v
-        lines += _keep_lines("bh" if dkdv else "pid_bh") + ["dp = tl.where(keep, dp * KEEP_SCALE, 0.0)"]
+        lines += _keep_lines("bh" if dkdv else "pid_bh", ax) + ["dp = tl.where(keep, dp * KEEP_SCALE, 0.0)"]
         if dkdv:
             lines.append("pv = tl.where(keep, p * KEEP_SCALE, 0.0)  # what multiplied v")
-    lines.append("g = p * (dp - delta[:, None])  # dL/d(softmax input), natural units")
+    lines.append(f"g = p * (dp - delta{r})  # dL/d(softmax input), natural units")
     if not lazy:  # (lazy: masked scores have g = 0 already; the scale multiplies dK, dQ once)
         # operand gradients come from the dQ kernel only: it visits each score exactly once
-        lines += _grad_lines(ops, folded, () if dkdv else grad_operands)
+        lines += _grad_lines(ops, folded, () if dkdv else grad_operands, ax)
     if dkdv:
+        t = (lambda x: x) if kq else (lambda x: f"tl.trans({x})")
         lines += [
-            "dv = tl.dot(tl.trans({}.to(do.dtype)), do, dv, input_precision=PRECISION)".format("pv" if prog.dropout else "p"),
-            "dk = tl.dot(tl.trans(g.to(q.dtype)), q, dk, input_precision=PRECISION)",
+            "dv = tl.dot({}, do, dv, input_precision=PRECISION)".format(t(("pv" if prog.dropout else "p") + ".to(do.dtype)")),
+            "dk = tl.dot({}, q, dk, input_precision=PRECISION)".format(t("g.to(q.dtype)")),
         ]
     else:
         lines += ["dq = tl.dot(g.to(k.dtype), k, dq, input_precision=PRECISION)"]
-    return _block(lines, 8)
+    return lines
 
 
 _FWD = '''
@@ -522,6 +564,7 @@ def _attn_bwd_dkdv(
     PRECISION: tl.constexpr,
     TMA: tl.constexpr,            # Q, dO tiles through QDesc, dODesc
     FLAT: tl.constexpr,           # one loop over (group head, query block) pairs, else nested loops
+    KEYS_DOWN: tl.constexpr,      # tiles [BN, BM] (K·Qᵀ), else [BM, BN] (Q·Kᵀ): see _bwd_scores
 ):
     # One program owns keys n0..n0+BN of one K/V head and sums over every query head of its
     # group and every query block: dK and dV are written once, no atomics (deterministic).

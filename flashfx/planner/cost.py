@@ -154,6 +154,23 @@ DKDV = KernelModel(
     compulsory=e * d * (2 * Nq + 4 * Nk / G) + _stats * Nq,
     alu_per_score=10,
 )
+# dK/dV with keys down the rows (KEYS_DOWN: [BN, BM] tiles, K·Qᵀ): all four products have the
+# held block's BN rows, and P and dS feed dV and dK from registers, so no [BM, BN] tile is
+# staged in SRAM. ptxas on sm_90 (Triton 3.6, bf16; docs/planner_dkdv_regs.json): registers
+# (2·BN·d + 4·BM·BN)/T + 48 over the unspilled configs; the SRAM is the queries-down kernel's
+# without the staged tile.
+DKDV_KD = KernelModel(
+    "dkdv_kd", 4, 4,
+    sram_wgmma=(e * d * (2 * BN + S * 2 * BM) + S * _stats * BM + S * BM * BN * X + _tma),
+    sram_mma=DKDV.sram_mma,
+    regs=(2 * BN * d + 4 * BM * BN) / T + BM / 2 + 36,
+    regs_held=DKDV.regs_held,
+    regs_split=2 * (BM * d + BN * d + BM * BN) / T,
+    sram_split=2 * e * BN * d + e * BM * BN,
+    tile_bytes=DKDV.tile_bytes,
+    compulsory=DKDV.compulsory,
+    alu_per_score=DKDV.alu_per_score,
+)
 DQ = KernelModel(
     "dq", 3, 0,
     sram_wgmma=e * d * (2 * BM + S * 2 * BN) + S * BM * BN * X + _tma,
@@ -168,7 +185,7 @@ DQ = KernelModel(
     compulsory=e * d * (4 * Nq + 2 * Nk / G) + _stats * Nq,
     alu_per_score=8,
 )
-KERNELS = {k.name: k for k in (FWD, DKDV, DQ)}
+KERNELS = {k.name: k for k in (FWD, DKDV, DKDV_KD, DQ)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,6 +341,7 @@ class Prediction:
     hbm_bytes: float  # reaching DRAM, whole call
     lower_bound_bytes: float  # Saha-Ye / compulsory, whole call
     fits: bool  # within SRAM and register limits
+    keys_down: bool = False  # dK/dV: [BN, BM] tiles (DKDV_KD)
 
     @property
     def bound_ratio(self) -> float:
@@ -346,23 +364,27 @@ class Shape:
 
 
 def predict(kernel: str, shape: Shape, gpu: GPU, block_m: int, block_n: int, warps: int,
-            stages: int, cal: Calibration | None = None) -> Prediction:
-    """Predicted resources and time of `kernel` with these tiles on `gpu`."""
+            stages: int, cal: Calibration | None = None, keys_down: bool = False) -> Prediction:
+    """Predicted resources and time of `kernel` with these tiles on `gpu` (keys_down: dK/dV
+    with [BN, BM] tiles, DKDV_KD's SRAM, registers and product rows)."""
     cal = cal or calibration(kernel)
-    k = KERNELS[kernel]
+    if keys_down and kernel != "dkdv":
+        raise ValueError(f"keys_down orients dK/dV's tiles; {kernel!r} has one orientation")
+    model = "dkdv_kd" if keys_down else kernel
+    k = KERNELS[model]
     a = gpu.arch
     threads = 32 * warps
     r = density(shape.n_q, shape.n_k, block_m, block_n, shape.causal)
     vals = dict(Nq=shape.n_q, Nk=shape.n_k, d=shape.head_dim, BM=block_m, BN=block_n,
                 e=shape.elt, rho=r, G=shape.group, S=stages, T=threads, X=shape.operand_bytes,
                 M=gpu.smem_per_sm / shape.elt)
-    sram = evaluate(kernel, "sram_wgmma" if a.wgmma else "sram_mma", **vals)
+    sram = evaluate(model, "sram_wgmma" if a.wgmma else "sram_mma", **vals)
     if shape.products > 1 and a.wgmma:
-        sram += evaluate(kernel, "sram_split", **vals)
+        sram += evaluate(model, "sram_split", **vals)
     sram = int(sram)
-    regs = evaluate(kernel, "regs", **vals) + (0 if a.wgmma else evaluate(kernel, "regs_held", **vals))
+    regs = evaluate(model, "regs", **vals) + (0 if a.wgmma else evaluate(model, "regs_held", **vals))
     if shape.products > 1:
-        regs += evaluate(kernel, "regs_split", **vals)
+        regs += evaluate(model, "regs_split", **vals)
     regs = int(math.ceil(regs))
     spilled = max(0, regs - (gpu.max_regs_per_thread - cal.regs_headroom))
     fits = sram <= gpu.smem_per_block and regs <= cal.regs_tolerance * gpu.max_regs_per_thread
@@ -433,4 +455,4 @@ def predict(kernel: str, shape: Shape, gpu: GPU, block_m: int, block_n: int, war
     # heavy spills are ranked (a fallback may need them) but only SRAM overflow is impossible
     time = max(compute_s, memory_s) + cal.launch_s if sram <= gpu.smem_per_block else math.inf
     return Prediction(kernel, block_m, block_n, warps, stages, sram, regs, occ, time,
-                      evaluate(kernel, "flops", **per_head) * shape.batch_heads, tile, hbm, lb, fits)
+                      evaluate(kernel, "flops", **per_head) * shape.batch_heads, tile, hbm, lb, fits, keys_down)

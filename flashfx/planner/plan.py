@@ -39,6 +39,7 @@ class KernelTiles:
     hbm_bytes: float = 0.0  # predicted DRAM bytes (after L2 reuse) for the planned shape
     tile_bytes: float = 0.0  # predicted memory -> SRAM bytes
     lower_bound_bytes: float = 0.0  # Saha-Ye / compulsory I/O lower bound
+    keys_down: bool = False  # dK/dV only: [BN, BM] score tiles (K·Qᵀ), else [BM, BN] (Q·Kᵀ)
 
     @property
     def bound_ratio(self) -> float:
@@ -94,29 +95,34 @@ _WARPS = (4, 8)
 _STAGES = (1, 2, 3, 4)
 
 
-def _dot_rows(kernel: str, bm: int, bn: int) -> tuple[int, ...]:
+def _dot_rows(kernel: str, bm: int, bn: int, keys_down: bool = False) -> tuple[int, ...]:
     """The M (row) sizes of the kernel's tl.dot calls: the forward and dQ kernels multiply
-    [BM, *] tiles only; dK/dV multiplies [BM, *] (QK^T, dO V^T) and [BN, *] (P^T dO, dS^T Q)."""
-    return (bm, bn) if kernel == "dkdv" else (bm,)
+    [BM, *] tiles only; dK/dV multiplies [BM, *] (QK^T, dO V^T) and [BN, *] (P^T dO, dS^T Q),
+    or, keys down, [BN, *] only (K Q^T, V dO^T, P dO, dS Q)."""
+    if kernel == "dkdv":
+        return (bn,) if keys_down else (bm, bn)
+    return (bm,)
 
 
-def _sound(kernel: str, bm: int, bn: int, warps: int) -> bool:
+def _sound(kernel: str, bm: int, bn: int, warps: int, keys_down: bool = False) -> bool:
     """Tiles the kernels compute correctly with. Measured on an H200 (triton 3.6): with 8
     warps, a dot of fewer than 16 rows per warp (a 32-row Q tile in dK/dV) gave wrong dK, so
     8 warps need every dot 128 rows or more; 4 warps are exact from 16 rows up, except dK/dV
     with a 32-row Q tile under a wider key block (32x64, 32x128: relative errors 0.005-0.06
     in two sweeps where every other config stays under 0.003). The Triton interpreter computes
     those tiles exactly (fp32, errors near 4e-7 against fp64), so the fault is in the code Triton
-    3.6 generates for sm90 there, not in the kernel's logic."""
-    if kernel == "dkdv" and bm < 64 and bn > bm:
+    3.6 generates for sm90 there, not in the kernel's logic. Keys down, those tiles are
+    right (32x64 with 4 warps, 32x128 and 64x128 with 8: errors 2.4e-3 as every other config,
+    H200)."""
+    if kernel == "dkdv" and bm < 64 and bn > bm and not keys_down:
         return False
-    return min(_dot_rows(kernel, bm, bn)) >= (128 if warps == 8 else 16)
+    return min(_dot_rows(kernel, bm, bn, keys_down)) >= (128 if warps == 8 else 16)
 
 
-def _legal(kernel: str, gpu: GPU, bm: int, bn: int, warps: int) -> bool:
+def _legal(kernel: str, gpu: GPU, bm: int, bn: int, warps: int, keys_down: bool = False) -> bool:
     """Tile shapes the MMA instructions can use without idle warps: wgmma (sm90+) gives each
     warp group of 4 warps 64 rows; mma.sync gives each warp 16 rows."""
-    rows = min(_dot_rows(kernel, bm, bn))
+    rows = min(_dot_rows(kernel, bm, bn, keys_down))
     return rows >= (16 * warps if gpu.arch.wgmma else 4 * warps)
 
 
@@ -126,9 +132,12 @@ def _ranked(kernel: str, shape: cost.Shape, gpu: GPU, cal: cost.Calibration | No
     spills and for dots too short for the MMA the arch prefers: at d=256 dK/dV no legal shape
     fits the registers, and a 64x32 tile that spills measured 1.04-1.53x faster than 32x32);
     16-row tiles with one or two stages."""
-    grid = [c for c in itertools.product(_BLOCKS, _BLOCKS, _WARPS, _STAGES) if _sound(kernel, *c[:3])]
-    preds = [(cost.predict(kernel, shape, gpu, bm, bn, w, s, cal), _legal(kernel, gpu, bm, bn, w))
-             for bm, bn, w, s in grid]
+    # dK/dV's tiles in both orientations: keys down on wgmma, where it saves the staging, for
+    # 16-bit inputs (what it was measured on)
+    downs = (False, True) if kernel == "dkdv" and gpu.arch.wgmma and shape.elt == 2 else (False,)
+    grid = [c for c in itertools.product(_BLOCKS, _BLOCKS, _WARPS, _STAGES, downs) if _sound(kernel, *c[:3], c[4])]
+    preds = [(cost.predict(kernel, shape, gpu, bm, bn, w, s, cal, keys_down=kd), _legal(kernel, gpu, bm, bn, w, kd))
+             for bm, bn, w, s, kd in grid]
     small = [(cost.predict(kernel, shape, gpu, bm, bn, 4, s, cal), False)
              for bm, bn, s in itertools.product((16, 32), (16, 32), (1, 2))]
     tiers = (
@@ -137,14 +146,14 @@ def _ranked(kernel: str, shape: cost.Shape, gpu: GPU, cal: cost.Calibration | No
         [p for p, legal in small if p.sram_bytes <= gpu.smem_per_block],
     )
     ranked = next((t for t in tiers if t), [])
-    ranked.sort(key=lambda p: (p.time_s, p.sram_bytes, p.num_warps))
+    ranked.sort(key=lambda p: (p.time_s, p.sram_bytes, p.num_warps, p.keys_down))
     return ranked
 
 
 def _tiles(p: cost.Prediction) -> KernelTiles:
     return KernelTiles(p.block_m, p.block_n, p.num_warps, p.num_stages, p.sram_bytes, p.regs,
                        p.time_s if p.time_s != float("inf") else 0.0, p.hbm_bytes, p.tile_bytes,
-                       p.lower_bound_bytes)
+                       p.lower_bound_bytes, p.keys_down)
 
 
 def _shape(head_dim, elem_size, n_q, n_k, causal, group, batch_heads, operand_bytes=0, products=1) -> cost.Shape:

@@ -324,7 +324,8 @@ def backward(dout, q, k, v, out, stats, operands, program: ScoreProgram, tiles: 
         t = p.bwd_dkdv
         dkdv = _launch(kernels._attn_bwd_dkdv, (triton_cdiv(Nk, t.block_n), B * Hk), (q, dout), t.block_m,
                        p.head_dim_pad, **common, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
-                       FLAT=_flat_dkdv(p.head_dim_pad), num_warps=t.num_warps, num_stages=t.num_stages)
+                       FLAT=_flat_dkdv(p.head_dim_pad), KEYS_DOWN=t.keys_down,
+                       num_warps=t.num_warps, num_stages=t.num_stages)
         t = p.bwd_dq
         dq = _launch(kernels._attn_bwd_dq, (triton_cdiv(Nq, t.block_m), B * H), (k, v), t.block_n,
                      p.head_dim_pad, **common, BLOCK_M=t.block_m, BLOCK_N=t.block_n,

@@ -235,7 +235,7 @@ def _entries() -> dict[str, list]:
 def _store(key: str, tiles: KernelTiles) -> None:
     with _lock:
         entries = _entries()
-        entries[key] = [tiles.block_m, tiles.block_n, tiles.num_warps, tiles.num_stages]
+        entries[key] = [tiles.block_m, tiles.block_n, tiles.num_warps, tiles.num_stages, tiles.keys_down]
         try:  # merge with what other processes wrote meanwhile, then replace atomically
             with open(cache_path()) as f:
                 entries = {**json.load(f), **entries}
@@ -285,8 +285,9 @@ def tuned(base: TilePlan, keys: dict[str, str], run: Callable[[TilePlan], None],
     for kernel, key in keys.items():
         hit = _entries().get(key)
         if hit is not None:
-            bm, bn, w, s = hit
-            plan_now = dataclasses.replace(plan_now, **{FIELD[kernel]: KernelTiles(bm, bn, w, s, 0)})
+            bm, bn, w, s, *down = hit  # (entries written before tiles had an orientation: 4 fields)
+            plan_now = dataclasses.replace(plan_now, **{FIELD[kernel]: KernelTiles(bm, bn, w, s, 0,
+                                                                                   keys_down=bool(down and down[0]))})
             continue
         if capturing:
             continue

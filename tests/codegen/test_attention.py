@@ -5,12 +5,14 @@ the `gpu` tests run the same checks on CUDA at larger shapes and in bf16.
 """
 
 import ast
+import dataclasses
 
 import pytest
 import torch
 
 from flashfx.codegen import attention as codegen
 from flashfx.ir import ScoreOp, ScoreProgram
+from flashfx.planner.plan import KernelTiles
 from flashfx.runtime import gpu
 from tests.reference import reference_attention
 
@@ -37,7 +39,7 @@ def _operands(B, H, Nq, Nk, device, gen):
     return [bias, keep]
 
 
-def _run(B, H, Hk, Nq, Nk, D, dtype, prog, device, seed=0):
+def _run(B, H, Hk, Nq, Nk, D, dtype, prog, device, seed=0, dkdv: KernelTiles | None = None):
     gen = torch.Generator().manual_seed(seed)
 
     def randn(*shape):
@@ -50,7 +52,8 @@ def _run(B, H, Hk, Nq, Nk, D, dtype, prog, device, seed=0):
     xs = _operands(B, H, Nq, Nk, device, gen)[: prog.num_operands]
     out, stats = gpu.forward(q, k, v, xs, prog)
     dout = randn(B, H, Nq, D)
-    dq, dk, dv = gpu.backward(dout, q, k, v, out, stats, xs, prog)
+    tiles = None if dkdv is None else dataclasses.replace(gpu.tile_plan(q, k, prog), bwd_dkdv=dkdv)
+    dq, dk, dv = gpu.backward(dout, q, k, v, out, stats, xs, prog, tiles=tiles)
 
     q64, k64, v64 = (x.detach().double().cpu().requires_grad_() for x in (q, k, v))
     ref = reference_attention(q64, k64, v64, [x.cpu() for x in xs], prog)
@@ -109,6 +112,26 @@ def test_interpreted_tile_reads_and_dkdv_loops(monkeypatch, prog, tma, flat):
     monkeypatch.setattr(gpu, "TMA", tma)
     monkeypatch.setattr(gpu, "FLAT_DKDV", flat)
     _run(2, 4, 2, 40, 70, 24, torch.float32, PROGRAMS[prog], "cpu")
+
+
+@pytest.mark.parametrize("tiles", [(16, 32), (32, 16)], ids=lambda t: "x".join(map(str, t)))
+@pytest.mark.parametrize("prog", [*PROGRAMS, *LATE_SCALE])
+def test_interpreted_dkdv_keys_down(prog, tiles):
+    # dK/dV with [BN, BM] tiles (K·Qᵀ): masks, operands, dropout and row statistics read
+    # along the other axis, each with its own ragged edge
+    if torch.cuda.is_available():
+        pytest.skip("covered by the gpu tests")
+    program = {**PROGRAMS, **LATE_SCALE}[prog]
+    _run(2, 4, 2, 40, 70, 24, torch.float32, program, "cpu", dkdv=KernelTiles(*tiles, 4, 1, 0, keys_down=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tiles", [(32, 64, 4, 3), (64, 64, 4, 2), (32, 128, 8, 3)], ids=str)
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("prog", [*PROGRAMS, "scale_keep"])
+def test_gpu_dkdv_keys_down(prog, D, tiles):
+    program = {**PROGRAMS, **LATE_SCALE}[prog]
+    _run(2, 4, 2, 300, 257, D, torch.bfloat16, program, "cuda", dkdv=KernelTiles(*tiles, 0, keys_down=True))
 
 
 @pytest.mark.parametrize("splits", [2, 3])
@@ -222,9 +245,10 @@ def test_scale_only_program_folds_log2e():
     assert f"tl.max(s, 1) * {c!r}" in fwd and f"p = tl.exp2(s * {c!r} - m_use[:, None])" in fwd
     assert "s = s *" not in fwd
     # the backward has no per-score derivative lines; dK and dQ are scaled once at the end
-    for kernel in ("_attn_bwd_dkdv", "_attn_bwd_dq"):
+    for kernel, per_query in (("_attn_bwd_dkdv", ("[None, :]", "[:, None]")), ("_attn_bwd_dq", ("[:, None]",))):
         body = src.split(f"def {kernel}(")[1].split("@triton.jit")[0]
-        assert f"p = tl.exp2(s * {c!r} - lse[:, None])" in body
+        for axis in per_query:  # dK/dV: keys down the rows, and queries down
+            assert f"p = tl.exp2(s * {c!r} - lse{axis})" in body
         assert "g = g *" not in body and body.count(f"* {0.3!r}  # the scale's derivative") == 1
     # a negative scale does not commute with the row max: applied per score as written
     src = codegen.emit(LATE_SCALE["neg_scale_causal"])

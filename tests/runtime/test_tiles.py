@@ -10,6 +10,7 @@ import flashfx
 from flashfx import config
 from flashfx.ir import ScoreOp, ScoreProgram
 from flashfx.planner import hardware
+from flashfx.planner.plan import KernelTiles
 from flashfx.runtime import tiles as tiling
 
 CUDA = torch.device("cuda")  # planning only: nothing is allocated on it
@@ -61,7 +62,7 @@ def test_autotune_measures_once_then_reads_the_cache(cache, monkeypatch):
     entries = json.loads(cache.read_text())
     kinds = sorted(key.split("|")[1] for key in entries)
     assert kinds == ["dkdv", "dq", "fwd"]
-    assert all(tuple(t) in {(c.block_m, c.block_n, c.num_warps, c.num_stages)
+    assert all(tuple(t) in {(c.block_m, c.block_n, c.num_warps, c.num_stages, c.keys_down)
                             for c in tiling.INTERPRETER_CANDIDATES} for t in entries.values())
 
     # a fresh process (memory cleared) reads the file and measures nothing
@@ -95,7 +96,27 @@ def test_a_candidate_that_fails_loses(cache, monkeypatch):
     got = tiling.tuned(base, {"fwd": "key|fwd"}, run, lambda kernel: [bad, good], q.device)
     assert got.fwd == good
     assert json.loads(cache.read_text()) == {"key|fwd": [good.block_m, good.block_n, good.num_warps,
-                                                         good.num_stages]}
+                                                         good.num_stages, False]}
+
+
+def test_cached_dkdv_winner_keeps_its_orientation(cache):
+    # a keys-down dK/dV winner is read back keys down; entries written before tiles had an
+    # orientation (four fields) read as queries down
+    q, k, v = _qkv()
+    program = ScoreProgram((), None, autotune=True)
+    base = tiling.for_call(q, k, program)
+    down = KernelTiles(16, 32, 4, 1, 0, keys_down=True)
+    got = tiling.tuned(base, {"dkdv": "key|dkdv"}, lambda plan: None, lambda kernel: [down], q.device)
+    assert got.bwd_dkdv.keys_down
+    tiling.clear_memory()
+    again = tiling.tuned(base, {"dkdv": "key|dkdv"}, lambda plan: pytest.fail("measured again"),
+                         lambda kernel: [], q.device)
+    assert (again.bwd_dkdv.block_m, again.bwd_dkdv.block_n, again.bwd_dkdv.keys_down) == (16, 32, True)
+    cache.write_text(json.dumps({"old|dkdv": [16, 16, 4, 1]}))
+    tiling.clear_memory()
+    old = tiling.tuned(base, {"dkdv": "old|dkdv"}, lambda plan: pytest.fail("measured again"),
+                       lambda kernel: [], q.device)
+    assert (old.bwd_dkdv.block_m, old.bwd_dkdv.keys_down) == (16, False)
 
 
 def test_backend_option_marks_sites_for_tuning(cache):
