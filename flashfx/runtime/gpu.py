@@ -220,9 +220,8 @@ _RECIPES_MAX = 1024
 
 
 def _signature(kind: str, program: ScoreProgram, tensors, operands, extra=()) -> tuple | None:
-    """What fixes a call's launches; None when they are chosen per call (autotuning)."""
-    if program.autotune:
-        return None
+    """What fixes a call's launches. A tuned program's too: its first call tunes (or reads the
+    tuning cache) and its launches are kept like any other's (see _planned)."""
     q = tensors[0]
     return (kind, program, extra, q.dtype, q.device, tiling._margins_version,
             hardware.chosen_by_user(), TMA, FLAT_DKDV, DIRECT_LAUNCH, GQA_PACK, os.environ.get("FLASHFX_TMA"),
@@ -245,7 +244,9 @@ def _planned(key, make: Callable[[TilePlan], tuple], run: Callable[[tuple], obje
         return result
 
     result = tiling.run_planned(attempt, q, k, program, operands, kernels, wanted)
-    if key is not None:
+    # under CUDA graph capture tuning measures nothing (tiles.tuned): keep no untuned launches
+    unsettled = program.autotune and q.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if key is not None and not unsettled:
         if len(_recipes) >= _RECIPES_MAX:
             _recipes.clear()
         _recipes[key] = made[-1]

@@ -74,15 +74,26 @@ def test_settings_that_steer_launches_are_part_of_the_signature(monkeypatch):
     assert len(calls) == 8
 
 
-def test_autotuned_programs_choose_per_call(monkeypatch, tmp_path):
+def test_autotuned_programs_tune_once_then_reuse_the_launches(monkeypatch, tmp_path):
+    # the first call tunes (measuring each candidate); later calls of the signature launch the
+    # winner as kept, with no planning or cache lookup on the way
     monkeypatch.setenv("FLASHFX_CACHE_DIR", str(tmp_path))
     tiling.clear_memory()
     calls = _planning_calls(monkeypatch)
+    measured = []
+    real = tiling._seconds
+    monkeypatch.setattr(tiling, "_seconds", lambda run, device: measured.append(1) or real(run, device))
     tuned = ScoreProgram(PROG.ops, PROG.causal, autotune=True)
     q, k, v, _ = _qkvd(0)
-    for _ in range(2):
-        gpu.forward(q, k, v, [], tuned)
-    assert len(calls) == 2 and not gpu._recipes
+    first = gpu.forward(q, k, v, [], tuned)[0]
+    assert len(calls) == 1 and len(measured) == len(tiling.INTERPRETER_CANDIDATES) and len(gpu._recipes) == 1
+    for seed in (1, 2):
+        q, k, v, _ = _qkvd(seed)
+        out = gpu.forward(q, k, v, [], tuned)[0]
+        ref = reference_attention(*(x.double() for x in (q, k, v)), [], PROG)
+        assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-5
+    assert len(calls) == 1 and len(measured) == len(tiling.INTERPRETER_CANDIDATES)
+    assert first.shape == out.shape
     tiling.clear_memory()
 
 
