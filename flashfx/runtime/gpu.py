@@ -219,7 +219,7 @@ _recipes: dict[tuple, tuple] = {}
 _RECIPES_MAX = 1024
 
 
-def _signature(kind: str, program: ScoreProgram, tensors, operands, extra=()) -> tuple | None:
+def _signature(kind: str, program: ScoreProgram, tensors, operands, extra=()) -> tuple:
     """What fixes a call's launches. A tuned program's too: its first call tunes (or reads the
     tuning cache) and its launches are kept like any other's (see _planned)."""
     q = tensors[0]
@@ -232,7 +232,7 @@ def _signature(kind: str, program: ScoreProgram, tensors, operands, extra=()) ->
 def _planned(key, make: Callable[[TilePlan], tuple], run: Callable[[tuple], object], q, k, program, operands,
              kernels: tuple[str, ...], wanted: str = ""):
     """run(launches) with this signature's launches, made from the plan on the first call."""
-    recipe = _recipes.get(key) if key is not None else None
+    recipe = _recipes.get(key)
     if recipe is not None:
         return run(recipe)
     made = []
@@ -246,7 +246,7 @@ def _planned(key, make: Callable[[TilePlan], tuple], run: Callable[[tuple], obje
     result = tiling.run_planned(attempt, q, k, program, operands, kernels, wanted)
     # under CUDA graph capture tuning measures nothing (tiles.tuned): keep no untuned launches
     unsettled = program.autotune and q.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    if key is not None and not unsettled:
+    if not unsettled:
         if len(_recipes) >= _RECIPES_MAX:
             _recipes.clear()
         _recipes[key] = made[-1]
