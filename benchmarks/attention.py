@@ -2,6 +2,7 @@
 
     python benchmarks/attention.py              # every shape, fwd and fwd+bwd
     python benchmarks/attention.py --quick      # two shapes, a smoke run
+    python benchmarks/attention.py --variants flashfx,flashfx-tuned,cudnn,flex --shapes 128:4096
 
 flashfx compiles attention the way users write it:
     softmax(q @ k.transpose(-2, -1) * scale [masked_fill(causal, -inf)], dim=-1) @ v
@@ -38,7 +39,8 @@ if ROOT not in sys.path:
 from benchmarks import plots  # noqa: E402
 
 SHAPES = [(D, N, causal) for D in (64, 128) for N in (1024, 4096, 16384) for causal in (False, True)]
-VARIANTS = ["flashfx", "cudnn", "flash", "flex", "eager"]
+VARIANTS = ["flashfx", "flashfx-tuned", "cudnn", "flash", "flex", "eager"]
+DEFAULT_VARIANTS = [v for v in VARIANTS if v != "flashfx-tuned"]
 
 
 def naive_attention(q, k, v, causal: bool):  # q, k, v: [B, H, N, D]
@@ -55,6 +57,10 @@ def make_variants(backend: str):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     compiled = {c: torch.compile(lambda q, k, v, c=c: naive_attention(q, k, v, c), backend=backend) for c in (False, True)}
+    # flashfx with options={"autotune": True}: the first call of a site times the planner's top
+    # candidates of each kernel (both dK/dV orientations among them) and keeps the fastest
+    tuned = {c: torch.compile(lambda q, k, v, c=c: naive_attention(q, k, v, c), backend="flashfx",
+                              options={"autotune": True}) for c in (False, True)}
     flex = torch.compile(flex_attention)
     block_masks = {}
 
@@ -75,6 +81,7 @@ def make_variants(backend: str):
 
     return {
         "flashfx": lambda q, k, v, causal: compiled[causal](q, k, v),
+        "flashfx-tuned": lambda q, k, v, causal: tuned[causal](q, k, v),
         "cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
         "flash": sdpa(SDPBackend.FLASH_ATTENTION),
         "flex": flex_run,
@@ -291,7 +298,8 @@ def main():
     p.add_argument("--quick", action="store_true", help="two shapes only")
     p.add_argument("--modes", default="fwd,fwdbwd")
     p.add_argument("--shapes", default=None, help="only these D:N pairs, e.g. 128:1024,64:4096")
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                   help=f"of {','.join(VARIANTS)}; flashfx-tuned is flashfx with options={{'autotune': True}}")
     p.add_argument("--backend", default="flashfx", help="compiler for the naive form (flashfx, inductor)")
     p.add_argument("--eager-cap-gib", type=float, default=48.0, help="skip eager beyond this N×N memory")
     p.add_argument("--no-doc", action="store_true", help="do not write docs/benchmarks.md")
