@@ -88,6 +88,21 @@ def test_sweep_tiny_interpreted_with_a_worker(tmp_path, monkeypatch):
     assert (tmp_path / "planner_sweep.png").stat().st_size > 0
 
 
+def test_replan_scores_a_recorded_sweep_with_the_current_planner(tmp_path):
+    # docs/planner_sweep.json replayed: the measured times stay, the choices and predictions are
+    # the current planner's (here the same planner that chose them), and the summary follows
+    recorded = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "planner_sweep.json")
+    assert planner_sweep.main(["--replan", recorded, "--out-dir", str(tmp_path)]) == 0
+    before, after = (json.loads(open(p).read()) for p in (recorded, tmp_path / "planner_sweep.json"))
+    assert [r["label"] for r in after["rows"]] == [r["label"] for r in before["rows"]]
+    for old, new in zip(before["rows"], after["rows"]):
+        for kernel in ("fwd", "dkdv", "dq"):
+            assert new["units"][kernel]["planner"] == old["units"][kernel]["planner"]
+            assert [c.get("us") for c in new["units"][kernel]["configs"]] == [c.get("us") for c in old["units"][kernel]["configs"]]
+    assert after["summary"]["bwd"] == before["summary"]["bwd"]
+    assert "redone by" in (tmp_path / "planner_sweep.md").read_text()
+
+
 def test_ncu_dry_run_and_missing_ncu(capsys):
     assert planner_ncu.main(["--dry-run", "--shapes", "128:4096"]) == 0
     out = capsys.readouterr().out
