@@ -67,8 +67,9 @@ class TilePlan:
 
     def summary(self) -> str:
         def one(name, t):
-            text = (f"{name} {t.block_m}x{t.block_n} w{t.num_warps} s{t.num_stages} "
-                    f"SRAM {t.sram_bytes // 1024}/{self.sram_limit // 1024} KiB")
+            text = (f"{name} {t.block_m}x{t.block_n} w{t.num_warps} s{t.num_stages}"
+                    + (" keys down" if t.keys_down else "")
+                    + f" SRAM {t.sram_bytes // 1024}/{self.sram_limit // 1024} KiB")
             if t.time_s:
                 text += (f", {t.time_s * 1e6:.0f} us, HBM {_mib(t.hbm_bytes)},"
                          f" tiles {t.bound_ratio:.1f}x lower bound")

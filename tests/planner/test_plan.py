@@ -106,6 +106,22 @@ def test_candidates_ranked_and_fit():
     assert _tiles(cs[0]) == _tiles(plan(128, 2, g).fwd)
 
 
+def test_dkdv_orientations_among_the_candidates():
+    """On wgmma GPUs the dK/dV candidates (what autotune times) hold both orientations for
+    16-bit inputs: at d=128 the plan is queries down, keys down 32x64 is next (the sweep's best
+    at d=128 causal MHA); fp32 inputs, sm8x and the other kernels have queries down only."""
+    h200 = KNOWN["H200"]
+    shape = dict(n_q=4096, n_k=4096, causal=True, batch_heads=64)
+    cs = candidates("dkdv", 128, 2, h200, k=4, **shape)
+    assert not cs[0].keys_down and any(c.keys_down and (c.block_m, c.block_n) == (32, 64) for c in cs)
+    p = plan(128, 2, h200, **shape)
+    assert not p.bwd_dkdv.keys_down and "keys down" not in p.summary()
+    assert dataclasses.replace(p, bwd_dkdv=next(c for c in cs if c.keys_down)).summary().count("keys down") == 1
+    assert not any(c.keys_down for c in candidates("dkdv", 128, 4, h200, k=20, **shape))
+    assert not any(c.keys_down for c in candidates("dkdv", 128, 2, KNOWN["A100"], k=20, **shape))
+    assert not any(c.keys_down for k in ("fwd", "dq") for c in candidates(k, 128, 2, h200, k=20, **shape))
+
+
 def test_plan_for_an_absent_gpu():
     a10 = plan(128, 2, KNOWN["A10"])
     assert "A10" in a10.summary() and "KiB" in a10.summary()
