@@ -9,11 +9,6 @@ head dims 64 and 128, and records ptxas's registers per thread and spill-store b
 model's register formulas (flashfx/planner/cost.py) are checked against these counts in
 tests/planner/test_cost.py. --precision picks tl.dot's input precision for fp32 inputs ("tf32",
 "tf32x3"; "ieee" takes minutes a kernel); --jobs compiles in parallel processes.
-
-    PYTHONPATH=. python3 benchmarks/sm90_registers.py --dkdv --out docs/planner_dkdv_regs.json
-
---dkdv compiles the dK/dV kernel alone, bf16, in both tile orientations (queries or keys down the
-rows), causal and not, at head dims 64, 128 and 256: the data of the keys-down register formula.
 """
 
 from __future__ import annotations
@@ -37,21 +32,10 @@ PTRS = {"Q", "K", "V", "dOut", "Out", "Stats", "Delta", "dK", "dV", "dQ", "PartO
 
 
 def grid(head_dims=(64, 128)) -> list[tuple]:
-    """(kernel, d, BM, BN, warps, stages, keys_down, causal) jobs of the fp32 grid."""
     from flashfx.planner import plan
 
-    return [(kern, d, bm, bn, w, s, False, True) for d in head_dims for kern in KERNELS for bm in (32, 64, 128)
+    return [(kern, d, bm, bn, w, s) for d in head_dims for kern in KERNELS for bm in (32, 64, 128)
             for bn in (32, 64, 128) for w in (4, 8) for s in (1, 2) if plan._sound(kern, bm, bn, w)]
-
-
-def dkdv_grid(head_dims=(64, 128, 256)) -> list[tuple]:
-    """dK/dV jobs in both orientations, causal and not: the legal wgmma tiles of each."""
-    from flashfx.planner import hardware, plan
-
-    h200 = hardware.KNOWN["H200"]
-    return [("dkdv", d, bm, bn, w, s, down, causal) for down in (False, True) for d in head_dims
-            for causal in (False, True) for bm in (16, 32, 64, 128) for bn in (64, 128) for w in (4, 8)
-            for s in (2, 3) if plan._sound("dkdv", bm, bn, w, down) and plan._legal("dkdv", h200, bm, bn, w, down)]
 
 
 def compile_sm90(kernel: str, program: str, head_dim: int, bm: int, bn: int, warps: int, stages: int,
@@ -87,18 +71,18 @@ def compile_sm90(kernel: str, program: str, head_dim: int, bm: int, bn: int, war
     return triton.compile(src, target=GPUTarget("cuda", 90, 128), options=dict(num_warps=warps, num_stages=stages))
 
 
-def compile_one(job: tuple, precision: str, elt: str = "fp32") -> dict:
-    """ptxas's registers and spill bytes for one (kernel, head dim, BM, BN, warps, stages,
-    keys_down, causal) of a scaled program on `elt` inputs."""
+def compile_one(job: tuple, precision: str) -> dict:
+    """ptxas's registers and spill bytes for one (kernel, head dim, BM, BN, warps, stages), fp32
+    inputs, causal scaled program."""
     import triton
 
     from flashfx.ir import ScoreOp, ScoreProgram
 
-    kern, d, bm, bn, warps, stages, keys_down, causal = job
-    program = ScoreProgram((ScoreOp("scale", None, d ** -0.5),), "top_left" if causal else None).encode()
+    kern, d, bm, bn, warps, stages = job
+    program = ScoreProgram((ScoreOp("scale", None, d ** -0.5),), "top_left").encode()
     start = time.time()
     try:
-        compiled = compile_sm90(kern, program, d, bm, bn, warps, stages, precision, elt=elt, keys_down=keys_down)
+        compiled = compile_sm90(kern, program, d, bm, bn, warps, stages, precision, elt="fp32")
     except Exception as e:  # noqa: BLE001 - a config Triton cannot compile is recorded, not fatal
         return dict(error=f"{type(e).__name__}: {str(e)[:160]}")
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -122,12 +106,9 @@ def compile_one(job: tuple, precision: str, elt: str = "fp32") -> dict:
 
 
 def _run(args):
-    job, precision, elt = args
-    kern, d, bm, bn, w, s, keys_down, causal = job
-    row = dict(kernel=kern, D=d, bm=bm, bn=bn, warps=w, stages=s)
-    if kern == "dkdv" and elt != "fp32":  # the orientation study
-        row.update(keys_down=keys_down, causal=causal)
-    return dict(row, **compile_one(job, precision, elt))
+    job, precision = args
+    kern, d, bm, bn, w, s = job
+    return dict(kernel=kern, D=d, bm=bm, bn=bn, warps=w, stages=s, **compile_one(job, precision))
 
 
 def main(argv=None) -> int:
@@ -135,22 +116,20 @@ def main(argv=None) -> int:
     p.add_argument("--precision", default="tf32x3", choices=("tf32", "tf32x3", "ieee"))
     p.add_argument("--head-dims", default="64,128")
     p.add_argument("--jobs", type=int, default=2)
-    p.add_argument("--dkdv", action="store_true", help="dK/dV alone, bf16, both orientations, causal and not")
     p.add_argument("--out", default=None, help="JSON file (default: benchmarks/out/sm90_registers.json)")
     args = p.parse_args(argv)
     import triton
 
-    dims = tuple(int(x) for x in args.head_dims.split(","))
-    jobs, elt = (dkdv_grid(dims), "bf16") if args.dkdv else (grid(dims), "fp32")
+    jobs = grid(tuple(int(x) for x in args.head_dims.split(",")))
     rows = []
     with ProcessPoolExecutor(args.jobs) as pool:
-        for row in pool.map(_run, [(j, args.precision, elt) for j in jobs]):
+        for row in pool.map(_run, [(j, args.precision) for j in jobs]):
             rows.append(row)
             print(json.dumps(row), flush=True)
     out = args.out or os.path.join(ROOT, "benchmarks", "out", "sm90_registers.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     env = dict(target="sm_90a (ptxas -v, no device)", triton=triton.__version__, precision=args.precision,
-               inputs=elt, program="scaled, causal and not" if args.dkdv else "causal, scaled", command="PYTHONPATH=. python3 benchmarks/sm90_registers.py "
+               inputs="fp32", program="causal, scaled", command="PYTHONPATH=. python3 benchmarks/sm90_registers.py "
                + " ".join(argv if argv is not None else sys.argv[1:]))
     with open(out, "w") as f:
         json.dump(dict(env=env, rows=rows), f, indent=1)

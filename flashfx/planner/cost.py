@@ -156,17 +156,19 @@ DKDV = KernelModel(
 )
 # dK/dV with keys down the rows (KEYS_DOWN: [BN, BM] tiles, K·Qᵀ): all four products have the
 # held block's BN rows, and P and dS feed dV and dK from registers, so no [BM, BN] tile is
-# staged in SRAM. ptxas on sm_90 (Triton 3.6, bf16; docs/planner_dkdv_regs.json): registers
-# (2·BN·d + 4·BM·BN)/T + 48 over the unspilled configs; the SRAM is the queries-down kernel's
-# without the staged tile.
+# staged in SRAM. Against the keys-down configs of the H200 sweep (docs/planner_sweep.json,
+# Triton 3.6, bf16): registers (2·BN·d + 4·BM·BN)/T + BM/2 + 36, the per-query vectors spread
+# along the columns growing with BM (within 40 of every unspilled config, 7 above on average);
+# the SRAM is the queries-down kernel's without the staged tile, an upper bound on every config.
 DKDV_KD = KernelModel(
     "dkdv_kd", 4, 4,
     sram_wgmma=(e * d * (2 * BN + S * 2 * BM) + S * _stats * BM + S * BM * BN * X + _tma),
     sram_mma=DKDV.sram_mma,
     regs=(2 * BN * d + 4 * BM * BN) / T + BM / 2 + 36,
     regs_held=DKDV.regs_held,
-    regs_split=2 * (BM * d + BN * d + BM * BN) / T,
-    sram_split=2 * e * BN * d + e * BM * BN,
+    # keys down is planned for 16-bit inputs only (plan._ranked): no 3xTF32 data of its own
+    regs_split=DKDV.regs_split,
+    sram_split=DKDV.sram_split,
     tile_bytes=DKDV.tile_bytes,
     compulsory=DKDV.compulsory,
     alu_per_score=DKDV.alu_per_score,
