@@ -74,6 +74,29 @@ def test_settings_that_steer_launches_are_part_of_the_signature(monkeypatch):
     assert len(calls) == 8
 
 
+@pytest.mark.parametrize("d, causal, group, flat", [
+    (128, True, 1, True),    # causal MHA at 128: the nested loops spill (see gpu._flat_dkdv)
+    (128, True, 2, False), (128, False, 1, False), (64, True, 1, False), (256, False, 2, True)])
+def test_dkdv_group_loop_follows_head_dim_mask_and_group(monkeypatch, d, causal, group, flat):
+    # the launch gets FLAT from the call itself: its head dim, mask and GQA group
+    seen = []
+    real = gpu._launch
+
+    def spy(kernel, grid, *a, **kw):
+        if "FLAT" in kw:
+            seen.append(kw["FLAT"])
+        return real(kernel, grid, *a, **kw)
+
+    monkeypatch.setattr(gpu, "_launch", spy)
+    prog = ScoreProgram((ScoreOp("scale", None, 0.1),), "top_left" if causal else None)
+    g = torch.Generator().manual_seed(0)
+    q, do = (torch.randn(1, 2, 8, d, generator=g) for _ in range(2))
+    k, v = (torch.randn(1, 2 // group, 8, d, generator=g) for _ in range(2))
+    out, stats = gpu.forward(q, k, v, [], prog)
+    gpu.backward(do, q, k, v, out, stats, [], prog)
+    assert seen == [flat]
+
+
 def test_autotuned_programs_tune_once_then_reuse_the_launches(monkeypatch, tmp_path):
     # the first call tunes (measuring each candidate); later calls of the signature launch the
     # winner as kept, with no planning or cache lookup on the way
