@@ -28,7 +28,8 @@ forward and dQ kernels take their tiles in reverse (program 0 the last query til
 the hardware, which hands programs to SMs in launch order, starts each head's longest tiles
 first and the grid does not end on a few long programs. On the H200 this made N=16384 with 16
 heads 5.6% faster forward and 3% backward, and moved the other shapes measured by less than
-1% (docs/benchmarks.md, "Causal tiles, longest first"). dK/dV's longest programs (key block 0) come first already.
+1% (docs/benchmarks.md, "Causal tiles, longest first"). dK/dV's longest programs (key block 0)
+come first already.
 
 When (query blocks × batch·heads) would leave most SMs idle, the forward splits the key range
 into parts (SPLITS, a third grid axis): each part writes its unnormalized output and row
