@@ -84,19 +84,27 @@ def choice(kernel: str, case: Case, gpu, cals: dict) -> tuple:
 
 
 def score(cases: list[Case], gpu, cals: dict) -> dict:
-    fwd, bwd, per = [], [], {"fwd": [], "dkdv": [], "dq": []}
+    """Measured best over measured chosen, per kernel and for the backward (dK/dV + dQ): medians
+    and minima over the cases. A choice the sweep did not time (tiles a measured rule picks,
+    plan._MEASURED, outside that sweep's grid) is left out of the ratios and listed in
+    "untimed" as (case, kernel)."""
+    fwd, bwd, per, untimed = [], [], {"fwd": [], "dkdv": [], "dq": []}, []
     for c in cases:
         chosen, best = {}, {}
         for k in per:
             times = c.measured[k]
             chosen[k] = times.get(choice(k, c, gpu, cals))
             best[k] = min(times.values())
-            per[k].append(best[k] / chosen[k] if chosen[k] else 0.0)
-        fwd.append(per["fwd"][-1])
-        b = (chosen["dkdv"] + chosen["dq"]) if chosen["dkdv"] and chosen["dq"] else None
-        bwd.append((best["dkdv"] + best["dq"]) / b if b else 0.0)
+            if chosen[k]:
+                per[k].append(best[k] / chosen[k])
+            else:
+                untimed.append((c.label, k))
+        if chosen["fwd"]:
+            fwd.append(per["fwd"][-1])
+        if chosen["dkdv"] and chosen["dq"]:
+            bwd.append((best["dkdv"] + best["dq"]) / (chosen["dkdv"] + chosen["dq"]))
     out = {"fwd_median": statistics.median(fwd), "fwd_min": min(fwd),
-           "bwd_median": statistics.median(bwd), "bwd_min": min(bwd)}
+           "bwd_median": statistics.median(bwd), "bwd_min": min(bwd), "untimed": untimed}
     out.update({f"{k}_median": statistics.median(v) for k, v in per.items()})
     out.update({f"{k}_min": min(v) for k, v in per.items()})
     return out
@@ -144,7 +152,8 @@ def fit(cases: list[Case], gpu, start: dict, samples: int, seed: int = 0, parts=
 
 def _fmt(s: dict) -> str:
     return (f"fwd median {s['fwd_median']:.3f} min {s['fwd_min']:.3f}; bwd median {s['bwd_median']:.3f} "
-            f"min {s['bwd_min']:.3f} (dK/dV {s['dkdv_median']:.3f}, dQ {s['dq_median']:.3f})")
+            f"min {s['bwd_min']:.3f} (dK/dV {s['dkdv_median']:.3f}, dQ {s['dq_median']:.3f})"
+            + (f"; not timed by the sweep: {', '.join(f'{c} {k}' for c, k in s['untimed'])}" if s["untimed"] else ""))
 
 
 def main(argv=None) -> int:

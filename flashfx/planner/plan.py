@@ -148,7 +148,38 @@ def _ranked(kernel: str, shape: cost.Shape, gpu: GPU, cal: cost.Calibration | No
     )
     ranked = next((t for t in tiers if t), [])
     ranked.sort(key=lambda p: (p.time_s, p.sram_bytes, p.num_warps, p.keys_down))
-    return ranked
+    return _measured_first(kernel, shape, gpu, ranked)
+
+
+# Where the model ranks wrong and a measurement says what wins: (kernel, family) -> tiles
+# (BM, BN, warps, stages, keys down). The family is what was measured; nothing else matches.
+#
+# dK/dV, causal MHA at d=128, 16-bit inputs, wgmma: keys down 32x64, 4 warps, 3 stages. The
+# sweep had it best by 15-16% (docs/planner.md, "dK/dV's two orientations"); against the
+# queries-down 64x64 the model ranks first, the whole backward took 0.922-0.938 of the time
+# at N = 1024, 4096 and 16384 (H200, one process, configs taking turns), and lost 2-6% in the
+# neighbouring families (full MHA, causal GQA4), which keep the model's choice. The model has
+# no term that separates the orientations there.
+_MEASURED = {
+    ("dkdv", "wgmma", 2, 128, True, "mha"): (32, 64, 4, 3, True),
+}
+
+
+def _family(kernel: str, shape: cost.Shape, gpu: GPU) -> tuple | None:
+    if shape.operand_bytes or shape.products != 1:
+        return None  # score operands and 3xTF32 change the kernel: not what was measured
+    return (kernel, "wgmma" if gpu.arch.wgmma else "mma", shape.elt, shape.head_dim, shape.causal,
+            "mha" if shape.group == 1 else "gqa")
+
+
+def _measured_first(kernel: str, shape: cost.Shape, gpu: GPU, ranked: list) -> list:
+    """`ranked` with the measured tiles of this call's family first, when they are among the
+    candidates (they fit this GPU)."""
+    want = _MEASURED.get(_family(kernel, shape, gpu))
+    if want is None:
+        return ranked
+    hit = [p for p in ranked if (p.block_m, p.block_n, p.num_warps, p.num_stages, p.keys_down) == want]
+    return hit + [p for p in ranked if p not in hit]
 
 
 def _tiles(p: cost.Prediction) -> KernelTiles:

@@ -325,7 +325,8 @@ def backward(dout, q, k, v, out, stats, operands, program: ScoreProgram, tiles: 
         t = p.bwd_dkdv
         dkdv = _launch(kernels._attn_bwd_dkdv, (triton_cdiv(Nk, t.block_n), B * Hk), (q, dout), t.block_m,
                        p.head_dim_pad, **common, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
-                       FLAT=_flat_dkdv(p.head_dim_pad, program.causal is not None, H // Hk), KEYS_DOWN=t.keys_down,
+                       FLAT=_flat_dkdv(p.head_dim_pad, program.causal is not None, H // Hk, t.keys_down),
+                       KEYS_DOWN=t.keys_down,
                        num_warps=t.num_warps, num_stages=t.num_stages)
         t = p.bwd_dq
         dq = _launch(kernels._attn_bwd_dq, (triton_cdiv(Nq, t.block_m), B * H), (k, v), t.block_n,
@@ -390,15 +391,17 @@ def forward_splits(programs: int, n_k: int, block_n: int, device: torch.device) 
     return kv_splits(programs, n_k, block_n, tiling.gpu_of(device).sm_count)
 
 
-def _flat_dkdv(head_dim_pad: int, causal: bool = False, group: int = 1) -> bool:
-    """Measured on the H200 (whole backward, planner's tiles): the flattened loop is faster at
-    head dim 256 (GQA4 by 5-20%, causal MHA by 5-8%), nested loops at 64 (by 0-4%) and at 128
-    (full MHA by 3%, causal GQA4 by 17%), except causal MHA at 128, where the flattened loop is
-    2-3.5% faster (N = 1024 to 16384): ptxas (sm_90) spills 380 bytes a thread from the nested
-    loops of its 64x64 tiles with 2 stages, and 4 from the flattened one."""
+def _flat_dkdv(head_dim_pad: int, causal: bool = False, group: int = 1, keys_down: bool = False) -> bool:
+    """Measured on the H200 (whole backward): the flattened loop is faster at head dim 256
+    (GQA4 by 5-20%, causal MHA by 5-8%), nested loops at 64 (by 0-4%) and at 128 (full MHA by
+    3%, causal GQA4 by 17%), except queries-down 64x64 tiles in causal MHA at 128, where the
+    flattened loop is 2-3.5% faster (N = 1024 to 16384): ptxas (sm_90) spills 380 bytes a thread
+    from their nested loops with 2 stages, and 4 from the flattened one. Keys down at 128 (32x64
+    tiles, 4 warps, 3 stages: the plan's choice for causal MHA), nested loops are faster in every
+    family measured: by 2-5% in causal MHA, 1.5% in full MHA, 4% in causal GQA4."""
     if FLAT_DKDV is not None:
         return FLAT_DKDV
-    return head_dim_pad > 128 or (head_dim_pad == 128 and causal and group == 1)
+    return head_dim_pad > 128 or (head_dim_pad == 128 and causal and group == 1 and not keys_down)
 
 
 def triton_cdiv(a: int, b: int) -> int:

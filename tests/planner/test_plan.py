@@ -70,7 +70,7 @@ def test_choices_against_the_h200_sweep():
     H200: replayed there, the planner's untuned choices keep the throughput they had when the
     calibration was fitted (a change to the model that ranks worse fails here)."""
     cases, s = _replay("planner_sweep.json")
-    assert len(cases) == 24
+    assert len(cases) == 24 and s["untimed"] == []  # this sweep timed both dK/dV orientations
     assert s["fwd_median"] >= 0.95 and s["fwd_min"] >= 0.9
     assert s["bwd_median"] >= 0.95 and s["bwd_min"] >= 0.85
 
@@ -81,6 +81,8 @@ def test_choices_against_the_long_sequence_sweep():
     d=128 there, 0.878 of the best (128x128, 8 warps, 3 stages)."""
     cases, s = _replay("planner_sweep_long.json")
     assert len(cases) == 6 and {c.n for c in cases} == {16384}
+    # it timed queries-down dK/dV only: the measured keys-down choice at d=128 causal is not in it
+    assert [k for _, k in s["untimed"]] == ["dkdv"]
     assert s["fwd_median"] >= 0.95 and s["fwd_min"] >= 0.95
     assert s["bwd_median"] >= 0.95 and s["bwd_min"] >= 0.9
 
@@ -108,18 +110,41 @@ def test_candidates_ranked_and_fit():
 
 def test_dkdv_orientations_among_the_candidates():
     """On wgmma GPUs the dK/dV candidates (what autotune times) hold both orientations for
-    16-bit inputs: at d=128 the plan is queries down, keys down 32x64 is next (the sweep's best
-    at d=128 causal MHA); fp32 inputs, sm8x and the other kernels have queries down only."""
+    16-bit inputs: at d=128 the model ranks queries down first and keys down 32x64 among the
+    next; fp32 inputs, sm8x and the other kernels have queries down only."""
     h200 = KNOWN["H200"]
-    shape = dict(n_q=4096, n_k=4096, causal=True, batch_heads=64)
+    shape = dict(n_q=4096, n_k=4096, causal=False, batch_heads=64)
     cs = candidates("dkdv", 128, 2, h200, k=4, **shape)
     assert not cs[0].keys_down and any(c.keys_down and (c.block_m, c.block_n) == (32, 64) for c in cs)
     p = plan(128, 2, h200, **shape)
     assert not p.bwd_dkdv.keys_down and "keys down" not in p.summary()
     assert dataclasses.replace(p, bwd_dkdv=next(c for c in cs if c.keys_down)).summary().count("keys down") == 1
-    assert not any(c.keys_down for c in candidates("dkdv", 128, 4, h200, k=20, **shape))
-    assert not any(c.keys_down for c in candidates("dkdv", 128, 2, KNOWN["A100"], k=20, **shape))
-    assert not any(c.keys_down for k in ("fwd", "dq") for c in candidates(k, 128, 2, h200, k=20, **shape))
+    causal = dict(shape, causal=True)
+    assert not any(c.keys_down for c in candidates("dkdv", 128, 4, h200, k=20, **causal))
+    assert not any(c.keys_down for c in candidates("dkdv", 128, 2, KNOWN["A100"], k=20, **causal))
+    assert not any(c.keys_down for k in ("fwd", "dq") for c in candidates(k, 128, 2, h200, k=20, **causal))
+
+
+@pytest.mark.parametrize("n, bh", [(1024, 256), (4096, 64), (16384, 16)])
+def test_dkdv_keys_down_where_measured_only(n, bh):
+    """Causal MHA at d=128, 16-bit, on wgmma GPUs: dK/dV keys down 32x64, 4 warps, 3 stages,
+    measured faster than the model's choice at every N (plan._MEASURED); the neighbouring
+    families (GQA, no mask, d=64, fp32 inputs, score operands, sm8x) keep the model's ranking."""
+    h200 = KNOWN["H200"]
+    shape = dict(n_q=n, n_k=n, causal=True, batch_heads=bh)
+    for g in (KNOWN["H200"], KNOWN["H100"]):
+        t = plan(128, 2, g, **shape).bwd_dkdv
+        assert (t.block_m, t.block_n, t.num_warps, t.num_stages, t.keys_down) == (32, 64, 4, 3, True)
+        assert candidates("dkdv", 128, 2, g, k=1, **shape)[0] == t  # what autotune times first
+    model = [c for c in candidates("dkdv", 128, 2, h200, k=30, **shape)]
+    assert sorted(model[1:], key=lambda c: c.time_s) == model[1:]  # the rest in the model's order
+    for other in (dict(shape, group=4), dict(shape, causal=False), dict(shape, operand_bytes=2),
+                  dict(shape, products=3)):
+        assert plan(128, 2, h200, **other).bwd_dkdv == candidates("dkdv", 128, 2, h200, k=30, **other)[0]
+        assert not plan(128, 2, h200, **other).bwd_dkdv.keys_down or other.get("group", 1) == 1
+    assert not plan(64, 2, h200, **shape).bwd_dkdv.keys_down
+    assert not plan(128, 4, h200, **shape).bwd_dkdv.keys_down
+    assert not plan(128, 2, KNOWN["A100"], **shape).bwd_dkdv.keys_down
 
 
 def test_plan_for_an_absent_gpu():

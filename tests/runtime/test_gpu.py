@@ -1,5 +1,7 @@
 """The launch path of the generated kernels: what one call's signature fixes is made once."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -95,6 +97,33 @@ def test_dkdv_group_loop_follows_head_dim_mask_and_group(monkeypatch, d, causal,
     out, stats = gpu.forward(q, k, v, [], prog)
     gpu.backward(do, q, k, v, out, stats, [], prog)
     assert seen == [flat]
+
+
+def test_dkdv_keys_down_keeps_nested_loops_at_128(monkeypatch):
+    # keys down at d=128 (the plan's dK/dV for causal MHA there) the nested loops were faster
+    # in every family measured, the flattened one stays for queries down and d=256
+    seen = []
+    real = gpu._launch
+
+    def spy(kernel, grid, *a, **kw):
+        if "FLAT" in kw:
+            seen.append((kw["KEYS_DOWN"], kw["FLAT"]))
+        return real(kernel, grid, *a, **kw)
+
+    monkeypatch.setattr(gpu, "_launch", spy)
+    g = torch.Generator().manual_seed(0)
+    q, k, v, do = (torch.randn(1, 1, 40, 128, generator=g) for _ in range(4))
+    out, stats = gpu.forward(q, k, v, [], PROG)
+    p = gpu.tile_plan(q, k, PROG)
+    qd, kd, vd = (t.double().requires_grad_() for t in (q, k, v))
+    want = torch.autograd.grad(reference_attention(qd, kd, vd, [], PROG), (qd, kd, vd), do.double())
+    for down in (False, True):
+        t = dataclasses.replace(p.bwd_dkdv, block_m=16, block_n=32, keys_down=down)
+        grads = gpu.backward(do, q, k, v, out, stats, [], PROG, tiles=dataclasses.replace(p, bwd_dkdv=t))
+        for got, ref in zip(grads, want):
+            torch.testing.assert_close(got.double(), ref, atol=2e-4, rtol=2e-4)
+    assert seen == [(False, True), (True, False)]
+    assert gpu._flat_dkdv(256, True, 1, keys_down=True) and not gpu._flat_dkdv(128, False, 1, keys_down=False)
 
 
 def test_autotuned_programs_tune_once_then_reuse_the_launches(monkeypatch, tmp_path):
