@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import re
 from dataclasses import dataclass
 from functools import lru_cache
+
+from flashfx import config
 
 KiB = 1024
 
@@ -178,7 +179,7 @@ def chosen_by_user() -> GPU | None:
     """The override, else the table entry FLASHFX_GPU names, else None (plan for the device)."""
     if _override is not None:
         return _override
-    env = os.environ.get("FLASHFX_GPU")
+    env = config.getenv("FLASHFX_GPU")
     if env:
         if env not in KNOWN:
             raise KeyError(f"flashfx: FLASHFX_GPU={env!r} is not one of {', '.join(sorted(KNOWN))}")

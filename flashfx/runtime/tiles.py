@@ -27,6 +27,7 @@ from typing import Callable
 
 import torch
 
+from flashfx import config
 from flashfx.ir import ScoreProgram
 from flashfx.planner import hardware
 from flashfx.planner.plan import KernelTiles, TilePlan, candidates, plan
@@ -41,7 +42,7 @@ INTERPRETER_CANDIDATES = (KernelTiles(16, 16, 4, 1, 0), KernelTiles(32, 16, 4, 1
 
 
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return config.getenv("TRITON_INTERPRET") == "1"
 
 
 def bucket(n: int, lo: int = 16) -> int:
