@@ -77,18 +77,29 @@ def _runtime_files() -> list[str]:
 
 @lru_cache(maxsize=None)
 def _runtime_version():
-    """A no-op inductor pass whose uuid is a hash of flashfx's op and kernel sources.
+    """Inductor's post-grad pass for flashfx: its graphs call the ops' kernels directly, and its
+    uuid is a hash of flashfx's op and kernel sources.
 
-    Inductor's on-disk graph cache keys a graph by its code, not by what a custom op it calls
-    does: after flashfx changes the op's schema or outputs, a cached graph would call it the
-    old way. Inductor folds a custom pass's uuid into the key, so this makes the cache follow
-    flashfx's runtime.
+    Autograd is traced out of the graphs inductor compiles, and they run with gradients off: a
+    fused site calls its op's kernel op (ops.KERNEL_OPS), which has no Autograd kernel to pass
+    through on the way. Inductor's on-disk graph cache keys a graph by its code, not by what a
+    custom op it calls does: after flashfx changes the op's schema or outputs, a cached graph
+    would call it the old way. Inductor folds a custom pass's uuid into the key, so this makes
+    the cache follow flashfx's runtime.
     """
+    import torch
     from torch._inductor.custom_graph_pass import CustomGraphPass
 
+    from flashfx.runtime import ops
+
+    kernels = {getattr(torch.ops.flashfx, name).default: getattr(torch.ops.flashfx, kernel).default
+               for name, kernel in ops.KERNEL_OPS.items()}
+
     class RuntimeVersion(CustomGraphPass):
-        def __call__(self, graph):  # changes nothing
-            return None
+        def __call__(self, graph):
+            for node in graph.nodes:
+                if node.op == "call_function" and node.target in kernels:
+                    node.target = kernels[node.target]
 
         def uuid(self):
             digest = hashlib.sha256()

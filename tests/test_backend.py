@@ -398,3 +398,31 @@ def test_inductor_cache_key_follows_the_runtime_sources(tmp_path, monkeypatch):
     first = backend._runtime_version().uuid()
     src.write_text("v2")
     assert backend._runtime_version().uuid() != first
+
+
+def test_inductor_graphs_call_the_kernel_ops():
+    """Autograd is traced out of the graphs inductor compiles: flashfx's post-grad pass points
+    their calls at the ops' kernel ops, which have no Autograd kernel to pass through, and the
+    compiled forward and backward still match eager."""
+    from torch._inductor.utils import fresh_inductor_cache, run_and_get_code
+
+    def attn(q, k, v):
+        s = q @ k.transpose(-2, -1) * 0.25
+        return torch.softmax(s, dim=-1) @ v
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v, do = (torch.randn(1, 2, 24, 16, generator=g) for _ in range(4))
+    qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
+    torch._dynamo.reset()
+    with fresh_inductor_cache():
+        compiled = torch.compile(attn, backend="flashfx")
+        out, code = run_and_get_code(lambda: compiled(qs, ks, vs))
+        (grads, bwd_code) = run_and_get_code(lambda: torch.autograd.grad(out, (qs, ks, vs), do))
+    code = "\n".join(code + bwd_code)
+    assert "flashfx.attention_kernel.default(" in code and "flashfx.attention_backward_kernel.default(" in code
+    assert "flashfx.attention.default(" not in code and "flashfx.attention_backward.default(" not in code
+    qe, ke, ve = (t.clone().requires_grad_() for t in (q, k, v))
+    ref = attn(qe, ke, ve)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for got, want in zip(grads, torch.autograd.grad(ref, (qe, ke, ve), do)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

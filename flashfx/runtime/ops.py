@@ -202,3 +202,17 @@ _lib.impl("attention", _attention_autograd, "Autograd")
 _lib.impl("attention_backward", _attention_backward_autograd, "Autograd")
 torch.library.register_fake("flashfx::attention", _attention_fake, lib=_lib)
 torch.library.register_fake("flashfx::attention_backward", _attention_backward_fake, lib=_lib)
+
+# The same two computations without an Autograd kernel, for graphs autograd has already been
+# traced out of: inductor's forward and backward graphs, which run with gradients off. There
+# the Autograd kernel above only checks and dispatches again, a second trip from the
+# dispatcher into Python per call. flashfx's inductor pass (backend.RuntimeVersion) calls
+# these instead; called with gradients needed, torch's fallback warns at backward.
+KERNEL_OPS = {}  # op name -> its kernel op's name
+for _name, _impl, _fake in (("attention", attention, _attention_fake),
+                            ("attention_backward", attention_backward, _attention_backward_fake)):
+    _schema = str(getattr(torch.ops.flashfx, _name).default._schema)
+    KERNEL_OPS[_name] = _name + "_kernel"
+    _lib.define(KERNEL_OPS[_name] + _schema[_schema.index("("):], tags=_TAGS)
+    _lib.impl(KERNEL_OPS[_name], _impl, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"flashfx::{KERNEL_OPS[_name]}", _fake, lib=_lib)
