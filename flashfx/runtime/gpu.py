@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from functools import lru_cache
 from typing import Callable
 
 import torch
 
+from flashfx import config
 from flashfx.codegen import attention as codegen
 from flashfx.ir import ScoreProgram
 from flashfx.planner import hardware
@@ -26,7 +26,7 @@ def tile_plan(q: torch.Tensor, k: torch.Tensor | None = None, program: ScoreProg
 
 
 def _kernels(program: ScoreProgram, grad_operands: tuple = ()):
-    return _kernels_for(program, tuple(grad_operands), os.environ.get("TRITON_INTERPRET", "0"))
+    return _kernels_for(program, tuple(grad_operands), config.getenv("TRITON_INTERPRET") or "0")
 
 
 @lru_cache(maxsize=256)  # on every call: encoding the program and hashing its text add up
@@ -81,7 +81,7 @@ def _tma_allowed(device: torch.device) -> bool:
     """Whether descriptor reads may be used on `device` at all (the layout decides per call)."""
     if TMA is not None:
         return TMA
-    if os.environ.get("FLASHFX_TMA", "1") == "0" or tiling.interpreting() or device.type != "cuda":
+    if config.getenv("FLASHFX_TMA") == "0" or tiling.interpreting() or device.type != "cuda":
         return False
     return _tma_capable(device.index or 0)
 
@@ -94,13 +94,6 @@ def _geometry(t: torch.Tensor) -> tuple[list, list]:
         if t.shape[i] == 1:
             strides[i] = t.shape[i + 1] * strides[i + 1] if i < 2 else t.shape[3]
     return list(t.shape), strides
-
-
-def _descriptors(geometry, rows: int, dpad: int, *tensors: torch.Tensor) -> list:
-    """One descriptor per tensor, a [1, 1, rows, dpad] box."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    return [TensorDescriptor(t, shape, strides, [1, 1, rows, dpad]) for t, (shape, strides) in zip(tensors, geometry)]
 
 
 def _seed_args(program: ScoreProgram, seed) -> list:
@@ -131,14 +124,22 @@ class _Kernel:
     specialize alike. Within one signature every integer argument is fixed and descriptors
     are built only on aligned tensors; what can vary is a pointer's 16-byte alignment (a view
     at an odd offset) and the current device: either sends the call back through Triton.
+
+    `descs` names the arguments read through tensor descriptors: the call passes their tensors
+    and this kernel describes them (a signature fixes each one's shape, strides and box; only
+    its address varies). Triton's launcher encodes every descriptor on every launch (a driver
+    call) after walking all arguments in Python; where its launcher has the layout this class
+    knows (`_raw_launcher`), the encoded descriptors are kept per address and the launch goes
+    to the compiled launcher directly.
     """
 
-    __slots__ = ("jit", "grid", "constexprs", "binary", "driver", "device", "tail", "tensor_at")
+    __slots__ = ("jit", "grid", "constexprs", "descs", "binary", "driver", "device", "tail", "tensor_at",
+                 "raw", "encoded", "coop", "pdl")
 
-    def __init__(self, jit, grid: tuple, constexprs: dict):
-        self.jit, self.constexprs = jit, constexprs
+    def __init__(self, jit, grid: tuple, constexprs: dict, descs: tuple = ()):
+        self.jit, self.constexprs, self.descs = jit, constexprs, descs  # descs: ((position, shape, strides, box), ...)
         self.grid = tuple(grid) + (1,) * (3 - len(grid))
-        self.binary = None
+        self.binary = self.raw = None
 
     def __call__(self, *args):
         binary = self.binary
@@ -147,16 +148,52 @@ class _Kernel:
             device = driver.get_current_device()
             # _aligned, inlined: this is the per-call path
             if device == self.device and all(args[i].data_ptr() % 16 == 0 for i in self.tensor_at):
-                args += self.tail
                 stream = driver.get_current_stream(device)
                 hooks = _knobs.runtime
+                if self.raw is not None and _quiet(hooks.launch_enter_hook) and _quiet(hooks.launch_exit_hook):
+                    self.raw(*self.grid, stream, binary.function, self.coop, self.pdl, None, None,
+                             binary.packed_metadata, None, None, None,
+                             *(self._encoded(args) if self.descs else args + self.tail))
+                    return
+                args = self._described(args) + self.tail
                 binary.run(*self.grid, stream, binary.function, binary.packed_metadata,
                            binary.launch_metadata(self.grid, stream, *args),
                            hooks.launch_enter_hook, hooks.launch_exit_hook, *args)
                 return
-        compiled = self.jit[self.grid](*args, **self.constexprs)
+        compiled = self.jit[self.grid](*self._described(args), **self.constexprs)
         if binary is None and DIRECT_LAUNCH and not tiling.interpreting():
             self._keep(compiled, args)
+
+    def _described(self, args: tuple) -> tuple:
+        if not self.descs:
+            return args
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        args = list(args)
+        for at, shape, strides, box in self.descs:
+            args[at] = TensorDescriptor(args[at], shape, strides, box)
+        return tuple(args)
+
+    def _encoded(self, args: tuple) -> list:
+        """The launcher's arguments: each descriptor expanded to its encoding (kept per
+        address), then the compile-time tail."""
+        out, done = [], 0
+        for (at, shape, strides, box), meta in zip(self.descs, self.encoded[0]):
+            out += args[done:at]
+            t = args[at]
+            key = (at, t.data_ptr())
+            enc = self.encoded[1].get(key)
+            if enc is None:
+                from triton.tools.tensor_descriptor import TensorDescriptor
+
+                if len(self.encoded[1]) >= 64:
+                    self.encoded[1].clear()
+                enc = self.encoded[1][key] = self.encoded[2](TensorDescriptor(t, shape, strides, box), meta)
+            out += enc
+            done = at + 1
+        out += args[done:]
+        out += self.tail
+        return out
 
     def _keep(self, compiled, args) -> None:
         needed = ("run", "function", "packed_metadata", "launch_metadata")
@@ -176,10 +213,66 @@ class _Kernel:
         self.tail = tuple(self.constexprs[n] for n in names)
         self.tensor_at = tensors
         self.binary = compiled
+        if DIRECT_LAUNCH_RAW:
+            raw = _raw_launcher(compiled.run, [at for at, *_ in self.descs])
+            if raw is not None:
+                self.raw, metas, encode, self.coop, self.pdl = raw
+                self.encoded = (metas, {}, encode)
+
+
+def _quiet(hook) -> bool:
+    """No launch hook to call: none set, or an empty chain of them."""
+    return hook is None or getattr(hook, "calls", None) == []
+
+
+def _raw_launcher(run, desc_at: list[int]):
+    """(compiled launcher, descriptor metadata, encoder, cooperative, pdl) when `run` is Triton
+    3.6's CUDA launcher, whose call allocates scratch memory (none here) and hands the
+    compiled launcher its arguments after the base ones; with descriptor arguments its
+    `launch` is the closure `wrap_handle_tensordesc` makes, which expands each descriptor with
+    `make_tensordesc_arg(descriptor, metadata)`, without them the compiled launcher itself.
+    Anything else (another Triton, another backend): None, and launches go through `run`."""
+    import inspect
+
+    try:
+        from triton.backends.nvidia import driver as nv
+    except ImportError:
+        return None
+    if getattr(nv, "_BASE_ARGS_FORMAT", None) != "iiiKKppOOOOOO" or type(run).__name__ != "CudaLauncher":
+        return None
+    try:
+        call = list(inspect.signature(type(run).__call__).parameters)
+    except (TypeError, ValueError):
+        return None
+    if (call != ["self", "gridX", "gridY", "gridZ", "stream", "function", "args"]
+            or getattr(run, "global_scratch_size", 1) or getattr(run, "profile_scratch_size", 1)):
+        return None
+    launch = getattr(run, "launch", None)
+    cells = getattr(launch, "__closure__", None)
+    if not desc_at:
+        return (launch, [], None, run.launch_cooperative_grid, run.launch_pdl) if callable(launch) and not cells else None
+    encode = getattr(nv, "make_tensordesc_arg", None)
+    if not cells or encode is None:
+        return None
+    bound = dict(zip(launch.__code__.co_freevars, (c.cell_contents for c in cells)))
+    if set(bound) != {"launcher", "tensordesc_indices", "tensordesc_meta"}:
+        return None
+    try:
+        params = list(inspect.signature(encode).parameters)
+    except (TypeError, ValueError):
+        return None
+    metas = bound["tensordesc_meta"]
+    if (params != ["arg", "metadata"] or set(bound["tensordesc_indices"]) != set(desc_at)
+            or not metas or len(metas) != len(desc_at) or any(m is None for m in metas)):
+        return None
+    return bound["launcher"], list(metas), encode, run.launch_cooperative_grid, run.launch_pdl
 
 
 # Launch through kept binaries (see _Kernel); False sends every launch through Triton's JIT.
 DIRECT_LAUNCH = True
+# Kept binaries go to Triton 3.6's compiled launcher directly, descriptors encoded once per
+# address (see _Kernel); False calls the binary's `run`, which encodes them on every launch.
+DIRECT_LAUNCH_RAW = True
 try:
     from triton import knobs as _knobs
 except ImportError:  # a Triton without runtime knobs: every launch goes through the JIT
@@ -193,26 +286,26 @@ class _Launch:
 
     ptr: Callable
     tma: Callable | None = None  # None: this signature reads through pointers
-    rows: int = 0  # descriptor box rows
-    dpad: int = 0
-    geometry: tuple = ()  # (shape, strides) of each descriptor's tensor
 
-    def reads(self, *tensors: torch.Tensor) -> tuple[Callable, list]:
-        """(launcher, the read arguments): descriptors when allowed and aligned, else the tensors."""
+    def reads(self, *tensors: torch.Tensor) -> Callable:
+        """The launcher for these streamed tensors: descriptor reads when allowed and aligned."""
         if self.tma is not None and _aligned(*tensors):
-            return self.tma, _descriptors(self.geometry, self.rows, self.dpad, *tensors)
-        return self.ptr, list(tensors)
+            return self.tma
+        return self.ptr
 
 
 def _launch(kernel, grid, reads: tuple = (), rows: int = 0, dpad: int = 0, **constexprs) -> _Launch:
-    """`reads`: the tensors the kernel streams tiles of (descriptor candidates)."""
+    """`reads`: the tensors the kernel streams tiles of (descriptor candidates), passed at the
+    kernel's *Desc parameters; a descriptor reads a [1, 1, rows, dpad] box."""
     if not reads:
         return _Launch(_Kernel(kernel, grid, constexprs))
     tma = None
     if _tma_allowed(reads[0].device) and all(_tma_layout_ok(t) for t in reads):
-        tma = _Kernel(kernel, grid, {**constexprs, "TMA": True})
-    return _Launch(_Kernel(kernel, grid, {**constexprs, "TMA": False}), tma, rows, dpad,
-                   tuple(_geometry(t) for t in reads))
+        at = [i for i, name in enumerate(kernel.arg_names) if name.endswith("Desc")]
+        assert len(at) == len(reads), (kernel.arg_names, len(reads))
+        descs = tuple((i, *_geometry(t), [1, 1, rows, dpad]) for i, t in zip(at, reads))
+        tma = _Kernel(kernel, grid, {**constexprs, "TMA": True}, descs)
+    return _Launch(_Kernel(kernel, grid, {**constexprs, "TMA": False}), tma)
 
 
 _recipes: dict[tuple, tuple] = {}
@@ -224,8 +317,8 @@ def _signature(kind: str, program: ScoreProgram, tensors, operands, extra=()) ->
     tuning cache) and its launches are kept like any other's (see _planned)."""
     q = tensors[0]
     return (kind, program, extra, q.dtype, q.device, tiling._margins_version,
-            hardware.chosen_by_user(), TMA, FLAT_DKDV, DIRECT_LAUNCH, GQA_PACK, os.environ.get("FLASHFX_TMA"),
-            os.environ.get("TRITON_INTERPRET"), _precision(q),
+            hardware.chosen_by_user(), TMA, FLAT_DKDV, DIRECT_LAUNCH, GQA_PACK, config.getenv("FLASHFX_TMA"),
+            config.getenv("TRITON_INTERPRET"), _precision(q),
             *((t.shape, t.stride()) for t in tensors), *((x.stride(), x.dtype) for x in operands))
 
 
@@ -286,8 +379,7 @@ def forward(q, k, v, operands, program: ScoreProgram, tiles: TilePlan | None = N
         else:
             part_o = torch.empty((splits, B * H, Nq, dpad), device=q.device, dtype=torch.float32)
             part_stats = torch.empty((2, splits, B * H, Nq), device=q.device, dtype=torch.float32)
-        launch, reads = fwd.reads(k, v)
-        launch(q, k, v, out, stats, *reads, part_o, part_stats, *_seed_args(program, seed), *operands,
+        fwd.reads(k, v)(q, k, v, out, stats, k, v, part_o, part_stats, *_seed_args(program, seed), *operands,
                *q.stride(), *k.stride(), *v.stride(), *out.stride(), *_strides(operands),
                H, Nq, Nk, B * H * Nq)
         if combine is not None:
@@ -343,12 +435,10 @@ def backward(dout, q, k, v, out, stats, operands, program: ScoreProgram, tiles: 
         dk, dv = torch.empty_like(k), torch.empty_like(v)  # the strides the fake impl promises
         seeds, xstrides = _seed_args(program, seed), _strides(operands)
         # dQ first: it also writes Δ = rowsum(dO ∘ O), which dK/dV reads
-        launch, reads = l_dq.reads(k, v)
-        launch(q, k, v, dout, out, stats, delta, dq, *reads, *seeds, *operands, *dx_args,
+        l_dq.reads(k, v)(q, k, v, dout, out, stats, delta, dq, k, v, *seeds, *operands, *dx_args,
                *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *out.stride(), *dq.stride(),
                *xstrides, H, Nq, Nk, B * H * Nq)
-        launch, reads = l_dkdv.reads(q, dout)
-        launch(q, k, v, dout, stats, delta, dk, dv, *reads, *seeds, *operands,
+        l_dkdv.reads(q, dout)(q, k, v, dout, stats, delta, dk, dv, q, dout, *seeds, *operands,
                *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
                *xstrides, H, Nq, Nk, B * H * Nq)
         return dq, dk, dv, d_bufs

@@ -270,6 +270,108 @@ def test_a_binary_specialized_for_an_unaligned_pointer_is_not_kept(monkeypatch):
     assert len(jit.launches) == 2 and not jit.binary.runs
 
 
+def _triton36_launcher(calls: list, indices: set, metas: list):
+    """A stand-in for Triton 3.6's CUDA launcher: `launch` wraps the compiled launcher in a
+    closure that would expand tensor descriptors (here it must not be reached)."""
+    def compiled(*args):
+        calls.append(args)
+
+    def wrap(launcher, tensordesc_indices, tensordesc_meta):
+        def inner(*args):
+            raise AssertionError((launcher, tensordesc_indices, tensordesc_meta))
+        return inner
+
+    class CudaLauncher:
+        global_scratch_size = profile_scratch_size = 0
+        launch_cooperative_grid, launch_pdl = False, True
+
+        def __init__(self):
+            self.launch = wrap(compiled, indices, metas)
+
+        def __call__(self, gridX, gridY, gridZ, stream, function, *args):
+            raise AssertionError("kept encodings go to the compiled launcher")
+
+    return CudaLauncher()
+
+
+def test_descriptor_reads_are_encoded_once_per_address(monkeypatch):
+    from triton.backends.nvidia import driver as nv
+    from triton.runtime import driver
+
+    monkeypatch.setattr(tiling, "interpreting", lambda: False)
+    monkeypatch.setattr(driver, "_active", _FakeDriver())
+    encodes = []
+
+    def make_tensordesc_arg(arg, metadata):
+        encodes.append(arg.base.data_ptr())
+        return [("map", arg.base.data_ptr(), metadata), *arg.shape, *arg.strides]
+
+    monkeypatch.setattr(nv, "make_tensordesc_arg", make_tensordesc_arg)
+    monkeypatch.setattr(nv, "_BASE_ARGS_FORMAT", "iiiKKppOOOOOO", raising=False)
+    jit = _FakeJit()
+    jit.arg_names = ["X", "YDesc", "n", "BLOCK", "FLAG"]
+    calls = []
+    jit.binary.run = _triton36_launcher(calls, {1}, ["meta"])
+    geometry = ([1, 1, 64, 16], [1024, 1024, 16, 1], [1, 1, 16, 16])
+    kernel = gpu._Kernel(jit, (3, 2), {"BLOCK": 64, "FLAG": True}, descs=((1, *geometry),))
+    x = torch.randn(64)
+    y, y2 = (torch.randn(1, 1, 64, 16) for _ in range(2))
+    kernel(x, y, 7)  # through Triton's launch, which gets a descriptor of y
+    (_, args, _), = jit.launches
+    assert args[0] is x and args[1].base is y and [args[1].shape, args[1].strides, args[1].block_shape] == list(geometry)
+    assert kernel.raw is not None and not encodes
+    for t in (y, y, y2, y):
+        kernel(x, t, 7)
+    assert encodes == [y.data_ptr(), y2.data_ptr()]  # each address encoded once
+    assert len(calls) == 4 and len(jit.launches) == 1
+    base = ((3, 2, 1), 1000, "function", False, True, None, None, "metadata", None, None)
+    for t, got in zip((y, y, y2, y), calls):
+        assert got[:3] == base[0] and got[3:13] == base[1:] + (None,)  # no launch hooks set
+        assert got[13] is x and got[14] == ("map", t.data_ptr(), "meta")
+        assert list(got[15:23]) == geometry[0] + geometry[1] and got[23:] == (7, 64, True)
+    # a launcher of another layout: descriptors go to Triton's launcher on every call
+    other = _FakeJit()
+    other.arg_names = jit.arg_names
+    kernel = gpu._Kernel(other, (1,), {"BLOCK": 64, "FLAG": True}, descs=((1, *geometry),))
+    kernel(x, y, 7)
+    kernel(x, y, 7)
+    assert kernel.raw is None and len(other.binary.runs) == 1 and other.binary.runs[0][2][1].base is y
+
+
+def test_pointer_reads_go_to_the_compiled_launcher_unless_a_launch_hook_is_set(monkeypatch):
+    from triton import knobs
+    from triton.backends.nvidia import driver as nv
+    from triton.runtime import driver
+
+    monkeypatch.setattr(tiling, "interpreting", lambda: False)
+    monkeypatch.setattr(driver, "_active", _FakeDriver())
+    monkeypatch.setattr(nv, "_BASE_ARGS_FORMAT", "iiiKKppOOOOOO", raising=False)
+    jit = _FakeJit()
+    calls = []
+    run = _triton36_launcher(calls, set(), [])
+
+    class Compiled:  # no descriptors: `launch` is the compiled launcher itself
+        def __call__(self, *args):
+            calls.append(args)
+
+    run.launch = Compiled()
+    jit.binary.run = run
+    kernel = gpu._Kernel(jit, (3,), {"BLOCK": 64, "FLAG": True})
+    x, y = torch.randn(64), torch.randn(64)
+    kernel(x, y, 7)
+    kernel(x, y, 7)
+    assert len(jit.launches) == 1 and len(calls) == 1
+    assert calls[0][:13] == (3, 1, 1, 1000, "function", False, True, None, None, "metadata", None, None, None)
+    assert calls[0][13:] == (x, y, 7, 64, True)
+    seen = []
+    knobs.runtime.launch_enter_hook.add(seen.append)
+    try:  # a hook wants its launch metadata: Triton's own path
+        with pytest.raises(AssertionError, match="compiled launcher"):
+            kernel(x, y, 7)
+    finally:
+        knobs.runtime.launch_enter_hook.remove(seen.append)
+
+
 @pytest.mark.gpu
 def test_direct_launches_on_the_gpu_match_the_reference_and_respect_alignment():
     """Repeated calls of one signature launch kept binaries; an unaligned view of the same
@@ -290,6 +392,10 @@ def test_direct_launches_on_the_gpu_match_the_reference_and_respect_alignment():
         check(*(torch.randn(shape, device="cuda", dtype=torch.float16, generator=g) for _ in range(4)), prog)
     kept = [launch for recipe in gpu._recipes.values() for launch in recipe if isinstance(launch, gpu._Launch)]
     assert kept and all((launch.tma or launch.ptr).binary is not None for launch in kept)
+    import triton
+
+    if triton.__version__.startswith("3.6."):  # the launcher layout gpu._raw_launcher knows
+        assert all((launch.tma or launch.ptr).raw is not None for launch in kept)
     n = 2 * 4 * 200 * 64
     g = torch.Generator(device="cuda").manual_seed(7)
     flat = torch.randn(4 * n + 1, device="cuda", dtype=torch.float16, generator=g)
