@@ -70,9 +70,12 @@ def inner_compile(gm: fx.GraphModule, example_inputs, inner: str, mode: str | No
 
 
 def _runtime_files() -> list[str]:
+    """The sources a compiled graph's calls depend on: the ops, their kernels, and this file,
+    whose post-grad pass rewrites those calls."""
     root = os.path.dirname(os.path.abspath(__file__))
     return [os.path.join(root, *rel) for rel in (("runtime", "ops.py"), ("runtime", "gpu.py"),
-                                                 ("runtime", "cpu.py"), ("codegen", "attention.py"))]
+                                                 ("runtime", "cpu.py"), ("codegen", "attention.py"),
+                                                 ("backend.py",))]
 
 
 @lru_cache(maxsize=None)
