@@ -134,7 +134,7 @@ class _Kernel:
     """
 
     __slots__ = ("jit", "grid", "constexprs", "descs", "binary", "driver", "device", "tail", "tensor_at",
-                 "raw", "encoded", "coop", "pdl")
+                 "raw", "coop", "pdl", "metas", "encode", "encodings")
 
     def __init__(self, jit, grid: tuple, constexprs: dict, descs: tuple = ()):
         self.jit, self.constexprs, self.descs = jit, constexprs, descs  # descs: ((position, shape, strides, box), ...)
@@ -178,17 +178,17 @@ class _Kernel:
         """The launcher's arguments: each descriptor expanded to its encoding (kept per
         address), then the compile-time tail."""
         out, done = [], 0
-        for (at, shape, strides, box), meta in zip(self.descs, self.encoded[0]):
+        for (at, shape, strides, box), meta in zip(self.descs, self.metas):
             out += args[done:at]
             t = args[at]
             key = (at, t.data_ptr())
-            enc = self.encoded[1].get(key)
+            enc = self.encodings.get(key)
             if enc is None:
                 from triton.tools.tensor_descriptor import TensorDescriptor
 
-                if len(self.encoded[1]) >= 64:
-                    self.encoded[1].clear()
-                enc = self.encoded[1][key] = self.encoded[2](TensorDescriptor(t, shape, strides, box), meta)
+                if len(self.encodings) >= 64:
+                    self.encodings.clear()
+                enc = self.encodings[key] = self.encode(TensorDescriptor(t, shape, strides, box), meta)
             out += enc
             done = at + 1
         out += args[done:]
@@ -216,8 +216,8 @@ class _Kernel:
         if DIRECT_LAUNCH_RAW:
             raw = _raw_launcher(compiled.run, [at for at, *_ in self.descs])
             if raw is not None:
-                self.raw, metas, encode, self.coop, self.pdl = raw
-                self.encoded = (metas, {}, encode)
+                self.raw, self.metas, self.encode, self.coop, self.pdl = raw
+                self.encodings = {}  # (position, address) -> the descriptor's launcher arguments
 
 
 def _quiet(hook) -> bool:
@@ -317,8 +317,8 @@ def _signature(kind: str, program: ScoreProgram, tensors, operands, extra=()) ->
     tuning cache) and its launches are kept like any other's (see _planned)."""
     q = tensors[0]
     return (kind, program, extra, q.dtype, q.device, tiling._margins_version,
-            hardware.chosen_by_user(), TMA, FLAT_DKDV, DIRECT_LAUNCH, GQA_PACK, config.getenv("FLASHFX_TMA"),
-            config.getenv("TRITON_INTERPRET"), _precision(q),
+            hardware.chosen_by_user(), TMA, FLAT_DKDV, DIRECT_LAUNCH, DIRECT_LAUNCH_RAW, GQA_PACK,
+            config.getenv("FLASHFX_TMA"), config.getenv("TRITON_INTERPRET"), _precision(q),
             *((t.shape, t.stride()) for t in tensors), *((x.stride(), x.dtype) for x in operands))
 
 

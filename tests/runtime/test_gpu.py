@@ -73,7 +73,11 @@ def test_settings_that_steer_launches_are_part_of_the_signature(monkeypatch):
     _check(*_qkvd(2))
     with hardware.overridden("A10"):
         _check(*_qkvd(3))
-    assert len(calls) == 8
+    monkeypatch.setattr(gpu, "DIRECT_LAUNCH_RAW", False)  # kept binaries launched through `run`
+    _check(*_qkvd(4))
+    monkeypatch.setenv("FLASHFX_TMA", "0")  # read per call (config.getenv)
+    _check(*_qkvd(5))
+    assert len(calls) == 12
 
 
 @pytest.mark.parametrize("d, causal, group, flat", [
