@@ -26,6 +26,8 @@ first variant's.
 
 Writes a table, JSON, docs/gpt2_train.md and a plot docs/gpt2_train.png (copies under $OUT when
 set); with --out-dir, or on CPU, everything goes to that folder ($OUT or benchmarks/out) instead.
+--profile N profiles N more steps of each variant after timing (where the host's and the GPU's
+time goes), printed and kept in the JSON.
 """
 
 from __future__ import annotations
@@ -171,6 +173,11 @@ def measure(variant: str, cfg: GPTConfig, seq: int, batch: int, args) -> dict:
     if cuda:
         row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         row["reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+    if getattr(args, "profile", 0):
+        try:  # the measurement above stands whatever the profiler does
+            row["profile"] = profile_steps(lambda: train_step(run, opt, x, y, autocast, graphs), args.profile, cuda)
+        except Exception as e:  # noqa: BLE001
+            row["profile_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     if variant.startswith("flashfx"):
         row["rewritten"] = flashfx_counters["rewritten"] - rewritten0
         row["all_fused"] = row["all_fused"] and row["rewritten"] == cfg.n_layer
@@ -178,6 +185,30 @@ def measure(variant: str, cfg: GPTConfig, seq: int, batch: int, args) -> dict:
         # inductor's own attention pattern matcher, which may turn the naive form into SDPA
         row["inductor_sdpa_rewrites"] = dynamo_counters["inductor"]["fuse_attention"] - sdpa_rewrites0
     return row
+
+
+def profile_steps(step, n: int, cuda: bool, rows: int = 20) -> dict:
+    """`n` more steps under torch.profiler, per step: where the host's time goes (operators and
+    CUDA runtime calls by self CPU time: a cudaMalloc, cudaFree or synchronize shows here) and,
+    on a GPU, the kernels by GPU time. Tables as torch.profiler prints them, and per-step
+    totals."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    with profile(activities=activities) as prof:
+        for _ in range(n):
+            step()
+        sync()
+    events = prof.key_averages()
+    out = {"steps": n, "host": events.table(sort_by="self_cpu_time_total", row_limit=rows),
+           "host_ms_per_step": sum(e.self_cpu_time_total for e in events) / 1e3 / n}
+    if cuda:
+        gpu_key = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+        out["gpu"] = events.table(sort_by=gpu_key, row_limit=rows)
+        out["gpu_ms_per_step"] = sum(getattr(e, gpu_key) for e in events) / 1e3 / n
+    return out
 
 
 def run_variant(variant, cfg, seq, batch, args) -> dict:
@@ -206,6 +237,12 @@ def run_all(args) -> list[dict]:
             row["wall_s"] = time.perf_counter() - t0
             rows.append(row)
             print(row_text(row), flush=True)
+            if "profile" in row:
+                prof = row["profile"]
+                print(f"profile of {variant} at seq {seq}, {prof['steps']} steps: host (self CPU) "
+                      f"{prof['host_ms_per_step']:.1f} ms a step\n{prof['host']}", flush=True)
+                if "gpu" in prof:
+                    print(f"GPU {prof['gpu_ms_per_step']:.1f} ms a step\n{prof['gpu']}", flush=True)
             if args.partial:  # keep what is measured so far if the run is cut short
                 with open(args.partial, "w") as f:
                     json.dump(rows, f, indent=1)
@@ -388,6 +425,9 @@ def main(argv=None) -> int:
     p.add_argument("--out-dir", default=None, help="write JSON, markdown and plot here, not to docs/")
     p.add_argument("--no-doc", action="store_true", help="do not write docs/ (results go to $OUT or benchmarks/out)")
     p.add_argument("--partial", default=None, help="rewrite this JSON file after every variant")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after timing, profile N more steps of each variant (torch.profiler): host time by "
+                        "operator and CUDA call, kernels by GPU time; printed and kept in the JSON")
     args = p.parse_args(argv)
     args.seqs = [int(s) for s in args.seqs.split(",")]
     args.variants = [v for v in args.variants.split(",") if v]

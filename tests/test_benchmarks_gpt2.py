@@ -90,3 +90,14 @@ def test_benchmark_step_and_report(tmp_path):
     pytest.importorskip("matplotlib")
     gpt2_train.plot(rows, tmp_path / "plot.png", "tiny")
     assert (tmp_path / "plot.png").stat().st_size > 0
+
+
+def test_profiled_steps_report_host_time_by_operator():
+    """--profile N: N more steps under torch.profiler after timing, the host's time by operator."""
+    args = SimpleNamespace(device="cpu", dtype="fp32", seed=0, warmup=1, steps=1, windows=1, profile=2)
+    row = gpt2_train.run_variant("eager", TINY, 32, 2, args)
+    prof = row["profile"]
+    assert prof["steps"] == 2 and prof["host_ms_per_step"] > 0
+    assert "aten::mm" in prof["host"] or "aten::addmm" in prof["host"]
+    assert "gpu" not in prof  # CPU only
+    assert "profile" not in gpt2_train.run_variant("eager", TINY, 32, 2, SimpleNamespace(**{**vars(args), "profile": 0}))
