@@ -524,8 +524,9 @@ def _first_line(e: Exception) -> str:
 def kernel_result(unit: dict, tp, kernel: str) -> dict:
     """Planner and best of one kernel at one shape."""
     ok = [r for r in unit["configs"] if r.get("status") == "ok"]
-    mine = next((r for r in unit["configs"] if r["cfg"] == unit["planner"]), {})
-    if mine.get("status") != "ok":  # the planner's choice failed or computed wrong: no ratio
+    mine = next((r for r in unit["configs"] if r["cfg"] == unit["planner"]), None)
+    untimed = mine is None  # a replayed sweep that never ran the planner's choice: no ratio
+    if mine is None or mine.get("status") != "ok":  # or the choice failed or computed wrong: a miss
         mine = {}
     best = min(ok, key=lambda r: r["us"]) if ok else {}
     t = {"fwd": tp.fwd, "dkdv": tp.bwd_dkdv, "dq": tp.bwd_dq}[kernel]
@@ -538,6 +539,7 @@ def kernel_result(unit: dict, tp, kernel: str) -> dict:
         "failed": sum(1 for r in unit["configs"] if r.get("status") not in ("ok", None)),
         "wrong": sum(1 for r in unit["configs"] if r.get("status") == "wrong"),
         "compiled_here": sum(1 for r in unit["configs"] if r.get("compiled_here")),
+        **({"untimed": True} if untimed else {}),
     }
 
 
@@ -549,9 +551,14 @@ def ratio(best, planner):
 def finish_row(row: dict) -> None:
     """Fill a shape's fwd / bwd ratios once its kernels are measured."""
     k = row["kernels"]
-    if "fwd" in k:
+    for key in ("untimed", "fwd_ratio", "bwd_ratio", "bwd_planner_us", "bwd_best_us"):  # a replay's old ones
+        row.pop(key, None)
+    untimed = [n for n in KERNELS if k.get(n, {}).get("untimed")]
+    if untimed:  # replayed: the sweep has no time for the planner's choice there
+        row["untimed"] = untimed
+    if "fwd" in k and "fwd" not in untimed:
         row["fwd_ratio"] = ratio(k["fwd"]["best_us"], k["fwd"]["planner_us"]) or 0.0
-    if "dkdv" in k and "dq" in k:
+    if "dkdv" in k and "dq" in k and not {"dkdv", "dq"} & set(untimed):
         p = [k[n]["planner_us"] for n in ("dkdv", "dq")]
         b = [k[n]["best_us"] for n in ("dkdv", "dq")]
         row["bwd_planner_us"] = round(sum(p), 1) if all(p) else None
@@ -567,7 +574,7 @@ def summary(rows: list[dict], wanted: int) -> dict:
             out[part] = {"n": len(rs), "median": statistics.median(rs), "min": min(rs),
                          "pass": statistics.median(rs) >= 0.95 and min(rs) >= 0.90}
     for kernel in KERNELS:  # per kernel: the planner's share of the best, and the model's time error
-        ks = [r["kernels"][kernel] for r in rows if kernel in r["kernels"]]
+        ks = [r["kernels"][kernel] for r in rows if kernel in r["kernels"] and not r["kernels"][kernel].get("untimed")]
         rs = [ratio(k["best_us"], k["planner_us"]) or 0.0 for k in ks]
         err = [k["planner_pred_us"] / k["planner_us"] for k in ks if k["planner_pred_us"] and k["planner_us"]]
         if rs:
@@ -576,6 +583,9 @@ def summary(rows: list[dict], wanted: int) -> dict:
                 "predicted_over_measured": statistics.median(err) if err else None}
     done = [r for r in rows if "fwd_ratio" in r and "bwd_ratio" in r]
     out["complete_shapes"] = len(done)
+    untimed = [f"{r['label']} {n}" for r in rows for n in r.get("untimed", ())]
+    if untimed:
+        out["untimed"] = untimed
     out["accepted"] = (len(done) >= 24 and all(out.get(p, {}).get("pass") for p in ("fwd", "bwd")))
     return out
 
@@ -624,6 +634,9 @@ def markdown(result: dict) -> str:
         verdict.append(f"- each kernel alone, median / min: {', '.join(per)}")
     if err:
         verdict.append(f"- cost model at the planner's tiles, median predicted / measured time: {', '.join(err)}")
+    if s.get("untimed"):
+        verdict.append(f"- not in this sweep's grid, so left out of the ratios: the planner's choice for "
+                       f"{'; '.join(s['untimed'])}")
     c = result["compile"]
     lines = [
         "## Planner sweep: untuned tiles against exhaustive search",
