@@ -195,7 +195,7 @@ def planner_plan(shape: Shape, gpu, elt: int, interpret: bool):
 
 def tiles_of(tp, kernel: str) -> Config:
     t = {"fwd": tp.fwd, "dkdv": tp.bwd_dkdv, "dq": tp.bwd_dq}[kernel]
-    return (t.block_m, t.block_n, t.num_warps, t.num_stages) + ((True,) if getattr(t, "keys_down", False) else ())
+    return (t.block_m, t.block_n, t.num_warps, t.num_stages) + ((True,) if t.keys_down else ())
 
 
 def with_tiles(tp, kernel: str, cfg: Config):

@@ -207,7 +207,8 @@ torch.library.register_fake("flashfx::attention_backward", _attention_backward_f
 # traced out of: inductor's forward and backward graphs, which run with gradients off. There
 # the Autograd kernel above only checks and dispatches again, a second trip from the
 # dispatcher into Python per call. flashfx's inductor pass (backend.RuntimeVersion) calls
-# these instead; called with gradients needed, torch's fallback warns at backward.
+# these instead. They are not for autograd: called with gradients needed, torch's fallback
+# warns at backward and no gradient reaches the inputs (tests/runtime/test_ops.py).
 KERNEL_OPS = {}  # op name -> its kernel op's name
 for _name, _impl, _fake in (("attention", attention, _attention_fake),
                             ("attention_backward", attention_backward, _attention_backward_fake)):

@@ -168,3 +168,21 @@ def test_rows_of_finfo_min_fills_match_eager(kernel, monkeypatch):
     torch.testing.assert_close(out[1, :, :5], v[1].mean(-2, keepdim=True).expand(H, 5, D), rtol=1e-4, atol=1e-5)
     for name, a, b in zip("qkv", got, want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=lambda m: f"d{name}: {m}")
+
+
+def test_kernel_ops_compute_the_op_and_carry_no_gradient():
+    # the ops inductor's graphs call (ops.KERNEL_OPS): the same outputs, but no autograd, which
+    # torch says at backward instead of passing a gradient
+    g = torch.Generator().manual_seed(0)
+    q, k, v, do = (torch.randn(1, 2, 24, 16, generator=g, dtype=torch.float64) for _ in range(4))
+    enc = ScoreProgram((ScoreOp("scale", None, 0.25),), "top_left").encode()
+    out, stats = torch.ops.flashfx.attention.default(q, k, v, [], enc)
+    kout, kstats = torch.ops.flashfx.attention_kernel.default(q, k, v, [], enc)
+    assert torch.equal(out, kout) and torch.equal(stats, kstats)
+    grads = torch.ops.flashfx.attention_backward.default(do, q, k, v, out, stats, [], enc, [])
+    kgrads = torch.ops.flashfx.attention_backward_kernel.default(do, q, k, v, out, stats, [], enc, [])
+    assert all(torch.equal(a, b) for a, b in zip(grads[:3], kgrads[:3]))
+    qg = q.clone().requires_grad_()
+    with pytest.warns(UserWarning, match="autograd kernel was not registered"):
+        torch.ops.flashfx.attention_kernel.default(qg, k, v, [], enc)[0].sum().backward()
+    assert qg.grad is None
