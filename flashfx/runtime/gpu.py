@@ -108,10 +108,11 @@ def _seed_args(program: ScoreProgram, seed) -> list:
 #
 # Every op call launches the same kernels with the same grids and compile-time arguments as
 # every earlier call of its signature (program, shapes, strides, dtypes, device, and the settings
-# that steer planning and tile reads). A `_Launch` keeps what a signature fixes; a call then
+# that steer planning and tile reads). A `_Launch` keeps what a signature fixes, and the
+# signature's call (`_forward_call`, `_backward_call`) its integer arguments too; a call then
 # only allocates its outputs and passes its tensors. The first call of a signature plans,
 # through tiles.run_planned (which replans should shared memory overflow), and keeps the
-# launches that ran.
+# call that ran.
 
 
 class _Kernel:
@@ -146,8 +147,13 @@ class _Kernel:
         if binary is not None:
             driver = self.driver
             device = driver.get_current_device()
-            # _aligned, inlined: this is the per-call path
-            if device == self.device and all(args[i].data_ptr() % 16 == 0 for i in self.tensor_at):
+            # _aligned, inlined as a loop (no generator frame): this is the per-call path
+            aligned = device == self.device
+            for i in self.tensor_at:
+                if args[i].data_ptr() & 15:
+                    aligned = False
+                    break
+            if aligned:
                 stream = driver.get_current_stream(device)
                 hooks = _knobs.runtime
                 if self.raw is not None and _quiet(hooks.launch_enter_hook) and _quiet(hooks.launch_exit_hook):
@@ -314,26 +320,30 @@ _RECIPES_MAX = 1024
 
 def _signature(kind: str, program: ScoreProgram, tensors, operands, extra=()) -> tuple:
     """What fixes a call's launches. A tuned program's too: its first call tunes (or reads the
-    tuning cache) and its launches are kept like any other's (see _planned)."""
+    tuning cache) and its launches are kept like any other's (see _planned). Built and hashed
+    on every call: flat, of ints and interned objects."""
     q = tensors[0]
-    return (kind, program, extra, q.dtype, q.device, tiling._margins_version,
-            hardware.chosen_by_user(), TMA, FLAT_DKDV, DIRECT_LAUNCH, DIRECT_LAUNCH_RAW, GQA_PACK,
-            config.getenv("FLASHFX_TMA"), config.getenv("TRITON_INTERPRET"), _precision(q),
-            *((t.shape, t.stride()) for t in tensors), *((x.stride(), x.dtype) for x in operands))
+    dtype = q.dtype
+    key = (kind, program, extra, dtype, q.device, tiling._margins_version, hardware.chosen_by_user(),
+           TMA, FLAT_DKDV, DIRECT_LAUNCH, DIRECT_LAUNCH_RAW, GQA_PACK, config.getenv("FLASHFX_TMA"),
+           config.getenv("TRITON_INTERPRET"), dtype is torch.float32 and _precision(q))
+    for t in tensors:
+        key += (*t.shape, *t.stride())
+    for x in operands:
+        key += (*x.stride(), x.dtype)
+    return key
 
 
-def _planned(key, make: Callable[[TilePlan], tuple], run: Callable[[tuple], object], q, k, program, operands,
+def _planned(key, make: Callable[[TilePlan], Callable], run: Callable[[Callable], object], q, k, program, operands,
              kernels: tuple[str, ...], wanted: str = ""):
-    """run(launches) with this signature's launches, made from the plan on the first call."""
-    recipe = _recipes.get(key)
-    if recipe is not None:
-        return run(recipe)
+    """run(make(tiles)) with the plan's tiles, on a signature's first call; the call that ran is
+    kept for the signature's later calls (the caller looks it up in `_recipes` first)."""
     made = []
 
     def attempt(tiles: TilePlan):
-        launches = make(tiles)
-        result = run(launches)
-        made.append(launches)
+        call = make(tiles)
+        result = run(call)
+        made.append(call)
         return result
 
     result = tiling.run_planned(attempt, q, k, program, operands, kernels, wanted)
@@ -348,48 +358,60 @@ def _planned(key, make: Callable[[TilePlan], tuple], run: Callable[[tuple], obje
 
 def forward(q, k, v, operands, program: ScoreProgram, tiles: TilePlan | None = None, seed=None):
     """(out [B, H, Nq, D], stats [program.stats_planes, B, H, Nq] fp32) via the forward kernel."""
+    if tiles is not None:
+        return _forward_call(q, k, v, operands, program, tiles)(q, k, v, operands, seed)
+    key = _signature("fwd", program, (q, k, v), operands, FWD_SPLITS)
+    call = _recipes.get(key)
+    if call is not None:
+        return call(q, k, v, operands, seed)
+    return _planned(key, lambda p: _forward_call(q, k, v, operands, program, p),
+                    lambda call: call(q, k, v, operands, seed), q, k, program, operands, ("fwd",))
+
+
+def _forward_call(q, k, v, operands, program: ScoreProgram, p: TilePlan) -> Callable:
+    """The forward of every call of this one's signature, as a function of the call's tensors:
+    the launches with their grids and compile-time arguments, and the integer arguments (strides
+    and sizes, which the signature fixes), made once."""
     B, H, Nq, D = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
-
-    def make(p: TilePlan):
-        t = p.fwd
-        kernels = _kernels(program)
-        pack = packs(H // Hk, Nq, t.block_m)
-        grid = (triton_cdiv(H // Hk * Nq, t.block_m), B * Hk) if pack else (triton_cdiv(Nq, t.block_m), B * H)
-        splits = forward_splits(grid[0] * grid[1], Nk, t.block_n, q.device)
-        fwd = _launch(kernels._attn_fwd, grid + (splits,), (k, v), t.block_n,
-                      p.head_dim_pad, GROUP=H // Hk, CAUSAL=_CAUSAL_CODE[program.causal], HEAD_DIM=D,
-                      HEAD_DIM_PAD=p.head_dim_pad, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
-                      PRECISION=_precision(q), SPLITS=splits, PACK=pack,
-                      num_warps=t.num_warps, num_stages=t.num_stages)
-        if splits == 1:
-            return fwd, None, 1, p.head_dim_pad
+    t = p.fwd
+    kernels = _kernels(program)
+    pack = packs(H // Hk, Nq, t.block_m)
+    grid = (triton_cdiv(H // Hk * Nq, t.block_m), B * Hk) if pack else (triton_cdiv(Nq, t.block_m), B * H)
+    splits = forward_splits(grid[0] * grid[1], Nk, t.block_n, q.device)
+    dpad = p.head_dim_pad
+    fwd = _launch(kernels._attn_fwd, grid + (splits,), (k, v), t.block_n,
+                  dpad, GROUP=H // Hk, CAUSAL=_CAUSAL_CODE[program.causal], HEAD_DIM=D,
+                  HEAD_DIM_PAD=dpad, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+                  PRECISION=_precision(q), SPLITS=splits, PACK=pack,
+                  num_warps=t.num_warps, num_stages=t.num_stages)
+    combine = None
+    if splits > 1:
         combine = _launch(kernels._attn_fwd_combine, (triton_cdiv(Nq, t.block_m), B * H), SPLITS=splits, HEAD_DIM=D,
-                          HEAD_DIM_PAD=p.head_dim_pad, BLOCK_M=t.block_m)
-        return fwd, combine, splits, p.head_dim_pad
+                          HEAD_DIM_PAD=dpad, BLOCK_M=t.block_m)
+    # out is empty_like(q): its strides follow from q's, which the signature fixes
+    out_strides = torch.empty_like(q, device="meta").stride()
+    ints = (*q.stride(), *k.stride(), *v.stride(), *out_strides, *_strides(operands), H, Nq, Nk, B * H * Nq)
+    sizes = (*out_strides, H, Nq, B * H * Nq)
+    # fp64 for fp64 inputs, as the op's fake implementation promises (the kernel computes fp32)
+    stats_shape = (program.stats_planes, B, H, Nq)
+    stats_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
 
-    def run(launches):
-        fwd, combine, splits, dpad = launches
+    def call(q, k, v, operands, seed):
         out = torch.empty_like(q)
-        # fp64 for fp64 inputs, as the op's fake implementation promises (the kernel computes fp32)
-        stats = torch.empty((program.stats_planes, B, H, Nq), device=q.device,
-                            dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+        stats = torch.empty(stats_shape, device=q.device, dtype=stats_dtype)
         if combine is None:
             part_o, part_stats = out, stats  # not read: the kernel writes out and stats itself
         else:
             part_o = torch.empty((splits, B * H, Nq, dpad), device=q.device, dtype=torch.float32)
             part_stats = torch.empty((2, splits, B * H, Nq), device=q.device, dtype=torch.float32)
-        fwd.reads(k, v)(q, k, v, out, stats, k, v, part_o, part_stats, *_seed_args(program, seed), *operands,
-               *q.stride(), *k.stride(), *v.stride(), *out.stride(), *_strides(operands),
-               H, Nq, Nk, B * H * Nq)
+        fwd.reads(k, v)(q, k, v, out, stats, k, v, part_o, part_stats, *_seed_args(program, seed), *operands, *ints)
         if combine is not None:
-            combine.ptr(part_o, part_stats, out, stats, *out.stride(), H, Nq, B * H * Nq)
+            combine.ptr(part_o, part_stats, out, stats, *sizes)
         return out, stats
 
-    if tiles is not None:
-        return run(make(tiles))
-    key = _signature("fwd", program, (q, k, v), operands, FWD_SPLITS)
-    return _planned(key, make, run, q, k, program, operands, ("fwd",))
+    call.launches = (fwd,) if combine is None else (fwd, combine)
+    return call
 
 
 def _strides(operands) -> list:
@@ -406,49 +428,19 @@ def backward(dout, q, k, v, out, stats, operands, program: ScoreProgram, tiles: 
     are skipped), summed here over the operand's broadcast dimensions: deterministic, and as
     large as the scores only while a bias that requires grad is being differentiated.
     """
-    B, H, Nq, D = q.shape
-    Hk, Nk = k.shape[1], k.shape[2]
     wanted = tuple(sorted(operand_grads or {}))
-
-    def make(p: TilePlan):
-        kernels = _kernels(program, wanted)
-        common = dict(GROUP=H // Hk, CAUSAL=_CAUSAL_CODE[program.causal], HEAD_DIM=D,
-                      HEAD_DIM_PAD=p.head_dim_pad, PRECISION=_precision(q))
-        t = p.bwd_dkdv
-        dkdv = _launch(kernels._attn_bwd_dkdv, (triton_cdiv(Nk, t.block_n), B * Hk), (q, dout), t.block_m,
-                       p.head_dim_pad, **common, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
-                       FLAT=_flat_dkdv(p.head_dim_pad, program.causal is not None, H // Hk, t.keys_down),
-                       KEYS_DOWN=t.keys_down,
-                       num_warps=t.num_warps, num_stages=t.num_stages)
-        t = p.bwd_dq
-        dq = _launch(kernels._attn_bwd_dq, (triton_cdiv(Nq, t.block_m), B * H), (k, v), t.block_n,
-                     p.head_dim_pad, **common, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
-                     num_warps=t.num_warps, num_stages=t.num_stages)
-        return dkdv, dq
-
-    def run(launches):
-        l_dkdv, l_dq = launches
-        d_bufs = [torch.zeros((B, H, Nq, Nk), device=q.device, dtype=torch.float32) for _ in wanted]
-        dx_args = [a for buf in d_bufs for a in (buf, *buf.stride())]
-        delta = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
-        dq = torch.empty_like(q)
-        dk, dv = torch.empty_like(k), torch.empty_like(v)  # the strides the fake impl promises
-        seeds, xstrides = _seed_args(program, seed), _strides(operands)
-        # dQ first: it also writes Δ = rowsum(dO ∘ O), which dK/dV reads
-        l_dq.reads(k, v)(q, k, v, dout, out, stats, delta, dq, k, v, *seeds, *operands, *dx_args,
-               *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *out.stride(), *dq.stride(),
-               *xstrides, H, Nq, Nk, B * H * Nq)
-        l_dkdv.reads(q, dout)(q, k, v, dout, stats, delta, dk, dv, q, dout, *seeds, *operands,
-               *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
-               *xstrides, H, Nq, Nk, B * H * Nq)
-        return dq, dk, dv, d_bufs
-
+    tensors = (dout, q, k, v, out, stats, operands, seed)
     if tiles is not None:
-        dq, dk, dv, d_bufs = run(make(tiles))
+        dq, dk, dv, d_bufs = _backward_call(*tensors[:-1], program, wanted, tiles)(*tensors)
     else:
         key = _signature("bwd", program, (q, k, v, dout, out), operands, tuple(sorted((operand_grads or {}).items())))
-        dq, dk, dv, d_bufs = _planned(key, make, run, q, k, program, operands, ("dkdv", "dq"),
-                                      "+grad" + ",".join(map(str, wanted)) if wanted else "")
+        call = _recipes.get(key)
+        if call is not None:
+            dq, dk, dv, d_bufs = call(*tensors)
+        else:
+            dq, dk, dv, d_bufs = _planned(key, lambda p: _backward_call(*tensors[:-1], program, wanted, p),
+                                          lambda call: call(*tensors), q, k, program, operands, ("dkdv", "dq"),
+                                          "+grad" + ",".join(map(str, wanted)) if wanted else "")
     if operand_grads is None:
         return dq, dk, dv
     d_ops = {}
@@ -457,6 +449,48 @@ def backward(dout, q, k, v, out, stats, operands, program: ScoreProgram, tiles: 
         dims = [d for d in range(4) if shape[d] == 1 and buf.shape[d] != 1]
         d_ops[i] = buf.sum(dims, keepdim=True) if dims else buf
     return dq, dk, dv, d_ops
+
+
+def _backward_call(dout, q, k, v, out, stats, operands, program: ScoreProgram, wanted: tuple,
+                   p: TilePlan) -> Callable:
+    """The backward of every call of this one's signature (see _forward_call)."""
+    B, H, Nq, D = q.shape
+    Hk, Nk = k.shape[1], k.shape[2]
+    kernels = _kernels(program, wanted)
+    common = dict(GROUP=H // Hk, CAUSAL=_CAUSAL_CODE[program.causal], HEAD_DIM=D,
+                  HEAD_DIM_PAD=p.head_dim_pad, PRECISION=_precision(q))
+    t = p.bwd_dkdv
+    l_dkdv = _launch(kernels._attn_bwd_dkdv, (triton_cdiv(Nk, t.block_n), B * Hk), (q, dout), t.block_m,
+                     p.head_dim_pad, **common, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+                     FLAT=_flat_dkdv(p.head_dim_pad, program.causal is not None, H // Hk, t.keys_down),
+                     KEYS_DOWN=t.keys_down,
+                     num_warps=t.num_warps, num_stages=t.num_stages)
+    t = p.bwd_dq
+    l_dq = _launch(kernels._attn_bwd_dq, (triton_cdiv(Nq, t.block_m), B * H), (k, v), t.block_n,
+                   p.head_dim_pad, **common, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+                   num_warps=t.num_warps, num_stages=t.num_stages)
+    # dq, dk, dv are empty_like(q, k, v): the strides the fake implementation promises
+    dq_s, dk_s, dv_s = (torch.empty_like(x, device="meta").stride() for x in (q, k, v))
+    inputs = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
+    tail = (*_strides(operands), H, Nq, Nk, B * H * Nq)
+    dq_ints = (*inputs, *out.stride(), *dq_s, *tail)
+    dkdv_ints = (*inputs, *dk_s, *dv_s, *tail)
+    device = q.device
+
+    def call(dout, q, k, v, out, stats, operands, seed):
+        d_bufs = [torch.zeros((B, H, Nq, Nk), device=device, dtype=torch.float32) for _ in wanted]
+        dx_args = [a for buf in d_bufs for a in (buf, *buf.stride())]
+        delta = torch.empty((B, H, Nq), device=device, dtype=torch.float32)
+        dq = torch.empty_like(q)
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        seeds = _seed_args(program, seed)
+        # dQ first: it also writes Δ = rowsum(dO ∘ O), which dK/dV reads
+        l_dq.reads(k, v)(q, k, v, dout, out, stats, delta, dq, k, v, *seeds, *operands, *dx_args, *dq_ints)
+        l_dkdv.reads(q, dout)(q, k, v, dout, stats, delta, dk, dv, q, dout, *seeds, *operands, *dkdv_ints)
+        return dq, dk, dv, d_bufs
+
+    call.launches = (l_dkdv, l_dq)
+    return call
 
 
 def packs(group: int, n_q: int, block_m: int) -> bool:

@@ -64,6 +64,27 @@ def test_a_signature_plans_once_and_fresh_inputs_reuse_its_launches(monkeypatch)
     assert len(calls) == 6
 
 
+def _split_qkv(seed, n=29, heads=2, d=16):
+    """q, k, v as a GPT-style model makes them: views of one [B, N, 3·H·D] projection, not
+    dense, so the outputs (empty_like) get strides of their own."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(2, n, 3 * heads * d, generator=g)
+    q, k, v = (t.view(2, n, heads, d).transpose(1, 2) for t in qkv.split(heads * d, dim=2))
+    return q, k, v, torch.randn(2, heads, n, d, generator=g)
+
+
+def test_strides_made_once_fit_later_calls_of_the_signature(monkeypatch):
+    # a signature's integer arguments (strides of inputs and outputs) are made on its first
+    # call; later calls pass fresh tensors with them
+    calls = _planning_calls(monkeypatch)
+    for seed in range(3):
+        _check(*_split_qkv(seed))
+    assert len(calls) == 2
+    q, k, v, do = _split_qkv(3)
+    out, stats = gpu.forward(q, k, v, [], PROG)
+    assert not q.is_contiguous() and out.stride() == torch.empty_like(q, device="meta").stride()
+
+
 def test_settings_that_steer_launches_are_part_of_the_signature(monkeypatch):
     calls = _planning_calls(monkeypatch)
     _check(*_qkvd(0))
@@ -394,7 +415,7 @@ def test_direct_launches_on_the_gpu_match_the_reference_and_respect_alignment():
     for seed in range(3):
         g = torch.Generator(device="cuda").manual_seed(seed)
         check(*(torch.randn(shape, device="cuda", dtype=torch.float16, generator=g) for _ in range(4)), prog)
-    kept = [launch for recipe in gpu._recipes.values() for launch in recipe if isinstance(launch, gpu._Launch)]
+    kept = [launch for call in gpu._recipes.values() for launch in call.launches]
     assert kept and all((launch.tma or launch.ptr).binary is not None for launch in kept)
     import triton
 
