@@ -16,11 +16,14 @@ inductor-sdpa-cudagraphs and flashfx-cudagraphs.
 
 A step is what a user's loop does: forward under bf16 autocast (fp32 master weights), cross
 entropy, backward, fused AdamW step, zero_grad. Batches hold the same number of tokens at every
-sequence length (--batch-tokens / seq rows of random token ids). Timing: --warmup steps (the
-first compiles), then --windows windows of --steps steps between CUDA events, the median
-window reported (the table's "± %" is the windows' spread, (max − min) / median). Peak memory
-is max_memory_allocated over the timed steps: weights, grads, AdamW state and the step's
-activations. Before timing flashfx the script prints `flashfx.explain` and checks that every
+sequence length (--batch-tokens / seq rows of random token ids). Timing: every variant of a
+length is compiled and warmed up (--warmup steps, the first compiles), then their --windows
+windows of --steps steps each between CUDA events take turns, and each variant's median
+window is reported (the table's "± %" is the windows' spread, (max − min) / median). Taking
+turns puts a slow spell of the host on every variant alike; --sequential times one variant
+after another instead. Peak memory is the variant's own: what --steps more steps allocate at
+most (max_memory_allocated) beyond what was allocated before them, plus what the variant keeps
+between steps (weights, AdamW state, its batch), so other variants alive alongside do not count. Before timing flashfx the script prints `flashfx.explain` and checks that every
 attention site is fused; it also checks that every variant's first-step loss agrees with the
 first variant's.
 
@@ -109,82 +112,108 @@ def explain_flashfx(model, x, y, autocast) -> dict:
             "summary": text.splitlines()[0], "explain": text}
 
 
-def measure(variant: str, cfg: GPTConfig, seq: int, batch: int, args) -> dict:
-    """Train `variant` for warmup + steps steps at [batch, seq]; tokens/s, peak memory, losses."""
-    from torch._dynamo.utils import counters as dynamo_counters
+class Session:
+    """One variant at one length, compiled and warmed up, ready for windows of timed steps."""
 
-    from flashfx.passes.pipeline import counters as flashfx_counters
+    def __init__(self, variant: str, cfg: GPTConfig, seq: int, batch: int, args):
+        from torch._dynamo.utils import counters as dynamo_counters
 
-    device = args.device
-    cuda = device == "cuda"
-    bf16 = args.dtype == "bf16"
+        from flashfx.passes.pipeline import counters as flashfx_counters
 
-    def autocast():
-        return torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16)
+        self.args, self.variant = args, variant
+        device = args.device
+        self.cuda = device == "cuda"
+        bf16 = args.dtype == "bf16"
+        self.autocast = lambda: torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16)
+        self.graphs = variant.endswith(CUDAGRAPHS)
+        self.sync = torch.cuda.synchronize if self.cuda else (lambda: None)
 
-    torch._dynamo.reset()
-    x, y = make_batch(batch, seq, cfg.vocab_size, device, args.seed)
-    row = {"seq": seq, "batch": batch, "variant": variant}
-    if variant.startswith("flashfx"):
-        model, _, _ = build("eager", cfg, device, args.seed)
-        row["flashfx"] = explain_flashfx(model, x, y, autocast)
-        row["all_fused"] = row["flashfx"]["fused"] == row["flashfx"]["sites"] == cfg.n_layer
-        if not row["all_fused"]:
-            print(f"flashfx fused {row['flashfx']['fused']} of {row['flashfx']['sites']} sites; "
-                  f"the model has {cfg.n_layer}", flush=True)
-        del model
-        torch._dynamo.reset()
+        self.sync()
+        before = self.allocated()
+        self.x, self.y = make_batch(batch, seq, cfg.vocab_size, device, args.seed)
+        row = self.row = {"seq": seq, "batch": batch, "variant": variant}
+        if variant.startswith("flashfx"):
+            model, _, _ = build("eager", cfg, device, args.seed)
+            row["flashfx"] = explain_flashfx(model, self.x, self.y, self.autocast)
+            row["all_fused"] = row["flashfx"]["fused"] == row["flashfx"]["sites"] == cfg.n_layer
+            if not row["all_fused"]:
+                print(f"flashfx fused {row['flashfx']['fused']} of {row['flashfx']['sites']} sites; "
+                      f"the model has {cfg.n_layer}", flush=True)
+            del model
 
-    rewritten0 = flashfx_counters["rewritten"]
-    sdpa_rewrites0 = dynamo_counters["inductor"]["fuse_attention"]
-    model, run, opt = build(variant, cfg, device, args.seed)
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+        rewritten0 = flashfx_counters["rewritten"]
+        sdpa_rewrites0 = dynamo_counters["inductor"]["fuse_attention"]
+        self.model, self.run, self.opt = build(variant, cfg, device, args.seed)
+        t0 = time.perf_counter()
+        self.losses = [self.step().item()]  # the first step compiles
+        row["first_step_s"] = time.perf_counter() - t0
+        for _ in range(args.warmup - 1):
+            self.losses.append(self.step().item())
+        self.sync()
+        # what the variant keeps between steps (weights, AdamW state, its batch): its share of
+        # the memory while other variants are alive too
+        self.resident = self.allocated() - before
+        self.windows: list[tuple[float, float]] = []
+        self.timed: list[torch.Tensor] = []
+        if variant.startswith("flashfx"):
+            row["rewritten"] = flashfx_counters["rewritten"] - rewritten0
+        row["inductor_sdpa_rewrites"] = dynamo_counters["inductor"]["fuse_attention"] - sdpa_rewrites0
 
-    t0 = time.perf_counter()
-    graphs = variant.endswith(CUDAGRAPHS)
-    losses = [train_step(run, opt, x, y, autocast, graphs).item()]  # the first step compiles
-    row["first_step_s"] = time.perf_counter() - t0
-    for _ in range(args.warmup - 1):
-        losses.append(train_step(run, opt, x, y, autocast, graphs).item())
-    sync()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    # several windows of timed steps, the median reported: a window disturbed by something else
-    # on the machine moves the median little (one lasting all windows is still measured)
-    timed, windows = [], []
-    for _ in range(args.windows):
+    def allocated(self) -> int:
+        return torch.cuda.memory_allocated() if self.cuda else 0
+
+    def step(self):
+        return train_step(self.run, self.opt, self.x, self.y, self.autocast, self.graphs)
+
+    def window(self) -> None:
+        """--steps steps between CUDA events: GPU time a step, and the host's time to enqueue them
+        (close to the step time when the step is host-bound)."""
+        steps, cuda = self.args.steps, self.cuda
+        self.sync()
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
         t0 = time.perf_counter()
-        timed += [train_step(run, opt, x, y, autocast, graphs) for _ in range(args.steps)]
-        # the host's time to enqueue the steps: close to the step time, the step is host-bound
-        host_ms = (time.perf_counter() - t0) * 1e3 / args.steps
+        self.timed += [self.step() for _ in range(steps)]
+        host_ms = (time.perf_counter() - t0) * 1e3 / steps
         if cuda:
             end.record()
-        sync()
-        ms = (start.elapsed_time(end) if cuda else (time.perf_counter() - t0) * 1e3) / args.steps
-        windows.append((ms, host_ms))
-    ms, host_ms = sorted(windows)[len(windows) // 2]
-    losses += [t.item() for t in timed]
+        self.sync()
+        ms = (start.elapsed_time(end) if cuda else (time.perf_counter() - t0) * 1e3) / steps
+        self.windows.append((ms, host_ms))
 
-    row.update(ms=ms, host_ms=host_ms, tokens_per_s=batch * seq / ms * 1e3, first_loss=losses[0],
-               last_loss=losses[-1], ms_windows=[w[0] for w in windows], host_ms_windows=[w[1] for w in windows])
-    if cuda:
-        row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        row["reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
-    if getattr(args, "profile", 0):
-        try:  # the measurement above stands whatever the profiler does
-            row["profile"] = profile_steps(lambda: train_step(run, opt, x, y, autocast, graphs), args.profile, cuda)
-        except Exception as e:  # noqa: BLE001
-            row["profile_error"] = f"{type(e).__name__}: {str(e)[:300]}"
-    if variant.startswith("flashfx"):
-        row["rewritten"] = flashfx_counters["rewritten"] - rewritten0
-        row["all_fused"] = row["all_fused"] and row["rewritten"] == cfg.n_layer
-    if variant.startswith("inductor"):
-        # inductor's own attention pattern matcher, which may turn the naive form into SDPA
-        row["inductor_sdpa_rewrites"] = dynamo_counters["inductor"]["fuse_attention"] - sdpa_rewrites0
-    return row
+    def finish(self) -> dict:
+        """The row: median window, losses, peak memory over --steps more steps (the variant's own:
+        what the step adds to what is allocated, plus what the variant keeps), profile."""
+        args, row = self.args, self.row
+        ms, host_ms = sorted(self.windows)[len(self.windows) // 2]
+        losses = self.losses + [t.item() for t in self.timed]
+        row.update(ms=ms, host_ms=host_ms, tokens_per_s=row["batch"] * row["seq"] / ms * 1e3,
+                   first_loss=losses[0], last_loss=losses[-1], ms_windows=[w[0] for w in self.windows],
+                   host_ms_windows=[w[1] for w in self.windows])
+        if self.cuda:
+            self.sync()
+            base = self.allocated()
+            torch.cuda.reset_peak_memory_stats()
+            for _ in range(args.steps):
+                self.step()
+            self.sync()
+            row["peak_gib"] = (torch.cuda.max_memory_allocated() - base + self.resident) / 2**30
+        if getattr(args, "profile", 0):
+            try:  # the measurement above stands whatever the profiler does
+                row["profile"] = profile_steps(self.step, args.profile, self.cuda)
+            except Exception as e:  # noqa: BLE001
+                row["profile_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        return row
+
+
+def measure(variant: str, cfg: GPTConfig, seq: int, batch: int, args) -> dict:
+    """Train `variant` for warmup + windows × steps steps at [batch, seq]; tokens/s, peak memory, losses."""
+    torch._dynamo.reset()
+    session = Session(variant, cfg, seq, batch, args)
+    for _ in range(args.windows):
+        session.window()
+    return session.finish()
 
 
 def profile_steps(step, n: int, cuda: bool, rows: int = 20) -> dict:
@@ -211,19 +240,60 @@ def profile_steps(step, n: int, cuda: bool, rows: int = 20) -> dict:
     return out
 
 
+def _failed(variant, seq, batch, e: Exception) -> dict:
+    oom = isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+    return {"seq": seq, "batch": batch, "variant": variant, "oom" if oom else "error": f"{type(e).__name__}: {str(e)[:300]}"}
+
+
+def _release(args) -> None:
+    gc.collect()  # a failure's traceback (and the variants' models) are gone by now
+    torch._dynamo.reset()
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+
+
 def run_variant(variant, cfg, seq, batch, args) -> dict:
     """measure(), with an out-of-memory or any other failure recorded instead of raised."""
     try:
         row = measure(variant, cfg, seq, batch, args)
     except Exception as e:  # noqa: BLE001 - one failing variant must not lose the rest
-        oom = isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
-        row = {"seq": seq, "batch": batch, "variant": variant,
-               "oom" if oom else "error": f"{type(e).__name__}: {str(e)[:300]}"}
-    gc.collect()  # the failure's traceback (and the variant's model) are gone by now
-    torch._dynamo.reset()
-    if args.device == "cuda":
-        torch.cuda.empty_cache()
+        row = _failed(variant, seq, batch, e)
+    _release(args)
     return row
+
+
+def run_interleaved(variants, cfg, seq, batch, args) -> list[dict]:
+    """Every variant compiled and warmed up first, then their windows in turns (window w starts
+    at variant w mod n): a slow spell of the host, or one that grows over the process's life,
+    falls on every variant alike instead of on whichever ran later."""
+    torch._dynamo.reset()
+    sessions, rows = {}, {}
+    for variant in variants:
+        t0 = time.perf_counter()
+        try:
+            sessions[variant] = Session(variant, cfg, seq, batch, args)
+        except Exception as e:  # noqa: BLE001 - one failing variant must not lose the rest
+            rows[variant] = _failed(variant, seq, batch, e)
+            gc.collect()
+        (sessions[variant].row if variant in sessions else rows[variant])["wall_s"] = time.perf_counter() - t0
+    order = list(sessions)
+    for w in range(args.windows):
+        for variant in order[w % len(order):] + order[:w % len(order)] if order else ():
+            if variant in rows:
+                continue
+            try:
+                sessions[variant].window()
+            except Exception as e:  # noqa: BLE001
+                rows[variant] = _failed(variant, seq, batch, e)
+    for variant, session in sessions.items():
+        if variant not in rows:
+            try:
+                rows[variant] = session.finish()
+            except Exception as e:  # noqa: BLE001
+                rows[variant] = _failed(variant, seq, batch, e)
+    sessions.clear()
+    _release(args)
+    return [rows[v] for v in variants]
 
 
 def run_all(args) -> list[dict]:
@@ -231,23 +301,34 @@ def run_all(args) -> list[dict]:
     rows = []
     for seq in args.seqs:
         batch = max(1, args.batch_tokens // seq)
-        for variant in args.variants:
-            t0 = time.perf_counter()
-            row = run_variant(variant, cfg, seq, batch, args)
-            row["wall_s"] = time.perf_counter() - t0
-            rows.append(row)
-            print(row_text(row), flush=True)
-            if "profile" in row:
-                prof = row["profile"]
-                print(f"profile of {variant} at seq {seq}, {prof['steps']} steps: host (self CPU) "
-                      f"{prof['host_ms_per_step']:.1f} ms a step\n{prof['host']}", flush=True)
-                if "gpu" in prof:
-                    print(f"GPU {prof['gpu_ms_per_step']:.1f} ms a step\n{prof['gpu']}", flush=True)
-            if args.partial:  # keep what is measured so far if the run is cut short
-                with open(args.partial, "w") as f:
-                    json.dump(rows, f, indent=1)
+        if args.sequential:
+            group = []
+            for variant in args.variants:
+                t0 = time.perf_counter()
+                row = run_variant(variant, cfg, seq, batch, args)
+                row["wall_s"] = time.perf_counter() - t0
+                group.append(row)
+                _report(row, rows + group, args)
+        else:
+            group = run_interleaved(args.variants, cfg, seq, batch, args)
+            for row in group:
+                _report(row, rows + group, args)
+        rows += group
     check_losses(rows)
     return rows
+
+
+def _report(row, rows, args) -> None:
+    print(row_text(row), flush=True)
+    if "profile" in row:
+        prof = row["profile"]
+        print(f"profile of {row['variant']} at seq {row['seq']}, {prof['steps']} steps: host (self CPU) "
+              f"{prof['host_ms_per_step']:.1f} ms a step\n{prof['host']}", flush=True)
+        if "gpu" in prof:
+            print(f"GPU {prof['gpu_ms_per_step']:.1f} ms a step\n{prof['gpu']}", flush=True)
+    if args.partial:  # keep what is measured so far if the run is cut short
+        with open(args.partial, "w") as f:
+            json.dump(rows, f, indent=1)
 
 
 def check_losses(rows) -> None:
@@ -286,7 +367,7 @@ def row_text(r) -> str:
     windows = "/".join(f"{w:.1f}" for w in r.get("ms_windows", ()))
     return (f"seq {r['seq']:5} {r['variant']:14} {r['tokens_per_s']:10.0f} tok/s  {r['ms']:8.1f} ms/step"
             f" (windows {windows}){peak}"
-            f"  loss {r['first_loss']:.4f}  (first step {r['first_step_s']:.1f} s, {r['wall_s']:.0f} s in all)")
+            f"  loss {r['first_loss']:.4f}  (first step {r['first_step_s']:.1f} s, {r.get('wall_s', 0):.0f} s)")
 
 
 def table(rows) -> list[str]:
@@ -343,9 +424,13 @@ def markdown(rows, env, args, cfg_line: str) -> str:
         f"{cfg_line} A step: forward under bf16 autocast with fp32 weights, cross entropy, backward, "
         f"fused AdamW, zero_grad; {args.warmup} warm-up step{'s' if args.warmup > 1 else ''} (the first compiles), then "
         f"{args.windows} windows of {args.steps} timed steps, the median window's mean step reported (± %: the "
-        f"windows' spread, (max − min) / median). Host ms/step: the time the host took to enqueue those steps; when it "
-        f"is close to ms/step, the step is host-bound. Peak: max_memory_allocated over the timed steps "
-        f"(weights, grads, AdamW state, activations). Every variant is a fresh model from the same seed.",
+        f"windows' spread, (max − min) / median). "
+        + ("Variants ran one after another. " if getattr(args, "sequential", True) else
+           "All variants of a length were compiled first; then their windows took turns. ")
+        + "Host ms/step: the time the host took to enqueue those steps; when it "
+        f"is close to ms/step, the step is host-bound. Peak: max_memory_allocated over {args.steps} more steps, "
+        f"less what was allocated before them, plus what the variant keeps between steps (weights, AdamW state, "
+        f"batch): the variant's own peak. Every variant is a fresh model from the same seed.",
         "",
         "- **eager**: the model as written (attention by hand: `q @ kᵀ · scale`, `masked_fill` from "
         "a tril buffer, softmax, `@ v`).",
@@ -416,6 +501,9 @@ def main(argv=None) -> int:
                    help="tokens per step; batch = this // seq (default 8192 on CUDA: 8×1024, 2×4096; 256 on CPU)")
     p.add_argument("--steps", type=int, default=10, help="timed steps a window")
     p.add_argument("--windows", type=int, default=3, help="windows of timed steps; the median one is reported")
+    p.add_argument("--sequential", action="store_true",
+                   help="compile and time one variant after another (default: all compiled first, then "
+                        "their windows in turns)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (the first one compiles)")
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"some of {','.join(VARIANTS)}")
     p.add_argument("--layers", type=int, default=12, help="n_layer (fewer for quick runs)")

@@ -101,3 +101,37 @@ def test_profiled_steps_report_host_time_by_operator():
     assert "aten::mm" in prof["host"] or "aten::addmm" in prof["host"]
     assert "gpu" not in prof  # CPU only
     assert "profile" not in gpt2_train.run_variant("eager", TINY, 32, 2, SimpleNamespace(**{**vars(args), "profile": 0}))
+
+
+def test_interleaved_windows_take_turns_and_a_failure_stays_in_its_row(monkeypatch):
+    """The default timing: every variant compiled first, then windows in turns, each window
+    starting one variant later; a variant that fails to build leaves an error row, not a gap."""
+    order = []
+    real_window = gpt2_train.Session.window
+
+    def window(self):
+        order.append(self.variant)
+        return real_window(self)
+
+    monkeypatch.setattr(gpt2_train.Session, "window", window)
+    args = SimpleNamespace(device="cpu", dtype="fp32", seed=0, warmup=1, steps=1, windows=3)
+    rows = gpt2_train.run_interleaved(["eager", "flashfx"], TINY, 32, 2, args)
+    assert order == ["eager", "flashfx", "flashfx", "eager", "eager", "flashfx"]
+    assert [r["variant"] for r in rows] == ["eager", "flashfx"]
+    assert all(len(r["ms_windows"]) == 3 and r["ms"] == sorted(r["ms_windows"])[1] for r in rows)
+    assert rows[1]["all_fused"]
+    gpt2_train.check_losses(rows)
+    assert rows[1]["loss_ok"]
+
+    real_init = gpt2_train.Session.__init__
+
+    def init(self, variant, *a):
+        if variant == "eager":
+            raise RuntimeError("a test failure")
+        real_init(self, variant, *a)
+
+    monkeypatch.setattr(gpt2_train.Session, "__init__", init)
+    order.clear()
+    rows = gpt2_train.run_interleaved(["eager", "flashfx"], TINY, 32, 2, args)
+    assert "a test failure" in rows[0]["error"] and "tokens_per_s" in rows[1]
+    assert order == ["flashfx"] * 3
