@@ -198,7 +198,9 @@ class Session:
             for _ in range(args.steps):
                 self.step()
             self.sync()
-            row["peak_gib"] = (torch.cuda.max_memory_allocated() - base + self.resident) / 2**30
+            added = torch.cuda.max_memory_allocated() - base
+            row.update(peak_gib=(added + self.resident) / 2**30, resident_gib=self.resident / 2**30,
+                       step_added_gib=added / 2**30)
         if getattr(args, "profile", 0):
             try:  # the measurement above stands whatever the profiler does
                 row["profile"] = profile_steps(self.step, args.profile, self.cuda)
@@ -405,6 +407,19 @@ def environment(device: str) -> dict:
     return env
 
 
+def _command_args(argv: list[str]) -> list[str]:
+    """The command's arguments as the report gives them: without where this run wrote its files."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--out-dir", "--partial"):
+            skip = True
+        elif a != "--no-doc" and not a.startswith(("--out-dir=", "--partial=")):
+            out.append(a)
+    return out
+
+
 def markdown(rows, env, args, cfg_line: str) -> str:
     ffx = [r for r in rows if r["variant"].startswith("flashfx") and "flashfx" in r]
     fused = "; ".join(f"seq {r['seq']} {r['variant']}: {r['flashfx']['summary'].removeprefix('flashfx: ')}, "
@@ -419,7 +434,7 @@ def markdown(rows, env, args, cfg_line: str) -> str:
         "",
         f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}"
         + (f", CUDA {env['cuda']}" if env.get("cuda") else "") + f"; {env['date']}; "
-        f"`{' '.join(['PYTHONPATH=. python3 benchmarks/gpt2_train.py'] + sys.argv[1:])}`.",
+        f"`{' '.join(['PYTHONPATH=. python3 benchmarks/gpt2_train.py'] + _command_args(sys.argv[1:]))}`.",
         "",
         f"{cfg_line} A step: forward under bf16 autocast with fp32 weights, cross entropy, backward, "
         f"fused AdamW, zero_grad; {args.warmup} warm-up step{'s' if args.warmup > 1 else ''} (the first compiles), then "

@@ -87,6 +87,8 @@ def test_benchmark_step_and_report(tmp_path):
     assert all(line.count("|") == text.splitlines()[0].count("|") for line in text.splitlines())
     env = {"gpu": "CPU", "torch": torch.__version__, "triton": "-", "date": "today"}
     assert "GPT-2 small" in gpt2_train.markdown(rows, env, args, "tiny config.")
+    # where a run wrote its files stays out of the report's command line
+    assert gpt2_train._command_args(["--seqs", "64", "--partial", "/x/p.json", "--out-dir=/y", "--no-doc"]) == ["--seqs", "64"]
     pytest.importorskip("matplotlib")
     gpt2_train.plot(rows, tmp_path / "plot.png", "tiny")
     assert (tmp_path / "plot.png").stat().st_size > 0
