@@ -22,8 +22,10 @@ windows of --steps steps each between CUDA events take turns, and each variant's
 window is reported (the table's "± %" is the windows' spread, (max − min) / median). Taking
 turns puts a slow spell of the host on every variant alike; --sequential times one variant
 after another instead. Peak memory is the variant's own: what --steps more steps allocate at
-most (max_memory_allocated) beyond what was allocated before them, plus what the variant keeps
-between steps (weights, AdamW state, its batch), so other variants alive alongside do not count. Before timing flashfx the script prints `flashfx.explain` and checks that every
+most (max_memory_allocated) beyond what was allocated before them, plus the storages the variant
+keeps between steps (weights, buffers, AdamW state, its batch), so other variants alive alongside
+do not count. Under CUDA graphs the graphs' memory pool is allocated before the steps and is
+missed. Before timing flashfx the script prints `flashfx.explain` and checks that every
 attention site is fused; it also checks that every variant's first-step loss agrees with the
 first variant's.
 
@@ -112,6 +114,18 @@ def explain_flashfx(model, x, y, autocast) -> dict:
             "summary": text.splitlines()[0], "explain": text}
 
 
+def own_bytes(model, opt, tensors=()) -> int:
+    """Bytes of the storages a model and its optimizer hold (parameters, buffers, optimizer
+    state) and of `tensors`, each storage counted once."""
+    held = [*model.parameters(), *model.buffers(), *tensors,
+            *(t for state in opt.state.values() for t in state.values() if isinstance(t, torch.Tensor))]
+    storages = {}
+    for t in held:
+        st = t.untyped_storage()
+        storages[st.data_ptr()] = st.nbytes()
+    return sum(storages.values())
+
+
 class Session:
     """One variant at one length, compiled and warmed up, ready for windows of timed steps."""
 
@@ -128,18 +142,18 @@ class Session:
         self.graphs = variant.endswith(CUDAGRAPHS)
         self.sync = torch.cuda.synchronize if self.cuda else (lambda: None)
 
-        self.sync()
-        before = self.allocated()
-        self.x, self.y = make_batch(batch, seq, cfg.vocab_size, device, args.seed)
         row = self.row = {"seq": seq, "batch": batch, "variant": variant}
         if variant.startswith("flashfx"):
             model, _, _ = build("eager", cfg, device, args.seed)
-            row["flashfx"] = explain_flashfx(model, self.x, self.y, self.autocast)
+            x, y = make_batch(batch, seq, cfg.vocab_size, device, args.seed)
+            row["flashfx"] = explain_flashfx(model, x, y, self.autocast)
             row["all_fused"] = row["flashfx"]["fused"] == row["flashfx"]["sites"] == cfg.n_layer
             if not row["all_fused"]:
                 print(f"flashfx fused {row['flashfx']['fused']} of {row['flashfx']['sites']} sites; "
                       f"the model has {cfg.n_layer}", flush=True)
-            del model
+            del model, x, y
+            gc.collect()
+        self.x, self.y = make_batch(batch, seq, cfg.vocab_size, device, args.seed)
 
         rewritten0 = flashfx_counters["rewritten"]
         sdpa_rewrites0 = dynamo_counters["inductor"]["fuse_attention"]
@@ -150,9 +164,10 @@ class Session:
         for _ in range(args.warmup - 1):
             self.losses.append(self.step().item())
         self.sync()
-        # what the variant keeps between steps (weights, AdamW state, its batch): its share of
-        # the memory while other variants are alive too
-        self.resident = self.allocated() - before
+        # what the variant keeps between steps: its weights, buffers, AdamW state and batch. Not
+        # the memory allocated since it was built: the first variant built also pays for what
+        # the process allocates once for all of them (0.5 GiB on the H200)
+        self.resident = own_bytes(self.model, self.opt, (self.x, self.y)) if self.cuda else 0
         self.windows: list[tuple[float, float]] = []
         self.timed: list[torch.Tensor] = []
         if variant.startswith("flashfx"):
@@ -444,8 +459,8 @@ def markdown(rows, env, args, cfg_line: str) -> str:
            "All variants of a length were compiled first; then their windows took turns. ")
         + "Host ms/step: the time the host took to enqueue those steps; when it "
         f"is close to ms/step, the step is host-bound. Peak: max_memory_allocated over {args.steps} more steps, "
-        f"less what was allocated before them, plus what the variant keeps between steps (weights, AdamW state, "
-        f"batch): the variant's own peak. Every variant is a fresh model from the same seed.",
+        f"less what was allocated before them, plus the storages the variant keeps between steps (weights, "
+        f"buffers, AdamW state, batch): the variant's own peak. Every variant is a fresh model from the same seed.",
         "",
         "- **eager**: the model as written (attention by hand: `q @ kᵀ · scale`, `masked_fill` from "
         "a tril buffer, softmax, `@ v`).",

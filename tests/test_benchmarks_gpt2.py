@@ -137,3 +137,17 @@ def test_interleaved_windows_take_turns_and_a_failure_stays_in_its_row(monkeypat
     rows = gpt2_train.run_interleaved(["eager", "flashfx"], TINY, 32, 2, args)
     assert "a test failure" in rows[0]["error"] and "tokens_per_s" in rows[1]
     assert order == ["flashfx"] * 3
+
+
+def test_own_bytes_counts_each_storage_the_variant_keeps_once():
+    # the peak's resting part: parameters (the tied embedding once), buffers, AdamW state, batch
+    model, run, opt = gpt2_train.build("eager", TINY, "cpu", 0)
+    x, y = _batch()
+    gpt2_train.train_step(run, opt, x, y, lambda: torch.autocast("cpu", enabled=False))
+    params = {p.untyped_storage().data_ptr(): p.nbytes for p in model.parameters()}
+    assert model.lm_head.weight.untyped_storage().data_ptr() in params  # tied: one storage
+    buffers = sum(b.nbytes for b in model.buffers())
+    state = sum(t.nbytes for s in opt.state.values() for t in s.values())
+    assert state >= 2 * sum(params.values())  # exp_avg and exp_avg_sq
+    want = sum(params.values()) + buffers + state + x.nbytes + y.nbytes
+    assert gpt2_train.own_bytes(model, opt, (x, y)) == want
