@@ -31,6 +31,11 @@ from flashfx.runtime import cpu, gpu
 
 def check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
     """Shapes the op accepts, checked before any kernel runs."""
+    qs, ks = q.shape, k.shape
+    # every call checks: the common case in one expression, the messages below on a failure
+    if (len(qs) == 4 and len(ks) == 4 and v.shape == ks and qs[0] == ks[0] and qs[3] == ks[3]
+            and 1 <= qs[3] <= 256 and ks[1] and not qs[1] % ks[1] and q.dtype == k.dtype == v.dtype):
+        return
     if not (q.dim() == k.dim() == v.dim() == 4):
         raise ValueError(f"flashfx: q, k, v must be 4-D [B, H, N, D], got ranks {q.dim()}, {k.dim()}, {v.dim()}")
     B, H, Nq, D = q.shape
@@ -49,6 +54,8 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
 
 def _broadcast_operands(operands, q, k) -> list[Tensor]:
     """Views of each operand broadcast to [B, H, Nq, Nk] (stride 0 on broadcast dims)."""
+    if not operands:
+        return []
     B, H, Nq, _ = q.shape
     Nk = k.shape[2]
     views = []
@@ -68,7 +75,7 @@ def _broadcast_operands(operands, q, k) -> list[Tensor]:
 
 def uses_triton(q: Tensor) -> bool:
     """Whether calls on tensors like `q` run the generated Triton kernels."""
-    return q.device.type == "cuda" or (config.cpu_kernel == "triton" and gpu.interpreting())
+    return q.is_cuda or (config.cpu_kernel == "triton" and gpu.interpreting())
 
 
 # ---- registration -----------------------------------------------------------------------

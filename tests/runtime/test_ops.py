@@ -5,6 +5,7 @@ import torch
 
 from flashfx import config
 from flashfx.ir import ScoreOp, ScoreProgram
+from flashfx.runtime import ops
 
 PROGRAM = ScoreProgram((ScoreOp("scale", None, 0.25), ScoreOp("bias", 0)), "bottom_right").encode()
 # a positive scale and infinite masks: the op saves one plane of row statistics, not two
@@ -186,3 +187,27 @@ def test_kernel_ops_compute_the_op_and_carry_no_gradient():
     with pytest.warns(UserWarning, match="autograd kernel was not registered"):
         torch.ops.flashfx.attention_kernel.default(qg, k, v, [], enc)[0].sum().backward()
     assert qg.grad is None
+
+
+@pytest.mark.parametrize("q_shape, k_shape, v_shape, dtypes, message", [
+    ((2, 4, 8, 16), (2, 4, 8), (2, 4, 8), None, "must be 4-D"),
+    ((2, 4, 8, 16), (2, 4, 8, 32), (2, 4, 8, 32), None, "head dims of q, k, v differ"),
+    ((2, 4, 8, 16), (2, 4, 8, 16), (2, 4, 9, 16), None, "do not fit"),
+    ((2, 4, 8, 16), (3, 4, 8, 16), (3, 4, 8, 16), None, "do not fit"),
+    ((2, 4, 8, 16), (2, 4, 8, 16), (2, 4, 8, 16), (torch.float32, torch.float16, torch.float32), "dtypes differ"),
+    ((2, 6, 8, 16), (2, 4, 8, 16), (2, 4, 8, 16), None, "cannot share"),
+    ((1, 1, 4, 288), (1, 1, 4, 288), (1, 1, 4, 288), None, "outside 1..256"),
+])
+def test_bad_shapes_and_dtypes_get_a_clear_error(q_shape, k_shape, v_shape, dtypes, message):
+    dtypes = dtypes or (torch.float32,) * 3
+    q, k, v = (torch.randn(s, dtype=d) for s, d in zip((q_shape, k_shape, v_shape), dtypes))
+    with pytest.raises(ValueError, match=message):
+        torch.ops.flashfx.attention(q, k, v, [], ScoreProgram().encode())
+
+
+def test_accepted_shapes_pass_the_checks():
+    # GQA (8 query heads on 2 K/V heads), cross attention (Nq != Nk), head dims 1 and 256
+    for q_shape, k_shape in (((2, 8, 5, 16), (2, 2, 7, 16)), ((1, 2, 3, 1), (1, 2, 4, 1)),
+                             ((1, 1, 2, 256), (1, 1, 2, 256))):
+        q, k = torch.randn(q_shape), torch.randn(k_shape)
+        ops.check_inputs(q, k, torch.randn(k_shape))
