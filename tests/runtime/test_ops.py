@@ -72,7 +72,12 @@ def test_stats_are_the_log_sum_exp(kernel, program, monkeypatch):
 
 
 def test_gradcheck_chunked_float64():
-    q, k, v, xs = _inputs(torch.float64)
+    # small (every input element is perturbed twice), with GQA, Nq != Nk and the bias operand
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 7, 4, 8, generator=g, dtype=torch.float64).transpose(1, 2).requires_grad_()
+    k, v = (torch.randn(1, 9, 2, 8, generator=g, dtype=torch.float64).transpose(1, 2).requires_grad_()
+            for _ in range(2))
+    xs = [torch.randn(1, 4, 1, 9, generator=g, dtype=torch.float64)]
     f = lambda q, k, v: torch.ops.flashfx.attention(q, k, v, xs, PROGRAM)[0]  # noqa: E731
     assert torch.autograd.gradcheck(f, (q, k, v), eps=1e-6, atol=1e-5)
 
