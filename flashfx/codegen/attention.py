@@ -197,20 +197,30 @@ def _log2_units(diff: str, folded: bool) -> str:
     return diff if folded else f"({diff}) * LOG2E"
 
 
-def _stats_lines(bh: str, folded: bool, lazy: float | None = None) -> list[str]:
+def _stats_lines(bh: str, folded: bool, lazy: float | None = None, full: bool = False,
+                 finite: bool = False) -> list[str]:
     """Load the forward's row statistics, in the kernel's score units (ScoreProgram.stats_planes:
-    one plane, the log-sum-exp, exactly when the scale is applied late)."""
+    one plane, the log-sum-exp, exactly when the scale is applied late). `full`: every row of
+    the block is a query (no bounds mask). `finite`: every row of the block saw a key, so no
+    statistic is -inf (no fix-up): a full block that sees all of its keys, under a program
+    that masks nothing by value."""
+    mask = "" if full else ", mask=m_ok, other=float('inf')"
     if lazy:
+        if finite:
+            return [f"lse = tl.load(Stats + {bh} * N_Q + offs_m) * LOG2E  # log2 units; every row saw a key"]
         return [
-            f"lse = tl.load(Stats + {bh} * N_Q + offs_m, mask=m_ok, other=float('inf'))",
+            f"lse = tl.load(Stats + {bh} * N_Q + offs_m{mask})",
             "# rows that saw no key (lse = -inf) and padded rows: +inf makes their p exactly 0",
             "lse = tl.where(lse == float('-inf'), float('inf'), lse) * LOG2E  # log2 units",
         ]
-    return [
-        f"rowmax = tl.load(Stats + {bh} * N_Q + offs_m, mask=m_ok, other=float('inf'))",
+    scale = " * LOG2E" if folded else ""
+    fix = ([f"rowmax = rowmax{scale}  # every row saw a key"] if finite else [
         "# rows that saw no key (rowmax = -inf) and padded rows: +inf makes their p exactly 0",
-        "rowmax = tl.where(rowmax == float('-inf'), float('inf'), rowmax)" + (" * LOG2E" if folded else ""),
-        f"logsum = tl.load(Stats + STATS_PLANE + {bh} * N_Q + offs_m, mask=m_ok, other=0.0) * LOG2E",
+        f"rowmax = tl.where(rowmax == float('-inf'), float('inf'), rowmax){scale}"])
+    return [
+        f"rowmax = tl.load(Stats + {bh} * N_Q + offs_m{mask})",
+        *fix,
+        f"logsum = tl.load(Stats + STATS_PLANE + {bh} * N_Q + offs_m{'' if full else ', mask=m_ok, other=0.0'}) * LOG2E",
     ]
 
 
@@ -320,6 +330,12 @@ def _group_run(start: str, count: str, body: str) -> str:
     ])
 
 
+def _masks_nothing(prog) -> bool:
+    """No score op can hide a key from a query (only constant scales): a row that sees its keys
+    structurally has a finite row statistic."""
+    return all(op.name == "scale" and op.operand is None for op in prog.ops)
+
+
 def _keep_lines(bh: str, ax: _Axes = _QK) -> list[str]:
     """`keep`: which probabilities of this tile dropout keeps, from a counter-based RNG (Philox)
     at the score's global index, so the backward regenerates exactly the forward's mask."""
@@ -344,8 +360,8 @@ def _bwd_step(prog, ops, folded, masked: bool, want: str, grad_operands: tuple =
         ], [
             "q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=q_ok, other=0.0)",
             "do = tl.load(dOut + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gm + offs_d[None, :] * stride_gd, mask=q_ok, other=0.0)",
-        ]) + _stats_lines("bh", folded, lazy) + [
-            "delta = tl.load(Delta + bh * N_Q + offs_m, mask=m_ok, other=0.0)",
+        ]) + _stats_lines("bh", folded, lazy, full=not masked, finite=not masked and _masks_nothing(prog)) + [
+            "delta = tl.load(Delta + bh * N_Q + offs_m{})".format(", mask=m_ok, other=0.0" if masked else ""),
         ]
     else:  # Q, dO held; load this K/V block's rows
         lines = [

@@ -125,6 +125,44 @@ def test_interpreted_dkdv_keys_down(prog, tiles):
     _run(2, 4, 2, 40, 70, 24, torch.float32, program, "cpu", dkdv=KernelTiles(*tiles, 4, 1, 0, keys_down=True))
 
 
+@pytest.mark.parametrize("keys_down", [True, False], ids=["keys_down", "queries_down"])
+@pytest.mark.parametrize("prog", ["bottom_right", "causal", "scale_keep"])
+def test_interpreted_dkdv_full_blocks_after_rows_that_see_nothing(prog, keys_down):
+    # Nq > Nk, bottom-right: the first 30 rows see no key (-inf statistics, zero gradients),
+    # and each key block has query blocks past the diagonal that see all of it, which dK/dV
+    # runs without bounds masks, and, under a program that masks nothing by value, without the
+    # fix-up for -inf statistics; with an operand mask (scale_keep) those rows keep it
+    if torch.cuda.is_available():
+        pytest.skip("covered by the gpu tests")
+    program = {**PROGRAMS, **LATE_SCALE}[prog]
+    _run(1, 2, 1, 100, 70, 16, torch.float32, program, "cpu", dkdv=KernelTiles(16, 16, 4, 1, 0, keys_down=keys_down))
+
+
+@pytest.mark.parametrize("keys_down", [True, False], ids=["keys_down", "queries_down"])
+def test_interpreted_dkdv_rows_an_operand_hides_entirely(keys_down):
+    # rows 60..69 see no key through the keep mask, inside query blocks that see the whole
+    # first key block structurally: their -inf statistics still need the fix-up there
+    if torch.cuda.is_available():
+        pytest.skip("covered by the gpu tests")
+    gen = torch.Generator().manual_seed(3)
+    q, dout = (torch.randn(1, 100, 2, 16, generator=gen).transpose(1, 2) for _ in range(2))
+    k, v = (torch.randn(1, 70, 1, 16, generator=gen).transpose(1, 2) for _ in range(2))
+    keep = torch.rand(1, 1, 100, 70, generator=gen) > 0.25
+    keep[..., 60:70, :] = False
+    # scale_keep reads operand 1 (operand 0, a bias, is unused by it)
+    prog = LATE_SCALE["scale_keep"]
+    xs = [torch.randn(1, 2, 100, 70, generator=gen), keep.expand(1, 2, 100, 70)]
+    tiles = dataclasses.replace(gpu.tile_plan(q, k, prog), bwd_dkdv=KernelTiles(16, 16, 4, 1, 0, keys_down=keys_down))
+    out, stats = gpu.forward(q, k, v, xs, prog)
+    dq, dk, dv = gpu.backward(dout, q, k, v, out, stats, xs, prog, tiles=tiles)
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref = reference_attention(q64, k64, v64, xs, prog)
+    ref.backward(dout.double())
+    for name, got, want in (("out", out, ref), ("dq", dq, q64.grad), ("dk", dk, k64.grad), ("dv", dv, v64.grad)):
+        assert torch.isfinite(got).all(), name
+        assert ((got.double() - want).norm() / want.norm()).item() < 1e-5, name
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("tiles", [(32, 64, 4, 3), (64, 64, 4, 2), (32, 128, 8, 3)], ids=str)
 @pytest.mark.parametrize("D", [64, 128])

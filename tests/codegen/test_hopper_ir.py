@@ -5,6 +5,7 @@ compile runs in a child process: this one's Triton may be in interpreter mode, a
 modes do not mix in one process.
 """
 
+import functools
 import re
 
 import pytest
@@ -15,6 +16,7 @@ from tests.compiled import in_child
 pytest.importorskip("triton")
 
 
+@functools.lru_cache(maxsize=None)  # a compile takes seconds: tests asking alike share it
 def _dkdv_ttgir(prog: ScoreProgram, head_dim: int = 64, tma: bool = True, keys_down: bool = False) -> str:
     """The dK/dV kernel's TTGIR for sm_90, from a child process without TRITON_INTERPRET."""
     result = in_child("tests.codegen.test_hopper_ir:compile_dkdv", prog.encode(), head_dim, tma, keys_down)
@@ -71,3 +73,15 @@ def test_dkdv_products_take_p_and_ds_from_registers(tma):
     assert loops, "no key loop with Hopper matrix products"
     for body in loops:
         assert not re.search(r"local_alloc %", body), body
+
+
+@pytest.mark.parametrize("keys_down", [False, True], ids=["queries_down", "keys_down"])
+def test_dkdv_full_blocks_read_row_statistics_as_they_are(keys_down):
+    # the run of query blocks that see the whole key block reads lse and Δ without bounds
+    # masks and, under a program that masks nothing by value, without the fix-up for rows that
+    # saw no key (a compare and a select per statistic; with keys down each thread holds a
+    # dozen statistics of a tile, and the loop lost 40% of its SASS instructions to them)
+    prog = ScoreProgram((ScoreOp("scale", None, 0.125),), "top_left")
+    loops = [b for b in _loops(_dkdv_ttgir(prog, tma=True, keys_down=keys_down)) if "warp_group_dot" in b]
+    assert len(loops) == 3  # the diagonal run (masked), the full run, the ragged end (masked)
+    assert ["arith.cmpf" in b for b in loops] == [True, False, True]
