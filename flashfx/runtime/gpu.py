@@ -429,17 +429,22 @@ def backward(dout, q, k, v, out, stats, operands, program: ScoreProgram, tiles: 
     large as the scores only while a bias that requires grad is being differentiated.
     """
     wanted = tuple(sorted(operand_grads or {}))
-    tensors = (dout, q, k, v, out, stats, operands, seed)
+
+    def make(p: TilePlan) -> Callable:
+        return _backward_call(dout, q, k, v, out, stats, operands, program, wanted, p)
+
+    def run(call: Callable):
+        return call(dout, q, k, v, out, stats, operands, seed)
+
     if tiles is not None:
-        dq, dk, dv, d_bufs = _backward_call(*tensors[:-1], program, wanted, tiles)(*tensors)
+        dq, dk, dv, d_bufs = run(make(tiles))
     else:
         key = _signature("bwd", program, (q, k, v, dout, out), operands, tuple(sorted((operand_grads or {}).items())))
         call = _recipes.get(key)
         if call is not None:
-            dq, dk, dv, d_bufs = call(*tensors)
+            dq, dk, dv, d_bufs = run(call)
         else:
-            dq, dk, dv, d_bufs = _planned(key, lambda p: _backward_call(*tensors[:-1], program, wanted, p),
-                                          lambda call: call(*tensors), q, k, program, operands, ("dkdv", "dq"),
+            dq, dk, dv, d_bufs = _planned(key, make, run, q, k, program, operands, ("dkdv", "dq"),
                                           "+grad" + ",".join(map(str, wanted)) if wanted else "")
     if operand_grads is None:
         return dq, dk, dv
