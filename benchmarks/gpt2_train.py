@@ -126,7 +126,7 @@ def own_bytes(model, opt, tensors=()) -> int:
     return sum(storages.values())
 
 
-class Session:
+class VariantRun:
     """One variant at one length, compiled and warmed up, ready for windows of timed steps."""
 
     def __init__(self, variant: str, cfg: GPTConfig, seq: int, batch: int, args):
@@ -227,10 +227,10 @@ class Session:
 def measure(variant: str, cfg: GPTConfig, seq: int, batch: int, args) -> dict:
     """Train `variant` for warmup + windows × steps steps at [batch, seq]; tokens/s, peak memory, losses."""
     torch._dynamo.reset()
-    session = Session(variant, cfg, seq, batch, args)
+    vrun = VariantRun(variant, cfg, seq, batch, args)
     for _ in range(args.windows):
-        session.window()
-    return session.finish()
+        vrun.window()
+    return vrun.finish()
 
 
 def profile_steps(step, n: int, cuda: bool, rows: int = 20) -> dict:
@@ -284,31 +284,31 @@ def run_interleaved(variants, cfg, seq, batch, args) -> list[dict]:
     at variant w mod n): a slow spell of the host, or one that grows over the process's life,
     falls on every variant alike instead of on whichever ran later."""
     torch._dynamo.reset()
-    sessions, rows = {}, {}
+    runs, rows = {}, {}
     for variant in variants:
         t0 = time.perf_counter()
         try:
-            sessions[variant] = Session(variant, cfg, seq, batch, args)
+            runs[variant] = VariantRun(variant, cfg, seq, batch, args)
         except Exception as e:  # noqa: BLE001 - one failing variant must not lose the rest
             rows[variant] = _failed(variant, seq, batch, e)
             gc.collect()
-        (sessions[variant].row if variant in sessions else rows[variant])["wall_s"] = time.perf_counter() - t0
-    order = list(sessions)
+        (runs[variant].row if variant in runs else rows[variant])["wall_s"] = time.perf_counter() - t0
+    order = list(runs)
     for w in range(args.windows):
         for variant in order[w % len(order):] + order[:w % len(order)] if order else ():
             if variant in rows:
                 continue
             try:
-                sessions[variant].window()
+                runs[variant].window()
             except Exception as e:  # noqa: BLE001
                 rows[variant] = _failed(variant, seq, batch, e)
-    for variant, session in sessions.items():
+    for variant, vrun in runs.items():
         if variant not in rows:
             try:
-                rows[variant] = session.finish()
+                rows[variant] = vrun.finish()
             except Exception as e:  # noqa: BLE001
                 rows[variant] = _failed(variant, seq, batch, e)
-    sessions.clear()
+    runs.clear()
     _release(args)
     return [rows[v] for v in variants]
 

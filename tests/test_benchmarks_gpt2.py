@@ -109,13 +109,13 @@ def test_interleaved_windows_take_turns_and_a_failure_stays_in_its_row(monkeypat
     """The default timing: every variant compiled first, then windows in turns, each window
     starting one variant later; a variant that fails to build leaves an error row, not a gap."""
     order = []
-    real_window = gpt2_train.Session.window
+    real_window = gpt2_train.VariantRun.window
 
     def window(self):
         order.append(self.variant)
         return real_window(self)
 
-    monkeypatch.setattr(gpt2_train.Session, "window", window)
+    monkeypatch.setattr(gpt2_train.VariantRun, "window", window)
     args = SimpleNamespace(device="cpu", dtype="fp32", seed=0, warmup=1, steps=1, windows=3)
     rows = gpt2_train.run_interleaved(["eager", "flashfx"], TINY, 32, 2, args)
     assert order == ["eager", "flashfx", "flashfx", "eager", "eager", "flashfx"]
@@ -125,14 +125,14 @@ def test_interleaved_windows_take_turns_and_a_failure_stays_in_its_row(monkeypat
     gpt2_train.check_losses(rows)
     assert rows[1]["loss_ok"]
 
-    real_init = gpt2_train.Session.__init__
+    real_init = gpt2_train.VariantRun.__init__
 
     def init(self, variant, *a):
         if variant == "eager":
             raise RuntimeError("a test failure")
         real_init(self, variant, *a)
 
-    monkeypatch.setattr(gpt2_train.Session, "__init__", init)
+    monkeypatch.setattr(gpt2_train.VariantRun, "__init__", init)
     order.clear()
     rows = gpt2_train.run_interleaved(["eager", "flashfx"], TINY, 32, 2, args)
     assert "a test failure" in rows[0]["error"] and "tokens_per_s" in rows[1]
