@@ -359,11 +359,13 @@ def _planned(key, make: Callable[[TilePlan], Callable], run: Callable[[Callable]
 def forward(q, k, v, operands, program: ScoreProgram, tiles: TilePlan | None = None, seed=None):
     """(out [B, H, Nq, D], stats [program.stats_planes, B, H, Nq] fp32) via the forward kernel."""
     if tiles is not None:
-        return _forward_call(q, k, v, operands, program, tiles)(q, k, v, operands, seed)
-    key = _signature("fwd", program, (q, k, v), operands, FWD_SPLITS)
-    call = _recipes.get(key)
+        call = _forward_call(q, k, v, operands, program, tiles)
+    else:
+        key = _signature("fwd", program, (q, k, v), operands, FWD_SPLITS)
+        call = _recipes.get(key)
     if call is not None:
         return call(q, k, v, operands, seed)
+    # the signature's first call
     return _planned(key, lambda p: _forward_call(q, k, v, operands, program, p),
                     lambda call: call(q, k, v, operands, seed), q, k, program, operands, ("fwd",))
 
@@ -429,23 +431,18 @@ def backward(dout, q, k, v, out, stats, operands, program: ScoreProgram, tiles: 
     large as the scores only while a bias that requires grad is being differentiated.
     """
     wanted = tuple(sorted(operand_grads or {}))
-
-    def make(p: TilePlan) -> Callable:
-        return _backward_call(dout, q, k, v, out, stats, operands, program, wanted, p)
-
-    def run(call: Callable):
-        return call(dout, q, k, v, out, stats, operands, seed)
-
     if tiles is not None:
-        dq, dk, dv, d_bufs = run(make(tiles))
+        call = _backward_call(dout, q, k, v, out, stats, operands, program, wanted, tiles)
     else:
         key = _signature("bwd", program, (q, k, v, dout, out), operands, tuple(sorted((operand_grads or {}).items())))
         call = _recipes.get(key)
-        if call is not None:
-            dq, dk, dv, d_bufs = run(call)
-        else:
-            dq, dk, dv, d_bufs = _planned(key, make, run, q, k, program, operands, ("dkdv", "dq"),
-                                          "+grad" + ",".join(map(str, wanted)) if wanted else "")
+    if call is not None:
+        dq, dk, dv, d_bufs = call(dout, q, k, v, out, stats, operands, seed)
+    else:  # the signature's first call
+        dq, dk, dv, d_bufs = _planned(
+            key, lambda p: _backward_call(dout, q, k, v, out, stats, operands, program, wanted, p),
+            lambda call: call(dout, q, k, v, out, stats, operands, seed), q, k, program, operands,
+            ("dkdv", "dq"), "+grad" + ",".join(map(str, wanted)) if wanted else "")
     if operand_grads is None:
         return dq, dk, dv
     d_ops = {}
