@@ -81,8 +81,10 @@ def test_choices_against_the_long_sequence_sweep():
     d=128 there, 0.878 of the best (128x128, 8 warps, 3 stages)."""
     cases, s = _replay("planner_sweep_long.json")
     assert len(cases) == 6 and {c.n for c in cases} == {16384}
-    # it timed queries-down dK/dV only: the measured keys-down choice at d=128 causal is not in it
-    assert [k for _, k in s["untimed"]] == ["dkdv"]
+    # it timed queries-down dK/dV only: the measured keys-down choices (d=128 causal MHA, d=64
+    # MHA) are not in it
+    assert s["untimed"] == [("D=64 N=16384 full MHA", "dkdv"), ("D=64 N=16384 causal MHA", "dkdv"),
+                            ("D=128 N=16384 causal MHA", "dkdv")]
     assert s["fwd_median"] >= 0.95 and s["fwd_min"] >= 0.95
     assert s["bwd_median"] >= 0.95 and s["bwd_min"] >= 0.9
 
@@ -142,9 +144,28 @@ def test_dkdv_keys_down_where_measured_only(n, bh):
                   dict(shape, products=3)):
         assert plan(128, 2, h200, **other).bwd_dkdv == candidates("dkdv", 128, 2, h200, k=30, **other)[0]
         assert not plan(128, 2, h200, **other).bwd_dkdv.keys_down or other.get("group", 1) == 1
-    assert not plan(64, 2, h200, **shape).bwd_dkdv.keys_down
     assert not plan(128, 4, h200, **shape).bwd_dkdv.keys_down
     assert not plan(128, 2, KNOWN["A100"], **shape).bwd_dkdv.keys_down
+
+
+@pytest.mark.parametrize("n, bh", [(1024, 512), (4096, 24), (4096, 128), (16384, 32)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_dkdv_keys_down_64x64_at_d64_mha(n, bh, causal):
+    """MHA at d=64, 16-bit, on wgmma GPUs, with or without a causal mask: dK/dV keys down 64x64,
+    4 warps, 3 stages (plan._MEASURED), ahead of the model's queries-down 64x64; GQA, fp32
+    inputs, score operands and sm8x keep the model's ranking."""
+    shape = dict(n_q=n, n_k=n, causal=causal, batch_heads=bh)
+    for g in (KNOWN["H200"], KNOWN["H100"]):
+        t = plan(64, 2, g, **shape).bwd_dkdv
+        assert (t.block_m, t.block_n, t.num_warps, t.num_stages, t.keys_down) == (64, 64, 4, 3, True)
+        assert candidates("dkdv", 64, 2, g, k=1, **shape)[0] == t
+        assert "keys down" in plan(64, 2, g, **shape).summary()
+    h200 = KNOWN["H200"]
+    for other in (dict(shape, group=4), dict(shape, operand_bytes=2), dict(shape, products=3)):
+        assert plan(64, 2, h200, **other).bwd_dkdv == candidates("dkdv", 64, 2, h200, k=30, **other)[0]
+    assert not plan(64, 4, h200, **shape).bwd_dkdv.keys_down
+    assert not plan(64, 2, KNOWN["A100"], **shape).bwd_dkdv.keys_down
+    assert plan(64, 2, h200, **shape).fwd == candidates("fwd", 64, 2, h200, k=1, **shape)[0]
 
 
 def test_plan_for_an_absent_gpu():
