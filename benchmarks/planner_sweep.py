@@ -262,8 +262,14 @@ class Launch:
 
 
 class _Recorder:
+    """Stands in for a kernel: `[grid](...)` records the launch; anything else the runtime asks
+    of the kernel (its `arg_names`, to place tensor descriptors) is the kernel's."""
+
     def __init__(self, fn, into: dict, name: str):
         self.fn, self.into, self.name = fn, into, name
+
+    def __getattr__(self, name):
+        return getattr(self.fn, name)
 
     def __getitem__(self, grid):
         def record(*args, **kwargs):

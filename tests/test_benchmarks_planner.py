@@ -69,6 +69,26 @@ def test_recorded_launch_replays_the_runtime(monkeypatch):
     assert [p.fn for p in prep] == [case.module._attn_bwd_dq] and launch.fn is case.module._attn_bwd_dkdv
 
 
+def test_recorder_stands_in_where_tiles_are_read_through_descriptors(monkeypatch):
+    """On a GPU with tensor descriptors the runtime reads the kernel's `arg_names` to place them
+    (gpu._launch): the recorder answers for its kernel, and records the launch with K and V as
+    descriptors. (Before, every GPU compile job of the sweep failed there.)"""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from flashfx.planner import hardware
+    from flashfx.runtime import gpu
+
+    monkeypatch.setattr(gpu, "_tma_allowed", lambda device: True)
+    shape = planner_sweep.Shape(16, 32, 1, 2, 2, False)
+    base, _ = planner_sweep.planner_plan(shape, hardware.INTERPRETER, 2, interpret=True)
+    case = planner_sweep.Case(shape, base, "cpu", torch.float16, run_forward=False)
+    launch, _ = case.launch("fwd", (32, 16, 4, 2))
+    assert launch.kwargs["TMA"] is True and launch.fn is case.module._attn_fwd
+    assert [type(a) for a in launch.args[5:7]] == [TensorDescriptor, TensorDescriptor]  # KDesc, VDesc
+    launch, prep = case.launch("dkdv", (16, 16, 4, 1))
+    assert launch.kwargs["TMA"] is True and [p.fn for p in prep] == [case.module._attn_bwd_dq]
+
+
 def test_sweep_tiny_interpreted_with_a_worker(tmp_path, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert planner_sweep.main(["--tiny", "--jobs", "1", "--families", "causal-gqa2", "--out-dir", str(tmp_path)]) == 0
