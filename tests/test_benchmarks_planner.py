@@ -125,13 +125,15 @@ def test_replan_scores_a_recorded_sweep_with_the_current_planner(tmp_path):
 
 def test_replan_leaves_choices_the_sweep_never_timed_out_of_the_ratios(tmp_path):
     # docs/planner_sweep_long.json timed queries-down dK/dV only; the planner now picks keys down
-    # at d=128 causal: that shape's backward has no ratio (not a 0), and the summary says why
+    # at d=128 causal and d=64 MHA: those shapes' backward has no ratio (not a 0), and the
+    # summary says why
     recorded = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
                             "planner_sweep_long.json")
     assert planner_sweep.main(["--replan", recorded, "--out-dir", str(tmp_path)]) == 0
     after = json.loads((tmp_path / "planner_sweep.json").read_text())
-    assert after["summary"]["untimed"] == ["D=128 N=16384 causal MHA dkdv"]
-    assert after["summary"]["bwd"]["n"] == 5 and after["summary"]["bwd"]["min"] > 0.9
+    assert after["summary"]["untimed"] == ["D=64 N=16384 full MHA dkdv", "D=64 N=16384 causal MHA dkdv",
+                                           "D=128 N=16384 causal MHA dkdv"]
+    assert after["summary"]["bwd"]["n"] == 3 and after["summary"]["bwd"]["min"] > 0.9
     row = next(r for r in after["rows"] if r["label"] == "D=128 N=16384 causal MHA")
     assert "bwd_ratio" not in row and row["untimed"] == ["dkdv"] and "fwd_ratio" in row
     assert "left out of the ratios" in (tmp_path / "planner_sweep.md").read_text()
