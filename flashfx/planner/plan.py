@@ -163,10 +163,11 @@ def _ranked(kernel: str, shape: cost.Shape, gpu: GPU, cal: cost.Calibration | No
 #
 # dK/dV, MHA at d=64, 16-bit inputs, wgmma, causal or not: keys down 64x64, 4 warps, 3 stages.
 # Once full query blocks read their row statistics unmasked (keys down holds a dozen of them a
-# thread), it took 0.95-0.99 of the model's queries-down 64x64 backward at N = 1024, 4096 and
-# 16384, both masks, and 0.97 at GPT-2's layer shape (B=2, H=12, N=4096, q/k/v views of one
-# projection); never more than 1.002 (H200, one process, configs taking turns; docs/benchmarks.md,
-# "dK/dV keys down at D=64"). The sweep in docs/planner_sweep.json predates that change.
+# thread), the whole backward took 0.953-1.002 of the time of the model's queries-down 64x64
+# at N = 1024, 4096 and 16384, both masks, and 0.972 at GPT-2's layer shape (B=2, H=12, N=4096,
+# q/k/v views of one projection) (H200, one process, configs taking turns; docs/benchmarks.md,
+# "dK/dV keys down at D=64, chosen by the planner"). docs/planner_sweep.json predates that
+# change; docs/planner_sweep_d64mha.json was swept after it.
 _MEASURED = {
     ("dkdv", "wgmma", 2, 128, True, "mha"): (32, 64, 4, 3, True),
     ("dkdv", "wgmma", 2, 64, True, "mha"): (64, 64, 4, 3, True),
