@@ -207,7 +207,7 @@ def _stats_lines(bh: str, folded: bool, lazy: float | None = None, full: bool = 
     mask = "" if full else ", mask=m_ok, other=float('inf')"
     if lazy:
         if finite:
-            return [f"lse = tl.load(Stats + {bh} * N_Q + offs_m) * LOG2E  # log2 units; every row saw a key"]
+            return [f"lse = tl.load(Stats + {bh} * N_Q + offs_m{mask}) * LOG2E  # log2 units; every row saw a key"]
         return [
             f"lse = tl.load(Stats + {bh} * N_Q + offs_m{mask})",
             "# rows that saw no key (lse = -inf) and padded rows: +inf makes their p exactly 0",
