@@ -1,0 +1,248 @@
+"""The forward on Hopper (sm_90), written in Gluon: warp-specialized, FlashAttention 3's way.
+
+    attn_fwd   O = softmax(scale · Q Kᵀ [causal]) V and the log-sum-exp     grid (Nq/2BM, B·H)
+
+A program holds 2·BM query rows and has three partitions:
+
+- a producer warp streams K and V blocks into a ring of STAGES shared-memory stages through
+  tensor descriptors (TMA), each stage's K and V with their own "ready" and "empty" barriers;
+- two consumer warpgroups each own BM of the rows. Block j's Q·Kᵀ is issued, then block j−1's
+  P·V, and the softmax of block j runs while P·V is still on the tensor cores (the overlap inside
+  a warpgroup). A consumer frees a stage's K as soon as its Q·Kᵀ is done and its V after P·V;
+  the stage's "empty" barrier counts both consumers, and neither waits for the other.
+
+Triton's own pipeliner cannot order the products this way (it waits for a product right after
+issuing it unless the result crosses an iteration; docs/benchmarks.md, "Tried and not
+landed"), and its automatic warp specialization did not apply to these loops under Triton 3.6.
+
+The programs it covers are the common ones: a positive scale, optionally a causal mask (top
+left, or bottom right with at least as many keys as queries, so that every row sees a key), no
+other score ops, no operands, no dropout; 16-bit inputs, head dim 128, tensors the copy engine
+can read. Everything else takes the generated Triton forward (`supports` says why). Row
+statistics are saved as the generated forward saves them for such programs: one plane, the
+log-sum-exp in natural-log units (ScoreProgram.stats_planes).
+
+Key blocks come in two loops per consumer: blocks all of its rows see whole, then the rest (the
+causal diagonal, the ragged end of Nk) under the masks. Block 0 always takes the masks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flashfx.ir import ScoreProgram
+
+try:  # Gluon: Triton ≥ 3.5. Without it this forward is never chosen.
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
+                                                                   warpgroup_mma, warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    gluon = None
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+CAUSAL_CODE = {None: 0, "top_left": 1, "bottom_right": 2}
+
+# The measured configuration (H200, docs/benchmarks.md, "The warp-specialized forward"):
+# 2 x 64 query rows a program, 128-key blocks, 2 stages (64 KB each at D=128), consumers at 240
+# registers a thread and the producer at 24, under a kernel limit of 168 (12 warps x 32 x 168
+# fills the register file).
+BLOCK_M = 64  # rows per consumer warpgroup; a program holds two
+BLOCK_N = 128
+STAGES = 2
+CONSUMER_REGS = 240
+PRODUCER_REGS = 24
+MAXNREG = 168
+HEAD_DIMS = (128,)
+
+
+def supports(program: ScoreProgram, dtype: torch.dtype, device: torch.device, head_dim: int, n_q: int,
+             n_k: int) -> str | None:
+    """None when this forward computes the call; else why not, in words. (Whether the tensors'
+    layout lets the copy engine read them is the launch's to check.)"""
+    if gluon is None:
+        return "this Triton has no Gluon"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return "inputs are not fp16/bf16"
+    if head_dim not in HEAD_DIMS:
+        return f"head dim {head_dim}, measured at {', '.join(map(str, HEAD_DIMS))} only"
+    ops = program.ops
+    if len(ops) != 1 or ops[0].name != "scale" or not ops[0].const > 0 or program.dropout:
+        return "score program is more than a positive scale and a causal mask"
+    if program.causal == "bottom_right" and n_k < n_q:
+        return "bottom-right causal mask with fewer keys than queries (rows that see no key)"
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
+        return "not an sm_90 GPU"
+    return None
+
+
+def describe(t: torch.Tensor, shape: list, strides: list, box: list):
+    """A Gluon tensor descriptor reading [1, 1, rows, D] boxes of the 4-D view t."""
+    dtype = gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
+    layout = gl.NVMMASharedLayout.get_default_for(box, dtype)
+    return TensorDescriptor(t, shape, strides, box, layout)
+
+
+if gluon is not None:
+
+    @gluon.jit
+    def _masked(s, rows, cols, n_k, offset, CAUSAL: gl.constexpr):
+        ok = gl.expand_dims(cols < n_k, 0)
+        if CAUSAL:
+            ok = ok & (gl.expand_dims(cols, 0) <= gl.expand_dims(rows + offset, 1))
+        return gl.where(ok, s, float("-inf"))
+
+    @gluon.jit
+    def _softmax_step(s, m_i, l_i, qk_scale, r0, n0, n_k, offset, MASK: gl.constexpr, CAUSAL: gl.constexpr,
+                      BM: gl.constexpr, BN: gl.constexpr, s_layout: gl.constexpr):
+        """Block scores s (raw) -> probabilities (log2 units, scale folded), new max and sum.
+        Every row has seen a key by the end of block 0, so m_i is finite after it."""
+        if MASK:
+            rows = r0 + gl.arange(0, BM, layout=gl.SliceLayout(1, s_layout))
+            cols = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
+            s = _masked(s, rows, cols, n_k, offset, CAUSAL)
+        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+        p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
+        alpha = gl.exp2(m_i - m_new)
+        l_i = l_i * alpha + gl.sum(p, 1)
+        return p, m_new, l_i, alpha
+
+    @gluon.jit
+    def _producer(a, BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
+                  CAUSAL: gl.constexpr):
+        (q_desc, k_desc, v_desc, o_desc, stats, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty,
+         v_empty, b, h, hk, bh, m0, n_blocks, n_q, n_k, offset, qk_scale) = a
+        for i in gl.static_range(2):
+            mbarrier.expect(q_bar.index(i), q_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(q_desc, [b, h, m0 + i * BM, 0], q_bar.index(i), q_smem.index(i))
+        for j in range(n_blocks):
+            s = j % STAGES
+            phase = (j // STAGES) & 1
+            # a stage starts free: its empty barrier's phase 1 counts as complete
+            mbarrier.wait(k_empty.index(s), phase ^ 1)
+            mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [b, hk, j * BN, 0], k_ready.index(s), k_smem.index(s))
+            mbarrier.wait(v_empty.index(s), phase ^ 1)
+            mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(v_desc, [b, hk, j * BN, 0], v_ready.index(s), v_smem.index(s))
+
+    @gluon.jit
+    def _consume(q2, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, acc, p_prev, m_i, l_i, qk_scale, r0, j,
+                 n_k, offset, MASK: gl.constexpr, CAUSAL: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
+                 D: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
+                 p_layout: gl.constexpr):
+        """Block j's scores and softmax while block j-1's P·V runs."""
+        st = j % STAGES
+        mbarrier.wait(k_ready.index(st), (j // STAGES) & 1)
+        kt = k_smem.index(st).reshape([BN, D]).permute((1, 0))
+        s_tok = warpgroup_mma(q2, kt, gl.zeros([BM, BN], gl.float32, s_layout), use_acc=False, is_async=True)
+        prev = (j - 1) % STAGES
+        mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
+        o_tok = warpgroup_mma(p_prev, v_smem.index(prev).reshape([BN, D]), acc, is_async=True)
+        s = warpgroup_mma_wait(1, deps=[s_tok])  # products finish in order: Q·Kᵀ of block j is done
+        mbarrier.arrive(k_empty.index(st), count=1)
+        p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, qk_scale, r0, j * BN, n_k, offset, MASK, CAUSAL, BM, BN,
+                                           s_layout)
+        acc, _ = warpgroup_mma_wait(0, deps=[o_tok, p_prev])
+        mbarrier.arrive(v_empty.index(prev), count=1)
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+        p_next = gl.convert_layout(p.to(q2.dtype), p_layout)
+        return acc, p_next, m_i, l_i
+
+    @gluon.jit
+    def _consumer(a, WG: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr,
+                  STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+        (q_desc, k_desc, v_desc, o_desc, stats, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty,
+         v_empty, b, h, hk, bh, m0, n_blocks, n_q, n_k, offset, qk_scale) = a
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BN, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, D, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        r0 = m0 + WG * BM
+        n_full = n_k // BN  # blocks every row of this warpgroup sees whole
+        if CAUSAL:
+            n_full = gl.minimum(n_full, (r0 + offset + 1) // BN)
+        q_view = q_smem.index(WG)
+        q2 = q_view.reshape([BM, D])
+        mbarrier.wait(q_bar.index(WG), 0)
+        mbarrier.wait(k_ready.index(0), 0)
+        s = warpgroup_mma(q2, k_smem.index(0).reshape([BN, D]).permute((1, 0)),
+                          gl.zeros([BM, BN], gl.float32, s_layout), use_acc=False)
+        mbarrier.arrive(k_empty.index(0), count=1)
+        m_i = gl.full([BM], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+        l_i = gl.full([BM], 0.0, gl.float32, gl.SliceLayout(1, s_layout))
+        p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, qk_scale, r0, 0, n_k, offset, True, CAUSAL, BM, BN,
+                                           s_layout)
+        p_prev = gl.convert_layout(p.to(q2.dtype), p_layout)
+        acc = gl.zeros([BM, D], gl.float32, o_layout)
+        for j in range(1, n_full):
+            acc, p_prev, m_i, l_i = _consume(q2, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, acc, p_prev,
+                                             m_i, l_i, qk_scale, r0, j, n_k, offset, False, CAUSAL, BM, BN, D,
+                                             STAGES, s_layout, o_layout, p_layout)
+        for j in range(gl.maximum(n_full, 1), n_blocks):
+            acc, p_prev, m_i, l_i = _consume(q2, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, acc, p_prev,
+                                             m_i, l_i, qk_scale, r0, j, n_k, offset, True, CAUSAL, BM, BN, D,
+                                             STAGES, s_layout, o_layout, p_layout)
+        last = n_blocks - 1
+        mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
+        acc = warpgroup_mma(p_prev, v_smem.index(last % STAGES).reshape([BN, D]), acc)
+        mbarrier.arrive(v_empty.index(last % STAGES), count=1)
+        l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
+        o = acc / gl.expand_dims(l_o, 1)
+        q2.store(o.to(q2.dtype))  # Q's stage is free: every product reading it is done
+        fence_async_shared()
+        tma.async_copy_shared_to_global(o_desc, [b, h, r0, 0], q_view)  # rows past Nq are clipped
+        rows = r0 + gl.arange(0, BM, layout=gl.SliceLayout(1, s_layout))
+        gl.store(stats + bh * n_q + rows, (m_i + gl.log2(l_i)) * 0.6931471805599453, mask=rows < n_q)
+        tma.store_wait(0)
+
+    @gluon.jit
+    def _consumer0(a, BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
+                   CAUSAL: gl.constexpr):
+        _consumer(a, 0, BM, BN, D, STAGES, CAUSAL)
+
+    @gluon.jit
+    def _consumer1(a, BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
+                   CAUSAL: gl.constexpr):
+        _consumer(a, 1, BM, BN, D, STAGES, CAUSAL)
+
+    @gluon.jit
+    def attn_fwd(QDesc, KDesc, VDesc, ODesc, Stats, H, GROUP, N_Q, N_K, qk_scale,
+                 BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+                 CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):
+        # causal programs take their tiles longest first (see codegen.attention)
+        pid_m = gl.num_programs(0) - 1 - gl.program_id(0) if CAUSAL else gl.program_id(0)
+        bh = gl.program_id(1)
+        b = bh // H
+        h = bh % H
+        hk = h // GROUP
+        m0 = pid_m * (2 * BM)
+        offset = N_K - N_Q if CAUSAL == 2 else 0  # bottom right: row r sees keys up to r + Nk - Nq
+        q_smem = gl.allocate_shared_memory(QDesc.dtype, [2, 1, 1, BM, D], QDesc.layout)
+        k_smem = gl.allocate_shared_memory(KDesc.dtype, [STAGES, 1, 1, BN, D], KDesc.layout)
+        v_smem = gl.allocate_shared_memory(VDesc.dtype, [STAGES, 1, 1, BN, D], VDesc.layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(2):
+            mbarrier.init(q_bar.index(i), count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(k_empty.index(i), count=2)  # both consumers release it
+            mbarrier.init(v_empty.index(i), count=2)
+        fence_async_shared()
+        n_blocks = gl.cdiv(N_K, BN)
+        if CAUSAL:
+            n_blocks = gl.minimum(n_blocks, gl.cdiv(m0 + 2 * BM + offset, BN))
+        a = (QDesc, KDesc, VDesc, ODesc, Stats, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
+             b, h, hk, bh, m0, n_blocks, N_Q, N_K, offset, qk_scale)
+        gl.warp_specialize([(_consumer0, (a, BM, BN, D, STAGES, CAUSAL)),
+                            (_consumer1, (a, BM, BN, D, STAGES, CAUSAL)),
+                            (_producer, (a, BM, BN, D, STAGES, CAUSAL))],
+                           [4, 1], [CONSUMER_REGS, PRODUCER_REGS])

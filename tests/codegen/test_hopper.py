@@ -1,0 +1,126 @@
+"""The warp-specialized Gluon forward (codegen.hopper): which calls it takes, and on an sm_90 GPU
+its output, row statistics and the gradients computed from them against float64."""
+
+import math
+
+import pytest
+import torch
+
+from flashfx.codegen import hopper
+from flashfx.ir import ScoreOp, ScoreProgram
+from flashfx.runtime import gpu
+from tests.reference import reference_attention
+
+SCALE = ScoreProgram((ScoreOp("scale", None, 128 ** -0.5),))
+CAUSAL = ScoreProgram((ScoreOp("scale", None, 128 ** -0.5),), "top_left")
+CPU = torch.device("cpu")
+
+
+@pytest.mark.skipif(hopper.gluon is None, reason="this Triton has no Gluon")
+@pytest.mark.parametrize("program, dtype, d, nq, nk, why", [
+    (SCALE, torch.float32, 128, 64, 64, "inputs are not fp16/bf16"),
+    (SCALE, torch.bfloat16, 64, 64, 64, "head dim 64, measured at 128 only"),
+    (ScoreProgram((ScoreOp("scale", None, 0.1), ScoreOp("tanh"))), torch.float16, 128, 64, 64,
+     "score program is more than a positive scale and a causal mask"),
+    (ScoreProgram((ScoreOp("scale", None, -0.1),)), torch.float16, 128, 64, 64,
+     "score program is more than a positive scale and a causal mask"),
+    (ScoreProgram((ScoreOp("scale", None, 0.1),), "bottom_right"), torch.float16, 128, 65, 64,
+     "bottom-right causal mask with fewer keys than queries (rows that see no key)"),
+    (ScoreProgram((ScoreOp("scale", None, 0.1),), "bottom_right"), torch.float16, 128, 64, 65, "not an sm_90 GPU"),
+    (CAUSAL, torch.bfloat16, 128, 1000, 1000, "not an sm_90 GPU"),
+])
+def test_supports_names_why_a_call_takes_the_generated_forward(program, dtype, d, nq, nk, why):
+    assert hopper.supports(program, dtype, CPU, d, nq, nk) == why
+
+
+def test_the_interpreter_and_the_switch_keep_the_generated_forward(monkeypatch):
+    monkeypatch.setattr(gpu.tiling, "interpreting", lambda: True)
+    assert gpu.ws_forward(CAUSAL, torch.bfloat16, CPU, 128, 64, 64) == "Triton interpreter"
+    monkeypatch.setattr(gpu, "WS_FORWARD", False)
+    assert gpu.ws_forward(CAUSAL, torch.bfloat16, CPU, 128, 64, 64) == "turned off"
+    monkeypatch.setattr(gpu, "WS_FORWARD", None)
+    monkeypatch.setenv("FLASHFX_WS_FORWARD", "0")
+    assert gpu.ws_forward(CAUSAL, torch.bfloat16, CPU, 128, 64, 64) == "turned off"
+
+
+@pytest.mark.skipif(hopper.gluon is None, reason="this Triton has no Gluon")
+def test_descriptors_read_swizzled_boxes_of_the_strided_view():
+    qkv = torch.randn(2, 40, 3 * 4 * 128, dtype=torch.bfloat16)
+    q = qkv[..., :512].view(2, 40, 4, 128).transpose(1, 2)  # [B, H, N, D], rows 3·H·D apart
+    shape, strides = gpu._geometry(q)
+    desc = hopper.describe(q, shape, strides, [1, 1, 64, 128])
+    assert desc.shape == [2, 4, 40, 128] and desc.strides == [q.stride(0), 128, 1536, 1]
+    assert desc.block_shape == [1, 1, 64, 128] and desc.layout.swizzle_byte_width == 128
+
+
+def _case(shape_q, shape_kv, dtype, seed, views=False):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    B, H, Nq, D = shape_q
+    if views:  # q, k, v as a model's one projection makes them
+        qkv = torch.randn(B, Nq, 3 * H * D, device="cuda", dtype=dtype, generator=g)
+        return [x.view(B, Nq, H, D).transpose(1, 2) for x in qkv.split(H * D, dim=2)]
+    q = torch.randn(shape_q, device="cuda", dtype=dtype, generator=g)
+    k, v = (torch.randn(shape_kv, device="cuda", dtype=dtype, generator=g) for _ in range(2))
+    return [q, k, v]
+
+
+def _rel(got, want):
+    return ((got.double().cpu() - want).norm() / want.norm()).item()
+
+
+@pytest.mark.gpu
+# grids of at least half an H200's SMs in query blocks: smaller ones split the key range and
+# take the generated forward (plan.kv_splits)
+@pytest.mark.parametrize("shape_q, shape_kv, causal, views", [
+    ((4, 8, 1024, 128), (4, 8, 1024, 128), None, False),
+    ((4, 8, 1024, 128), (4, 8, 1024, 128), "top_left", False),
+    ((8, 4, 300, 128), (8, 4, 300, 128), "top_left", False),      # ragged: bounds masks, clipped stores
+    ((8, 8, 200, 128), (8, 8, 456, 128), "bottom_right", False),  # cross lengths, diagonal offset
+    ((8, 8, 456, 128), (8, 8, 200, 128), None, False),
+    ((16, 8, 40, 128), (16, 8, 40, 128), "top_left", False),      # one block, half a program
+    ((4, 8, 384, 128), (4, 2, 384, 128), "top_left", False),      # GQA, 4 query heads a K/V head
+    ((2, 12, 640, 128), None, "top_left", True),                  # strided views of one projection
+])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_ws_forward_and_backward_match_float64(shape_q, shape_kv, causal, views, dtype):
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the warp-specialized forward runs on sm_90")
+    prog = ScoreProgram((ScoreOp("scale", None, 1 / math.sqrt(128)),), causal)
+    q, k, v = _case(shape_q, shape_kv or shape_q, dtype, seed=len(shape_q) + shape_q[2], views=views)
+    tiles = gpu.tile_plan(q, k, prog)
+    call = gpu._forward_call(q, k, v, [], prog, tiles)
+    assert call.warp_specialized
+    out, stats = call(q, k, v, [], None)
+    q64, k64, v64 = (x.detach().cpu().double().requires_grad_() for x in (q, k, v))
+    ref = reference_attention(q64, k64, v64, [], prog)
+    assert _rel(out, ref) < 1e-2
+    # the statistics the backward reads: one plane, the log-sum-exp in natural-log units
+    group = q.shape[1] // k.shape[1]
+    s = (q64 @ k64.repeat_interleave(group, 1).transpose(-1, -2)).detach() / math.sqrt(128)
+    if causal:
+        nq, nk = s.shape[-2:]
+        diag = 0 if causal == "top_left" else nk - nq
+        s = s.masked_fill(torch.arange(nk)[None, :] > torch.arange(nq)[:, None] + diag, float("-inf"))
+    assert stats.shape == (1, *q.shape[:3])
+    assert (stats[0].double().cpu() - torch.logsumexp(s, -1)).abs().max().item() < 2e-2
+    # the same forward through the op's path, then the backward from its statistics
+    out2, stats2 = gpu.forward(q, k, v, [], prog)
+    assert torch.equal(out2, out) and torch.equal(stats2, stats)
+    do = torch.randn_like(q)
+    dq, dk, dv = gpu.backward(do, q, k, v, out2, stats2, [], prog)
+    ref.backward(do.cpu().double())
+    for got, want in ((dq, q64.grad), (dk, k64.grad), (dv, v64.grad)):
+        assert _rel(got, want) < 2e-2
+
+
+@pytest.mark.gpu
+def test_ws_forward_is_not_taken_where_it_does_not_apply():
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the warp-specialized forward runs on sm_90")
+    q, k, v = _case((8, 8, 256, 128), (8, 8, 256, 128), torch.bfloat16, seed=3)
+    soft = ScoreProgram((ScoreOp("scale", None, 1 / 30), ScoreOp("tanh"), ScoreOp("scale", None, 30.0)))
+    assert not gpu._forward_call(q, k, v, [], soft, gpu.tile_plan(q, k, soft)).warp_specialized
+    q64 = torch.randn(8, 8, 256, 64, device="cuda", dtype=torch.bfloat16)
+    assert not gpu._forward_call(q64, q64, q64, [], SCALE, gpu.tile_plan(q64, q64, SCALE)).warp_specialized
+    odd = torch.randn(8, 8, 256, 130, device="cuda", dtype=torch.bfloat16)[..., :128]  # rows 260 B apart
+    assert not gpu._forward_call(odd, odd, odd, [], SCALE, gpu.tile_plan(odd, odd, SCALE)).warp_specialized
