@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from flashfx.codegen import hopper
 from flashfx.ir import ScoreProgram
 from flashfx.passes import pipeline
 from flashfx.runtime import gpu, ops
@@ -102,6 +103,10 @@ def _plan_text(site) -> str | None:
         if parts > 1:
             text += (f"; fwd key range in {parts} parts ({programs} query-block programs would leave SMs "
                      f"idle), merged by a combine kernel")
+        elif gpu.ws_forward(program, site.dtype, dev, int(site.q_shape[-1]), Nq, Nk) is None:
+            text += (f"; fwd: warp-specialized Gluon kernel ({2 * hopper.BLOCK_M} query rows a program in two "
+                     f"warpgroups, {hopper.BLOCK_N}-key blocks, {hopper.STAGES} stages) where the copy engine "
+                     f"can read the tensors, the fwd tiles above elsewhere")
         return text
     return "CPU chunked path (Rabe-Staats: query and key chunks, running max and sum)"
 

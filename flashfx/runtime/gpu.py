@@ -10,6 +10,7 @@ import torch
 
 from flashfx import config
 from flashfx.codegen import attention as codegen
+from flashfx.codegen import hopper
 from flashfx.ir import ScoreProgram
 from flashfx.planner import hardware
 from flashfx.planner.plan import TilePlan, kv_splits
@@ -58,6 +59,20 @@ FWD_SPLITS: int | None = None
 # The forward's tiles of a GQA group's query heads together (one program per K/V head, each K/V
 # block read once for the group): None chooses (`packs`); True or False forces (under GQA).
 GQA_PACK: bool | None = None
+# The warp-specialized Gluon forward on sm_90 (codegen.hopper) for the programs it covers:
+# None chooses it there (FLASHFX_WS_FORWARD=0 turns it off); False never.
+WS_FORWARD: bool | None = None
+
+
+def ws_forward(program: ScoreProgram, dtype: torch.dtype, device: torch.device, head_dim: int, n_q: int,
+               n_k: int) -> str | None:
+    """None when the warp-specialized forward computes such a call's forward (where the copy
+    engine can read its tensors); else why not."""
+    if WS_FORWARD is False or (WS_FORWARD is None and config.getenv("FLASHFX_WS_FORWARD") == "0"):
+        return "turned off"
+    if tiling.interpreting():
+        return "Triton interpreter"
+    return hopper.supports(program, dtype, device, head_dim, n_q, n_k)
 
 
 @lru_cache(maxsize=8)
@@ -134,11 +149,12 @@ class _Kernel:
     to the compiled launcher directly.
     """
 
-    __slots__ = ("jit", "grid", "constexprs", "descs", "binary", "driver", "device", "tail", "tensor_at",
-                 "raw", "coop", "pdl", "metas", "encode", "encodings")
+    __slots__ = ("jit", "grid", "constexprs", "descs", "describe", "binary", "driver", "device", "tail",
+                 "tensor_at", "raw", "coop", "pdl", "metas", "encode", "encodings")
 
-    def __init__(self, jit, grid: tuple, constexprs: dict, descs: tuple = ()):
+    def __init__(self, jit, grid: tuple, constexprs: dict, descs: tuple = (), describe: Callable | None = None):
         self.jit, self.constexprs, self.descs = jit, constexprs, descs  # descs: ((position, shape, strides, box), ...)
+        self.describe = describe or _triton_descriptor  # (tensor, shape, strides, box) -> descriptor
         self.grid = tuple(grid) + (1,) * (3 - len(grid))
         self.binary = self.raw = None
 
@@ -173,11 +189,9 @@ class _Kernel:
     def _described(self, args: tuple) -> tuple:
         if not self.descs:
             return args
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
         args = list(args)
         for at, shape, strides, box in self.descs:
-            args[at] = TensorDescriptor(args[at], shape, strides, box)
+            args[at] = self.describe(args[at], shape, strides, box)
         return tuple(args)
 
     def _encoded(self, args: tuple) -> list:
@@ -190,11 +204,9 @@ class _Kernel:
             key = (at, t.data_ptr())
             enc = self.encodings.get(key)
             if enc is None:
-                from triton.tools.tensor_descriptor import TensorDescriptor
-
                 if len(self.encodings) >= 64:
                     self.encodings.clear()
-                enc = self.encodings[key] = self.encode(TensorDescriptor(t, shape, strides, box), meta)
+                enc = self.encodings[key] = self.encode(self.describe(t, shape, strides, box), meta)
             out += enc
             done = at + 1
         out += args[done:]
@@ -224,6 +236,12 @@ class _Kernel:
             if raw is not None:
                 self.raw, self.metas, self.encode, self.coop, self.pdl = raw
                 self.encodings = {}  # (position, address) -> the descriptor's launcher arguments
+
+
+def _triton_descriptor(t: torch.Tensor, shape: list, strides: list, box: list):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor(t, shape, strides, box)
 
 
 def _quiet(hook) -> bool:
@@ -326,6 +344,7 @@ def _signature(kind: str, program: ScoreProgram, tensors, operands, extra=()) ->
     dtype = q.dtype
     key = (kind, program, extra, dtype, q.device, tiling._margins_version, hardware.chosen_by_user(),
            TMA, FLAT_DKDV, DIRECT_LAUNCH, DIRECT_LAUNCH_RAW, GQA_PACK, config.getenv("FLASHFX_TMA"),
+           WS_FORWARD, config.getenv("FLASHFX_WS_FORWARD"),
            config.getenv("TRITON_INTERPRET"), dtype is torch.float32 and _precision(q))
     for t in tensors:
         key += (*t.shape, *t.stride())
@@ -387,6 +406,8 @@ def _forward_call(q, k, v, operands, program: ScoreProgram, p: TilePlan) -> Call
                   HEAD_DIM_PAD=dpad, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
                   PRECISION=_precision(q), SPLITS=splits, PACK=pack,
                   num_warps=t.num_warps, num_stages=t.num_stages)
+    ws = _ws_launch(q, k, v, program) if splits == 1 else None
+    qk_scale = program.ops[0].const * hopper.LOG2E if ws is not None else None  # exp2 units
     combine = None
     if splits > 1:
         combine = _launch(kernels._attn_fwd_combine, (triton_cdiv(Nq, t.block_m), B * H), SPLITS=splits, HEAD_DIM=D,
@@ -407,13 +428,40 @@ def _forward_call(q, k, v, operands, program: ScoreProgram, p: TilePlan) -> Call
         else:
             part_o = torch.empty((splits, B * H, Nq, dpad), device=q.device, dtype=torch.float32)
             part_stats = torch.empty((2, splits, B * H, Nq), device=q.device, dtype=torch.float32)
+        if ws is not None and _aligned(q, k, v):
+            ws(q, k, v, out, stats, H, H // Hk, Nq, Nk, qk_scale)
+            return out, stats
         fwd.reads(k, v)(q, k, v, out, stats, k, v, part_o, part_stats, *_seed_args(program, seed), *operands, *ints)
         if combine is not None:
             combine.ptr(part_o, part_stats, out, stats, *sizes)
         return out, stats
 
     call.launches = (fwd,) if combine is None else (fwd, combine)
+    if ws is not None:
+        call.launches += (_Launch(ws),)
+    call.warp_specialized = ws is not None
     return call
+
+
+def _ws_launch(q, k, v, program: ScoreProgram) -> "_Kernel | None":
+    """The warp-specialized forward's launch for this signature (codegen.hopper), when it covers
+    the program and the copy engine can read q, k, v and the output; else None."""
+    if ws_forward(program, q.dtype, q.device, q.shape[-1], q.shape[2], k.shape[2]) is not None:
+        return None
+    out = torch.empty_like(q, device="meta")
+    if not all(_tma_layout_ok(t) for t in (q, k, v, out)):
+        return None
+    B, H, Nq, D = q.shape
+    at = dict(QDesc=(q, hopper.BLOCK_M), KDesc=(k, hopper.BLOCK_N), VDesc=(v, hopper.BLOCK_N),
+              ODesc=(out, hopper.BLOCK_M))
+    names = hopper.attn_fwd.arg_names
+    descs = tuple((names.index(n), *_geometry(t), [1, 1, rows, D]) for n, (t, rows) in at.items())
+    grid = (triton_cdiv(Nq, 2 * hopper.BLOCK_M), B * H)
+    return _Kernel(hopper.attn_fwd, grid,
+                   dict(BM=hopper.BLOCK_M, BN=hopper.BLOCK_N, D=D, STAGES=hopper.STAGES,
+                        CAUSAL=hopper.CAUSAL_CODE[program.causal], CONSUMER_REGS=hopper.CONSUMER_REGS,
+                        PRODUCER_REGS=hopper.PRODUCER_REGS, num_warps=4, maxnreg=hopper.MAXNREG),
+                   descs, describe=hopper.describe)
 
 
 def _strides(operands) -> list:
