@@ -448,6 +448,8 @@ def _ws_launch(q, k, v, program: ScoreProgram) -> "_Kernel | None":
     the program and the copy engine can read q, k, v and the output; else None."""
     if ws_forward(program, q.dtype, q.device, q.shape[-1], q.shape[2], k.shape[2]) is not None:
         return None
+    if not _tma_allowed(q.device):  # descriptor reads turned off (gpu.TMA, FLASHFX_TMA=0): it reads through nothing else
+        return None
     out = torch.empty_like(q, device="meta")
     if not all(_tma_layout_ok(t) for t in (q, k, v, out)):
         return None
