@@ -41,10 +41,6 @@ try:  # Gluon: Triton ≥ 3.5. Without it this forward is never chosen.
 except ImportError:  # pragma: no cover - depends on the installed Triton
     gluon = None
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-CAUSAL_CODE = {None: 0, "top_left": 1, "bottom_right": 2}
-
 # The measured configuration (H200, docs/benchmarks.md, "The warp-specialized forward"):
 # 2 x 64 query rows a program, 128-key blocks, 2 stages (64 KB each at D=128), consumers at 240
 # registers a thread and the producer at 24, under a kernel limit of 168 (12 warps x 32 x 168
@@ -196,7 +192,8 @@ if gluon is not None:
         fence_async_shared()
         tma.async_copy_shared_to_global(o_desc, [b, h, r0, 0], q_view)  # rows past Nq are clipped
         rows = r0 + gl.arange(0, BM, layout=gl.SliceLayout(1, s_layout))
-        gl.store(stats + bh * n_q + rows, (m_i + gl.log2(l_i)) * 0.6931471805599453, mask=rows < n_q)
+        lse = (m_i + gl.log2(l_i)) * 0.6931471805599453  # log2 units to natural: times ln 2
+        gl.store(stats + bh * n_q + rows, lse, mask=rows < n_q)
         tma.store_wait(0)
 
     @gluon.jit

@@ -72,7 +72,10 @@ def ws_forward(program: ScoreProgram, dtype: torch.dtype, device: torch.device, 
         return "turned off"
     if tiling.interpreting():
         return "Triton interpreter"
-    return hopper.supports(program, dtype, device, head_dim, n_q, n_k)
+    why = hopper.supports(program, dtype, device, head_dim, n_q, n_k)
+    if why is None and not _tma_allowed(device):  # it reads through descriptors only
+        return "descriptor reads turned off (gpu.TMA, FLASHFX_TMA=0)"
+    return why
 
 
 @lru_cache(maxsize=8)
@@ -407,7 +410,7 @@ def _forward_call(q, k, v, operands, program: ScoreProgram, p: TilePlan) -> Call
                   PRECISION=_precision(q), SPLITS=splits, PACK=pack,
                   num_warps=t.num_warps, num_stages=t.num_stages)
     ws = _ws_launch(q, k, v, program) if splits == 1 else None
-    qk_scale = program.ops[0].const * hopper.LOG2E if ws is not None else None  # exp2 units
+    qk_scale = program.ops[0].const * codegen.LOG2E if ws is not None else None  # exp2 units
     combine = None
     if splits > 1:
         combine = _launch(kernels._attn_fwd_combine, (triton_cdiv(Nq, t.block_m), B * H), SPLITS=splits, HEAD_DIM=D,
@@ -448,8 +451,6 @@ def _ws_launch(q, k, v, program: ScoreProgram) -> "_Kernel | None":
     the program and the copy engine can read q, k, v and the output; else None."""
     if ws_forward(program, q.dtype, q.device, q.shape[-1], q.shape[2], k.shape[2]) is not None:
         return None
-    if not _tma_allowed(q.device):  # descriptor reads turned off (gpu.TMA, FLASHFX_TMA=0): it reads through nothing else
-        return None
     out = torch.empty_like(q, device="meta")
     if not all(_tma_layout_ok(t) for t in (q, k, v, out)):
         return None
@@ -461,7 +462,7 @@ def _ws_launch(q, k, v, program: ScoreProgram) -> "_Kernel | None":
     grid = (triton_cdiv(Nq, 2 * hopper.BLOCK_M), B * H)
     return _Kernel(hopper.attn_fwd, grid,
                    dict(BM=hopper.BLOCK_M, BN=hopper.BLOCK_N, D=D, STAGES=hopper.STAGES,
-                        CAUSAL=hopper.CAUSAL_CODE[program.causal], CONSUMER_REGS=hopper.CONSUMER_REGS,
+                        CAUSAL=_CAUSAL_CODE[program.causal], CONSUMER_REGS=hopper.CONSUMER_REGS,
                         PRODUCER_REGS=hopper.PRODUCER_REGS, num_warps=4, maxnreg=hopper.MAXNREG),
                    descs, describe=hopper.describe)
 

@@ -36,6 +36,12 @@ def test_supports_names_why_a_call_takes_the_generated_forward(program, dtype, d
 def test_the_interpreter_and_the_switch_keep_the_generated_forward(monkeypatch):
     monkeypatch.setattr(gpu.tiling, "interpreting", lambda: True)
     assert gpu.ws_forward(CAUSAL, torch.bfloat16, CPU, 128, 64, 64) == "Triton interpreter"
+    monkeypatch.setattr(gpu.tiling, "interpreting", lambda: False)
+    monkeypatch.setattr(hopper, "supports", lambda *args: None)  # as on an sm_90 GPU
+    monkeypatch.setattr(gpu, "TMA", False)
+    assert gpu.ws_forward(CAUSAL, torch.bfloat16, CPU, 128, 64, 64) == "descriptor reads turned off (gpu.TMA, FLASHFX_TMA=0)"
+    monkeypatch.setattr(gpu, "TMA", True)
+    assert gpu.ws_forward(CAUSAL, torch.bfloat16, CPU, 128, 64, 64) is None
     monkeypatch.setattr(gpu, "WS_FORWARD", False)
     assert gpu.ws_forward(CAUSAL, torch.bfloat16, CPU, 128, 64, 64) == "turned off"
     monkeypatch.setattr(gpu, "WS_FORWARD", None)
