@@ -1,15 +1,22 @@
 """The forward on Hopper (sm_90), written in Gluon: warp-specialized, FlashAttention 3's way.
 
-    attn_fwd   O = softmax(scale · Q Kᵀ [causal]) V and the log-sum-exp     grid (Nq/2BM, B·H)
+    attn_fwd   O = softmax(scale · Q Kᵀ [causal]) V and the log-sum-exp     grid (SMs,)
 
-A program holds 2·BM query rows and has three partitions:
+The programs are persistent: one per SM, each walking its share of the tiles (`schedule`). A
+tile is 2·BM query rows of one head, and a program takes tiles in pairs, tile m with tile
+Nq/2BM−1−m of the same head, so that under a causal mask every pair holds the same number of key
+blocks and a static round-robin split of the pairs is balanced. A program has three partitions:
 
 - a producer warp streams K and V blocks into a ring of STAGES shared-memory stages through
-  tensor descriptors (TMA), each stage's K and V with their own "ready" and "empty" barriers;
-- two consumer warpgroups each own BM of the rows. Block j's Q·Kᵀ is issued, then block j−1's
-  P·V, and the softmax of block j runs while P·V is still on the tensor cores (the overlap inside
-  a warpgroup). A consumer frees a stage's K as soon as its Q·Kᵀ is done and its V after P·V;
-  the stage's "empty" barrier counts both consumers, and neither waits for the other.
+  tensor descriptors (TMA), each stage's K and V with their own "ready" and "empty" barriers.
+  The ring and its barriers' phases run on from one tile into the next, so the next tile's first
+  blocks load while the current one finishes;
+- two consumer warpgroups each own BM of a tile's rows. Block j's Q·Kᵀ is issued, then block
+  j−1's P·V, and the softmax of block j runs while P·V is still on the tensor cores (the overlap
+  inside a warpgroup). A consumer frees a stage's K as soon as its Q·Kᵀ is done and its V after
+  P·V; the stage's "empty" barrier counts both consumers, and neither waits for the other. It
+  frees its Q after the tile's last Q·Kᵀ, so the next tile's Q loads during the last P·V and the
+  epilogue, and writes O through a buffer of its own.
 
 Triton's own pipeliner cannot order the products this way (it waits for a product right after
 issuing it unless the result crosses an iteration; docs/benchmarks.md, "Tried and not
@@ -42,7 +49,7 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
     gluon = None
 
 # The measured configuration (H200, docs/benchmarks.md, "The warp-specialized forward"):
-# 2 x 64 query rows a program, 128-key blocks, 2 stages (64 KB each at D=128), consumers at 240
+# tiles of 2 x 64 query rows, 128-key blocks, 2 stages (64 KB each at D=128), consumers at 240
 # registers a thread and the producer at 24, under a kernel limit of 168 (12 warps x 32 x 168
 # fills the register file).
 BLOCK_M = 64  # rows per consumer warpgroup; a program holds two
@@ -72,6 +79,16 @@ def supports(program: ScoreProgram, dtype: torch.dtype, device: torch.device, he
     if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
         return "not an sm_90 GPU"
     return None
+
+
+def schedule(batch_heads: int, n_q: int, sm_count: int) -> tuple[int, tuple[int, int, int]]:
+    """(programs, (items, pairs a head, query tiles a head)): the persistent grid and the integers
+    the kernel walks it by. An item is a pair of one head's query tiles; the programs take items
+    round-robin, one program an SM (each holds ~200 KB of shared memory and every register)."""
+    tiles = -(-n_q // (2 * BLOCK_M))
+    pairs = -(-tiles // 2)
+    items = pairs * batch_heads
+    return min(items, sm_count), (items, pairs, tiles)
 
 
 def describe(t: torch.Tensor, shape: list, strides: list, box: list):
@@ -106,36 +123,72 @@ if gluon is not None:
         return p, m_new, l_i, alpha
 
     @gluon.jit
-    def _producer(a, BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
-                  CAUSAL: gl.constexpr):
-        (q_desc, k_desc, v_desc, o_desc, stats, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty,
-         v_empty, b, h, hk, bh, m0, n_blocks, n_q, n_k, offset, qk_scale) = a
-        for i in gl.static_range(2):
-            mbarrier.expect(q_bar.index(i), q_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(q_desc, [b, h, m0 + i * BM, 0], q_bar.index(i), q_smem.index(i))
-        for j in range(n_blocks):
-            s = j % STAGES
-            phase = (j // STAGES) & 1
-            # a stage starts free: its empty barrier's phase 1 counts as complete
-            mbarrier.wait(k_empty.index(s), phase ^ 1)
-            mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [b, hk, j * BN, 0], k_ready.index(s), k_smem.index(s))
-            mbarrier.wait(v_empty.index(s), phase ^ 1)
-            mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(v_desc, [b, hk, j * BN, 0], v_ready.index(s), v_smem.index(s))
+    def _tile(t, n_pairs, n_mt, BM: gl.constexpr):
+        """This program's t-th tile slot: (query row start, head index, whether the tile exists).
+        Slots 2i and 2i+1 are the two tiles of the program's i-th item (a pair of query tiles)."""
+        it = gl.program_id(0) + (t // 2) * gl.num_programs(0)
+        side = t % 2
+        p = it % n_pairs
+        bh = it // n_pairs
+        far = n_mt - 1 - p
+        m = gl.where(side == 0, far, p)
+        ok = (side == 0) | (p != far)
+        return m * (2 * BM), bh, ok
 
     @gluon.jit
-    def _consume(q2, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, acc, p_prev, m_i, l_i, qk_scale, r0, j,
+    def _n_slots(n_items):
+        return 2 * gl.cdiv(n_items - gl.program_id(0), gl.num_programs(0))
+
+    @gluon.jit
+    def _n_blocks(m0, n_k, offset, BM: gl.constexpr, BN: gl.constexpr, CAUSAL: gl.constexpr):
+        n = gl.cdiv(n_k, BN)
+        if CAUSAL:
+            n = gl.minimum(n, gl.cdiv(m0 + 2 * BM + offset, BN))
+        return n
+
+    @gluon.jit
+    def _producer(a, BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
+                  CAUSAL: gl.constexpr):
+        (q_desc, k_desc, v_desc, o_desc, stats, q_smem, o_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready,
+         k_empty, v_empty, H, GROUP, n_items, n_pairs, n_mt, n_q, n_k, offset, qk_scale) = a
+        g = 0  # key blocks streamed so far: the ring's position
+        c = 0  # tiles so far: the parity of Q's barriers
+        for t in range(_n_slots(n_items)):
+            m0, bh, ok = _tile(t, n_pairs, n_mt, BM)
+            if ok:
+                b = bh // H
+                h = bh % H
+                hk = h // GROUP
+                for i in gl.static_range(2):
+                    mbarrier.wait(q_empty.index(i), (c & 1) ^ 1)
+                    mbarrier.expect(q_bar.index(i), q_desc.block_type.nbytes)
+                    tma.async_copy_global_to_shared(q_desc, [b, h, m0 + i * BM, 0], q_bar.index(i), q_smem.index(i))
+                n_blocks = _n_blocks(m0, n_k, offset, BM, BN, CAUSAL)
+                for j in range(n_blocks):
+                    s = g % STAGES
+                    phase = (g // STAGES) & 1
+                    # a stage starts free: its empty barrier's phase 1 counts as complete
+                    mbarrier.wait(k_empty.index(s), phase ^ 1)
+                    mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
+                    tma.async_copy_global_to_shared(k_desc, [b, hk, j * BN, 0], k_ready.index(s), k_smem.index(s))
+                    mbarrier.wait(v_empty.index(s), phase ^ 1)
+                    mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
+                    tma.async_copy_global_to_shared(v_desc, [b, hk, j * BN, 0], v_ready.index(s), v_smem.index(s))
+                    g += 1
+                c += 1
+
+    @gluon.jit
+    def _consume(q2, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, acc, p_prev, m_i, l_i, qk_scale, r0, j, g,
                  n_k, offset, MASK: gl.constexpr, CAUSAL: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
                  D: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
                  p_layout: gl.constexpr):
-        """Block j's scores and softmax while block j-1's P·V runs."""
-        st = j % STAGES
-        mbarrier.wait(k_ready.index(st), (j // STAGES) & 1)
+        """Block j (ring position g) scores and softmax while block j-1's P·V runs."""
+        st = g % STAGES
+        mbarrier.wait(k_ready.index(st), (g // STAGES) & 1)
         kt = k_smem.index(st).reshape([BN, D]).permute((1, 0))
         s_tok = warpgroup_mma(q2, kt, gl.zeros([BM, BN], gl.float32, s_layout), use_acc=False, is_async=True)
-        prev = (j - 1) % STAGES
-        mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
+        prev = (g - 1) % STAGES
+        mbarrier.wait(v_ready.index(prev), ((g - 1) // STAGES) & 1)
         o_tok = warpgroup_mma(p_prev, v_smem.index(prev).reshape([BN, D]), acc, is_async=True)
         s = warpgroup_mma_wait(1, deps=[s_tok])  # products finish in order: Q·Kᵀ of block j is done
         mbarrier.arrive(k_empty.index(st), count=1)
@@ -150,50 +203,64 @@ if gluon is not None:
     @gluon.jit
     def _consumer(a, WG: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr,
                   STAGES: gl.constexpr, CAUSAL: gl.constexpr):
-        (q_desc, k_desc, v_desc, o_desc, stats, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty,
-         v_empty, b, h, hk, bh, m0, n_blocks, n_q, n_k, offset, qk_scale) = a
+        (q_desc, k_desc, v_desc, o_desc, stats, q_smem, o_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready,
+         k_empty, v_empty, H, GROUP, n_items, n_pairs, n_mt, n_q, n_k, offset, qk_scale) = a
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BN, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, D, 16])
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-        r0 = m0 + WG * BM
-        n_full = n_k // BN  # blocks every row of this warpgroup sees whole
-        if CAUSAL:
-            n_full = gl.minimum(n_full, (r0 + offset + 1) // BN)
         q_view = q_smem.index(WG)
         q2 = q_view.reshape([BM, D])
-        mbarrier.wait(q_bar.index(WG), 0)
-        mbarrier.wait(k_ready.index(0), 0)
-        s = warpgroup_mma(q2, k_smem.index(0).reshape([BN, D]).permute((1, 0)),
-                          gl.zeros([BM, BN], gl.float32, s_layout), use_acc=False)
-        mbarrier.arrive(k_empty.index(0), count=1)
-        m_i = gl.full([BM], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
-        l_i = gl.full([BM], 0.0, gl.float32, gl.SliceLayout(1, s_layout))
-        p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, qk_scale, r0, 0, n_k, offset, True, CAUSAL, BM, BN,
-                                           s_layout)
-        p_prev = gl.convert_layout(p.to(q2.dtype), p_layout)
-        acc = gl.zeros([BM, D], gl.float32, o_layout)
-        for j in range(1, n_full):
-            acc, p_prev, m_i, l_i = _consume(q2, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, acc, p_prev,
-                                             m_i, l_i, qk_scale, r0, j, n_k, offset, False, CAUSAL, BM, BN, D,
-                                             STAGES, s_layout, o_layout, p_layout)
-        for j in range(gl.maximum(n_full, 1), n_blocks):
-            acc, p_prev, m_i, l_i = _consume(q2, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, acc, p_prev,
-                                             m_i, l_i, qk_scale, r0, j, n_k, offset, True, CAUSAL, BM, BN, D,
-                                             STAGES, s_layout, o_layout, p_layout)
-        last = n_blocks - 1
-        mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
-        acc = warpgroup_mma(p_prev, v_smem.index(last % STAGES).reshape([BN, D]), acc)
-        mbarrier.arrive(v_empty.index(last % STAGES), count=1)
-        l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
-        o = acc / gl.expand_dims(l_o, 1)
-        q2.store(o.to(q2.dtype))  # Q's stage is free: every product reading it is done
-        fence_async_shared()
-        tma.async_copy_shared_to_global(o_desc, [b, h, r0, 0], q_view)  # rows past Nq are clipped
-        rows = r0 + gl.arange(0, BM, layout=gl.SliceLayout(1, s_layout))
-        lse = (m_i + gl.log2(l_i)) * 0.6931471805599453  # log2 units to natural: times ln 2
-        gl.store(stats + bh * n_q + rows, lse, mask=rows < n_q)
+        o_view = o_smem.index(WG)
+        g = 0
+        c = 0
+        for t in range(_n_slots(n_items)):
+            m0, bh, ok = _tile(t, n_pairs, n_mt, BM)
+            if ok:
+                b = bh // H
+                h = bh % H
+                n_blocks = _n_blocks(m0, n_k, offset, BM, BN, CAUSAL)
+                r0 = m0 + WG * BM
+                n_full = n_k // BN
+                if CAUSAL:
+                    n_full = gl.minimum(n_full, (r0 + offset + 1) // BN)
+                mbarrier.wait(q_bar.index(WG), c & 1)
+                st = g % STAGES
+                mbarrier.wait(k_ready.index(st), (g // STAGES) & 1)
+                s = warpgroup_mma(q2, k_smem.index(st).reshape([BN, D]).permute((1, 0)),
+                                  gl.zeros([BM, BN], gl.float32, s_layout), use_acc=False)
+                mbarrier.arrive(k_empty.index(st), count=1)
+                m_i = gl.full([BM], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+                l_i = gl.full([BM], 0.0, gl.float32, gl.SliceLayout(1, s_layout))
+                p, m_i, l_i, alpha = _softmax_step(s, m_i, l_i, qk_scale, r0, 0, n_k, offset, True, CAUSAL, BM,
+                                                   BN, s_layout)
+                p_prev = gl.convert_layout(p.to(q2.dtype), p_layout)
+                acc = gl.zeros([BM, D], gl.float32, o_layout)
+                for j in range(1, n_full):
+                    acc, p_prev, m_i, l_i = _consume(q2, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, acc,
+                                                     p_prev, m_i, l_i, qk_scale, r0, j, g + j, n_k, offset, False,
+                                                     CAUSAL, BM, BN, D, STAGES, s_layout, o_layout, p_layout)
+                for j in range(gl.maximum(n_full, 1), n_blocks):
+                    acc, p_prev, m_i, l_i = _consume(q2, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, acc,
+                                                     p_prev, m_i, l_i, qk_scale, r0, j, g + j, n_k, offset, True,
+                                                     CAUSAL, BM, BN, D, STAGES, s_layout, o_layout, p_layout)
+                mbarrier.arrive(q_empty.index(WG), count=1)  # every Q·Kᵀ of this tile is done
+                last = g + n_blocks - 1
+                mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
+                acc = warpgroup_mma(p_prev, v_smem.index(last % STAGES).reshape([BN, D]), acc)
+                mbarrier.arrive(v_empty.index(last % STAGES), count=1)
+                l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
+                o = acc / gl.expand_dims(l_o, 1)
+                tma.store_wait(0)  # the previous tile's O has left the buffer
+                o_view.reshape([BM, D]).store(o.to(q2.dtype))
+                fence_async_shared()
+                tma.async_copy_shared_to_global(o_desc, [b, h, r0, 0], o_view)
+                rows = r0 + gl.arange(0, BM, layout=gl.SliceLayout(1, s_layout))
+                lse = (m_i + gl.log2(l_i)) * 0.6931471805599453  # log2 units to natural: times ln 2
+                gl.store(stats + bh * n_q + rows, lse, mask=rows < n_q)
+                g += n_blocks
+                c += 1
         tma.store_wait(0)
 
     @gluon.jit
@@ -207,38 +274,31 @@ if gluon is not None:
         _consumer(a, 1, BM, BN, D, STAGES, CAUSAL)
 
     @gluon.jit
-    def attn_fwd(QDesc, KDesc, VDesc, ODesc, Stats, H, GROUP, N_Q, N_K, qk_scale,
-                 BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                 CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):
-        # causal programs take their tiles longest first (see codegen.attention)
-        pid_m = gl.num_programs(0) - 1 - gl.program_id(0) if CAUSAL else gl.program_id(0)
-        bh = gl.program_id(1)
-        b = bh // H
-        h = bh % H
-        hk = h // GROUP
-        m0 = pid_m * (2 * BM)
+    def attn_fwd(QDesc, KDesc, VDesc, ODesc, Stats, H, GROUP, N_ITEMS, N_PAIRS, N_MT, N_Q, N_K, qk_scale,
+                   BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+                   CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):
         offset = N_K - N_Q if CAUSAL == 2 else 0  # bottom right: row r sees keys up to r + Nk - Nq
         q_smem = gl.allocate_shared_memory(QDesc.dtype, [2, 1, 1, BM, D], QDesc.layout)
+        o_smem = gl.allocate_shared_memory(ODesc.dtype, [2, 1, 1, BM, D], ODesc.layout)
         k_smem = gl.allocate_shared_memory(KDesc.dtype, [STAGES, 1, 1, BN, D], KDesc.layout)
         v_smem = gl.allocate_shared_memory(VDesc.dtype, [STAGES, 1, 1, BN, D], VDesc.layout)
         q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(2):
             mbarrier.init(q_bar.index(i), count=1)
+            mbarrier.init(q_empty.index(i), count=1)
         for i in gl.static_range(STAGES):
             mbarrier.init(k_ready.index(i), count=1)
             mbarrier.init(v_ready.index(i), count=1)
             mbarrier.init(k_empty.index(i), count=2)  # both consumers release it
             mbarrier.init(v_empty.index(i), count=2)
         fence_async_shared()
-        n_blocks = gl.cdiv(N_K, BN)
-        if CAUSAL:
-            n_blocks = gl.minimum(n_blocks, gl.cdiv(m0 + 2 * BM + offset, BN))
-        a = (QDesc, KDesc, VDesc, ODesc, Stats, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, k_empty, v_empty,
-             b, h, hk, bh, m0, n_blocks, N_Q, N_K, offset, qk_scale)
+        a = (QDesc, KDesc, VDesc, ODesc, Stats, q_smem, o_smem, k_smem, v_smem, q_bar, q_empty, k_ready, v_ready,
+             k_empty, v_empty, H, GROUP, N_ITEMS, N_PAIRS, N_MT, N_Q, N_K, offset, qk_scale)
         gl.warp_specialize([(_consumer0, (a, BM, BN, D, STAGES, CAUSAL)),
                             (_consumer1, (a, BM, BN, D, STAGES, CAUSAL)),
                             (_producer, (a, BM, BN, D, STAGES, CAUSAL))],

@@ -409,8 +409,7 @@ def _forward_call(q, k, v, operands, program: ScoreProgram, p: TilePlan) -> Call
                   HEAD_DIM_PAD=dpad, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
                   PRECISION=_precision(q), SPLITS=splits, PACK=pack,
                   num_warps=t.num_warps, num_stages=t.num_stages)
-    ws = _ws_launch(q, k, v, program) if splits == 1 else None
-    qk_scale = program.ops[0].const * codegen.LOG2E if ws is not None else None  # exp2 units
+    ws, ws_ints = _ws_launch(q, k, v, program) if splits == 1 else (None, ())
     combine = None
     if splits > 1:
         combine = _launch(kernels._attn_fwd_combine, (triton_cdiv(Nq, t.block_m), B * H), SPLITS=splits, HEAD_DIM=D,
@@ -432,7 +431,7 @@ def _forward_call(q, k, v, operands, program: ScoreProgram, p: TilePlan) -> Call
             part_o = torch.empty((splits, B * H, Nq, dpad), device=q.device, dtype=torch.float32)
             part_stats = torch.empty((2, splits, B * H, Nq), device=q.device, dtype=torch.float32)
         if ws is not None and _aligned(q, k, v):
-            ws(q, k, v, out, stats, H, H // Hk, Nq, Nk, qk_scale)
+            ws(q, k, v, out, stats, *ws_ints)
             return out, stats
         fwd.reads(k, v)(q, k, v, out, stats, k, v, part_o, part_stats, *_seed_args(program, seed), *operands, *ints)
         if combine is not None:
@@ -446,25 +445,28 @@ def _forward_call(q, k, v, operands, program: ScoreProgram, p: TilePlan) -> Call
     return call
 
 
-def _ws_launch(q, k, v, program: ScoreProgram) -> "_Kernel | None":
-    """The warp-specialized forward's launch for this signature (codegen.hopper), when it covers
-    the program and the copy engine can read q, k, v and the output; else None."""
+def _ws_launch(q, k, v, program: ScoreProgram) -> tuple["_Kernel | None", tuple]:
+    """The warp-specialized forward's launch for this signature (codegen.hopper) and the
+    integers that follow its tensors, when it covers the program and the copy engine can read
+    q, k, v and the output; else (None, ())."""
     if ws_forward(program, q.dtype, q.device, q.shape[-1], q.shape[2], k.shape[2]) is not None:
-        return None
+        return None, ()
     out = torch.empty_like(q, device="meta")
     if not all(_tma_layout_ok(t) for t in (q, k, v, out)):
-        return None
+        return None, ()
     B, H, Nq, D = q.shape
+    Hk, Nk = k.shape[1], k.shape[2]
     at = dict(QDesc=(q, hopper.BLOCK_M), KDesc=(k, hopper.BLOCK_N), VDesc=(v, hopper.BLOCK_N),
               ODesc=(out, hopper.BLOCK_M))
     names = hopper.attn_fwd.arg_names
     descs = tuple((names.index(n), *_geometry(t), [1, 1, rows, D]) for n, (t, rows) in at.items())
-    grid = (triton_cdiv(Nq, 2 * hopper.BLOCK_M), B * H)
-    return _Kernel(hopper.attn_fwd, grid,
+    programs, walk = hopper.schedule(B * H, Nq, tiling.gpu_of(q.device).sm_count)
+    qk_scale = program.ops[0].const * codegen.LOG2E  # exp2 units
+    return _Kernel(hopper.attn_fwd, (programs,),
                    dict(BM=hopper.BLOCK_M, BN=hopper.BLOCK_N, D=D, STAGES=hopper.STAGES,
                         CAUSAL=_CAUSAL_CODE[program.causal], CONSUMER_REGS=hopper.CONSUMER_REGS,
                         PRODUCER_REGS=hopper.PRODUCER_REGS, num_warps=4, maxnreg=hopper.MAXNREG),
-                   descs, describe=hopper.describe)
+                   descs, describe=hopper.describe), (H, H // Hk, *walk, Nq, Nk, qk_scale)
 
 
 def _strides(operands) -> list:

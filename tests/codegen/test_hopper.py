@@ -49,6 +49,21 @@ def test_the_interpreter_and_the_switch_keep_the_generated_forward(monkeypatch):
     assert gpu.ws_forward(CAUSAL, torch.bfloat16, CPU, 128, 64, 64) == "turned off"
 
 
+def test_explain_names_the_kernel_where_it_runs(monkeypatch):
+    import flashfx
+    from flashfx import config
+
+    def attend(q, k, v):
+        return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(128), dim=-1) @ v
+
+    monkeypatch.setattr(config, "cpu_kernel", "triton")  # the kernels' plan, interpreted
+    q, k, v = (torch.randn(2, 4, 256, 128) for _ in range(3))
+    assert "warp-specialized" not in flashfx.explain(attend, q, k, v).sites[0].plan  # the interpreter
+    monkeypatch.setattr(gpu, "ws_forward", lambda *args: None)  # as on an sm_90 GPU
+    plan = flashfx.explain(attend, q, k, v).sites[0].plan
+    assert "fwd: warp-specialized Gluon kernel (persistent, one program an SM; tiles of 128 query rows" in plan, plan
+
+
 @pytest.mark.skipif(hopper.gluon is None, reason="this Triton has no Gluon")
 def test_descriptors_read_swizzled_boxes_of_the_strided_view():
     qkv = torch.randn(2, 40, 3 * 4 * 128, dtype=torch.bfloat16)
@@ -57,6 +72,13 @@ def test_descriptors_read_swizzled_boxes_of_the_strided_view():
     desc = hopper.describe(q, shape, strides, [1, 1, 64, 128])
     assert desc.shape == [2, 4, 40, 128] and desc.strides == [q.stride(0), 128, 1536, 1]
     assert desc.block_shape == [1, 1, 64, 128] and desc.layout.swizzle_byte_width == 128
+
+
+def test_schedule_pairs_each_heads_query_tiles_one_program_an_sm():
+    # (programs, (items, pairs a head, tiles a head)); a tile is 128 query rows
+    assert hopper.schedule(256, 1024, 132) == (132, (1024, 4, 8))
+    assert hopper.schedule(24, 640, 132) == (72, (72, 3, 5))  # 5 tiles: the middle one alone
+    assert hopper.schedule(2, 40, 132) == (2, (2, 1, 1))
 
 
 def _case(shape_q, shape_kv, dtype, seed, views=False):
@@ -86,6 +108,9 @@ def _rel(got, want):
     ((16, 8, 40, 128), (16, 8, 40, 128), "top_left", False),      # one block, half a program
     ((4, 8, 384, 128), (4, 2, 384, 128), "top_left", False),      # GQA, 4 query heads a K/V head
     ((2, 12, 640, 128), None, "top_left", True),                  # strided views of one projection
+    # more pairs of query tiles than SMs, so that programs walk several; odd tile counts a head
+    ((32, 8, 512, 128), (32, 8, 512, 128), "top_left", False),
+    ((32, 8, 384, 128), (32, 8, 384, 128), None, False),
 ])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_ws_forward_and_backward_match_float64(shape_q, shape_kv, causal, views, dtype):
