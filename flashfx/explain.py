@@ -103,7 +103,7 @@ def _plan_text(site) -> str | None:
         if parts > 1:
             text += (f"; fwd key range in {parts} parts ({programs} query-block programs would leave SMs "
                      f"idle), merged by a combine kernel")
-        elif gpu.ws_forward(program, site.dtype, dev, int(site.q_shape[-1]), Nq, Nk) is None:
+        elif gpu.ws_forward(program, site.dtype, dev, int(site.q_shape[-1]), Nq, Nk, B * H) is None:
             text += (f"; fwd: warp-specialized Gluon kernel (persistent, one program an SM; tiles of "
                      f"{2 * hopper.BLOCK_M} query rows in two warpgroups, {hopper.BLOCK_N}-key blocks, "
                      f"{hopper.STAGES} stages) where the copy engine can read the tensors, the fwd tiles above "

@@ -24,8 +24,9 @@ landed"), and its automatic warp specialization did not apply to these loops und
 
 The programs it covers are the common ones: a positive scale, optionally a causal mask (top
 left, or bottom right with at least as many keys as queries, so that every row sees a key), no
-other score ops, no operands, no dropout; 16-bit inputs, head dim 128, tensors the copy engine
-can read. Everything else takes the generated Triton forward (`supports` says why). Row
+other score ops, no operands, no dropout; 16-bit inputs, head dim 128 (or 64 under a causal
+mask on at least 4096 queries and a small grid, where it was measured faster), tensors the copy
+engine can read. Everything else takes the generated Triton forward (`supports` says why). Row
 statistics are saved as the generated forward saves them for such programs: one plane, the
 log-sum-exp in natural-log units (ScoreProgram.stats_planes).
 
@@ -58,11 +59,17 @@ STAGES = 2
 CONSUMER_REGS = 240
 PRODUCER_REGS = 24
 MAXNREG = 168
-HEAD_DIMS = (128,)
+HEAD_DIMS = (64, 128)
+# At head dim 64 it beat the generated forward only under a causal mask, on at least 4096 queries
+# and on small grids (GPT-2's layer at 4096: 2.9 pairs of query tiles an SM, 1.11x). Without a
+# mask it was 0.79-1.00x of it, at 1024 queries 0.81-0.96x, and under a causal mask at 15.5 pairs
+# an SM 0.97-1.01x (docs/benchmarks.md, "Persistent, pairs of query tiles").
+D64_MIN_QUERIES = 4096
+D64_MAX_PAIRS_PER_SM = 4
 
 
 def supports(program: ScoreProgram, dtype: torch.dtype, device: torch.device, head_dim: int, n_q: int,
-             n_k: int) -> str | None:
+             n_k: int, batch_heads: int) -> str | None:
     """None when this forward computes the call; else why not, in words. (Whether the tensors'
     layout lets the copy engine read them is the launch's to check.)"""
     if gluon is None:
@@ -78,6 +85,14 @@ def supports(program: ScoreProgram, dtype: torch.dtype, device: torch.device, he
         return "bottom-right causal mask with fewer keys than queries (rows that see no key)"
     if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
         return "not an sm_90 GPU"
+    if head_dim == 64:
+        if not program.causal or n_q < D64_MIN_QUERIES:
+            return f"head dim 64 without a causal mask or with fewer than {D64_MIN_QUERIES} queries"
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        _, (items, _, _) = schedule(batch_heads, n_q, sms)
+        if items > D64_MAX_PAIRS_PER_SM * sms:
+            return (f"head dim 64 with {items / sms:.1f} pairs of query tiles an SM (the generated forward "
+                    f"is faster above {D64_MAX_PAIRS_PER_SM})")
     return None
 
 

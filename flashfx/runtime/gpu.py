@@ -65,14 +65,14 @@ WS_FORWARD: bool | None = None
 
 
 def ws_forward(program: ScoreProgram, dtype: torch.dtype, device: torch.device, head_dim: int, n_q: int,
-               n_k: int) -> str | None:
+               n_k: int, batch_heads: int) -> str | None:
     """None when the warp-specialized forward computes such a call's forward (where the copy
     engine can read its tensors); else why not."""
     if WS_FORWARD is False or (WS_FORWARD is None and config.getenv("FLASHFX_WS_FORWARD") == "0"):
         return "turned off"
     if tiling.interpreting():
         return "Triton interpreter"
-    why = hopper.supports(program, dtype, device, head_dim, n_q, n_k)
+    why = hopper.supports(program, dtype, device, head_dim, n_q, n_k, batch_heads)
     if why is None and not _tma_allowed(device):  # it reads through descriptors only
         return "descriptor reads turned off (gpu.TMA, FLASHFX_TMA=0)"
     return why
@@ -449,12 +449,12 @@ def _ws_launch(q, k, v, program: ScoreProgram) -> tuple["_Kernel | None", tuple]
     """The warp-specialized forward's launch for this signature (codegen.hopper) and the
     integers that follow its tensors, when it covers the program and the copy engine can read
     q, k, v and the output; else (None, ())."""
-    if ws_forward(program, q.dtype, q.device, q.shape[-1], q.shape[2], k.shape[2]) is not None:
+    B, H, Nq, D = q.shape
+    if ws_forward(program, q.dtype, q.device, D, Nq, k.shape[2], B * H) is not None:
         return None, ()
     out = torch.empty_like(q, device="meta")
     if not all(_tma_layout_ok(t) for t in (q, k, v, out)):
         return None, ()
-    B, H, Nq, D = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
     at = dict(QDesc=(q, hopper.BLOCK_M), KDesc=(k, hopper.BLOCK_N), VDesc=(v, hopper.BLOCK_N),
               ODesc=(out, hopper.BLOCK_M))

@@ -19,7 +19,7 @@ CPU = torch.device("cpu")
 @pytest.mark.skipif(hopper.gluon is None, reason="this Triton has no Gluon")
 @pytest.mark.parametrize("program, dtype, d, nq, nk, why", [
     (SCALE, torch.float32, 128, 64, 64, "inputs are not fp16/bf16"),
-    (SCALE, torch.bfloat16, 64, 64, 64, "head dim 64, measured at 128 only"),
+    (SCALE, torch.bfloat16, 96, 64, 64, "head dim 96, measured at 64, 128 only"),
     (ScoreProgram((ScoreOp("scale", None, 0.1), ScoreOp("tanh"))), torch.float16, 128, 64, 64,
      "score program is more than a positive scale and a causal mask"),
     (ScoreProgram((ScoreOp("scale", None, -0.1),)), torch.float16, 128, 64, 64,
@@ -30,23 +30,23 @@ CPU = torch.device("cpu")
     (CAUSAL, torch.bfloat16, 128, 1000, 1000, "not an sm_90 GPU"),
 ])
 def test_supports_names_why_a_call_takes_the_generated_forward(program, dtype, d, nq, nk, why):
-    assert hopper.supports(program, dtype, CPU, d, nq, nk) == why
+    assert hopper.supports(program, dtype, CPU, d, nq, nk, 8) == why
 
 
 def test_the_interpreter_and_the_switch_keep_the_generated_forward(monkeypatch):
     monkeypatch.setattr(gpu.tiling, "interpreting", lambda: True)
-    assert gpu.ws_forward(CAUSAL, torch.bfloat16, CPU, 128, 64, 64) == "Triton interpreter"
+    assert gpu.ws_forward(CAUSAL, torch.bfloat16, CPU, 128, 64, 64, 8) == "Triton interpreter"
     monkeypatch.setattr(gpu.tiling, "interpreting", lambda: False)
     monkeypatch.setattr(hopper, "supports", lambda *args: None)  # as on an sm_90 GPU
     monkeypatch.setattr(gpu, "TMA", False)
-    assert gpu.ws_forward(CAUSAL, torch.bfloat16, CPU, 128, 64, 64) == "descriptor reads turned off (gpu.TMA, FLASHFX_TMA=0)"
+    assert gpu.ws_forward(CAUSAL, torch.bfloat16, CPU, 128, 64, 64, 8) == "descriptor reads turned off (gpu.TMA, FLASHFX_TMA=0)"
     monkeypatch.setattr(gpu, "TMA", True)
-    assert gpu.ws_forward(CAUSAL, torch.bfloat16, CPU, 128, 64, 64) is None
+    assert gpu.ws_forward(CAUSAL, torch.bfloat16, CPU, 128, 64, 64, 8) is None
     monkeypatch.setattr(gpu, "WS_FORWARD", False)
-    assert gpu.ws_forward(CAUSAL, torch.bfloat16, CPU, 128, 64, 64) == "turned off"
+    assert gpu.ws_forward(CAUSAL, torch.bfloat16, CPU, 128, 64, 64, 8) == "turned off"
     monkeypatch.setattr(gpu, "WS_FORWARD", None)
     monkeypatch.setenv("FLASHFX_WS_FORWARD", "0")
-    assert gpu.ws_forward(CAUSAL, torch.bfloat16, CPU, 128, 64, 64) == "turned off"
+    assert gpu.ws_forward(CAUSAL, torch.bfloat16, CPU, 128, 64, 64, 8) == "turned off"
 
 
 def test_explain_names_the_kernel_where_it_runs(monkeypatch):
@@ -111,12 +111,17 @@ def _rel(got, want):
     # more pairs of query tiles than SMs, so that programs walk several; odd tile counts a head
     ((32, 8, 512, 128), (32, 8, 512, 128), "top_left", False),
     ((32, 8, 384, 128), (32, 8, 384, 128), None, False),
+    # head dim 64: causal, at least 4096 queries, small grids (GPT-2's layer is one)
+    ((1, 12, 4096, 64), None, "top_left", True),
+    ((1, 4, 4096, 64), (1, 4, 4200, 64), "bottom_right", False),
+    ((1, 4, 4160, 64), (1, 2, 4160, 64), "top_left", False),
 ])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_ws_forward_and_backward_match_float64(shape_q, shape_kv, causal, views, dtype):
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the warp-specialized forward runs on sm_90")
-    prog = ScoreProgram((ScoreOp("scale", None, 1 / math.sqrt(128)),), causal)
+    d = shape_q[-1]
+    prog = ScoreProgram((ScoreOp("scale", None, 1 / math.sqrt(d)),), causal)
     q, k, v = _case(shape_q, shape_kv or shape_q, dtype, seed=len(shape_q) + shape_q[2], views=views)
     tiles = gpu.tile_plan(q, k, prog)
     call = gpu._forward_call(q, k, v, [], prog, tiles)
@@ -127,7 +132,7 @@ def test_ws_forward_and_backward_match_float64(shape_q, shape_kv, causal, views,
     assert _rel(out, ref) < 1e-2
     # the statistics the backward reads: one plane, the log-sum-exp in natural-log units
     group = q.shape[1] // k.shape[1]
-    s = (q64 @ k64.repeat_interleave(group, 1).transpose(-1, -2)).detach() / math.sqrt(128)
+    s = (q64 @ k64.repeat_interleave(group, 1).transpose(-1, -2)).detach() / math.sqrt(d)
     if causal:
         nq, nk = s.shape[-2:]
         diag = 0 if causal == "top_left" else nk - nq
@@ -151,7 +156,14 @@ def test_ws_forward_is_not_taken_where_it_does_not_apply():
     q, k, v = _case((8, 8, 256, 128), (8, 8, 256, 128), torch.bfloat16, seed=3)
     soft = ScoreProgram((ScoreOp("scale", None, 1 / 30), ScoreOp("tanh"), ScoreOp("scale", None, 30.0)))
     assert not gpu._forward_call(q, k, v, [], soft, gpu.tile_plan(q, k, soft)).warp_specialized
-    q64 = torch.randn(8, 8, 256, 64, device="cuda", dtype=torch.bfloat16)
+    q96 = torch.randn(8, 8, 256, 96, device="cuda", dtype=torch.bfloat16)
+    assert not gpu._forward_call(q96, q96, q96, [], SCALE, gpu.tile_plan(q96, q96, SCALE)).warp_specialized
+    # head dim 64: without a mask, at fewer than 4096 queries, on more than 4 pairs of tiles an SM
+    causal64 = ScoreProgram((ScoreOp("scale", None, 0.125),), "top_left")
+    q64 = torch.randn(2, 12, 4096, 64, device="cuda", dtype=torch.bfloat16)
     assert not gpu._forward_call(q64, q64, q64, [], SCALE, gpu.tile_plan(q64, q64, SCALE)).warp_specialized
+    assert gpu._forward_call(q64, q64, q64, [], causal64, gpu.tile_plan(q64, q64, causal64)).warp_specialized
+    assert "fewer than 4096 queries" in gpu.ws_forward(causal64, q64.dtype, q64.device, 64, 2048, 2048, 24)
+    assert "pairs of query tiles an SM" in gpu.ws_forward(causal64, q64.dtype, q64.device, 64, 4096, 4096, 128)
     odd = torch.randn(8, 8, 256, 130, device="cuda", dtype=torch.bfloat16)[..., :128]  # rows 260 B apart
     assert not gpu._forward_call(odd, odd, odd, [], SCALE, gpu.tile_plan(odd, odd, SCALE)).warp_specialized
