@@ -139,7 +139,7 @@ if gluon is not None:
 
     @gluon.jit
     def _tile(t, n_pairs, n_mt, BM: gl.constexpr):
-        """This program's t-th tile slot: (query row start, head index, whether the tile exists).
+        """This program's t-th tile slot: (query row start, batch·head index, whether the tile exists).
         Slots 2i and 2i+1 are the two tiles of the program's i-th item (a pair of query tiles)."""
         it = gl.program_id(0) + (t // 2) * gl.num_programs(0)
         side = t % 2
