@@ -74,8 +74,6 @@ def compile_sm90(kernel: str, program: str, head_dim: int, bm: int, bn: int, war
 def compile_one(job: tuple, precision: str) -> dict:
     """ptxas's registers and spill bytes for one (kernel, head dim, BM, BN, warps, stages), fp32
     inputs, causal scaled program."""
-    import triton
-
     from flashfx.ir import ScoreOp, ScoreProgram
 
     kern, d, bm, bn, warps, stages = job
@@ -85,6 +83,13 @@ def compile_one(job: tuple, precision: str) -> dict:
         compiled = compile_sm90(kern, program, d, bm, bn, warps, stages, precision, elt="fp32")
     except Exception as e:  # noqa: BLE001 - a config Triton cannot compile is recorded, not fatal
         return dict(error=f"{type(e).__name__}: {str(e)[:160]}")
+    return dict(smem=compiled.metadata.shared, **ptxas_counts(compiled), compile_s=round(time.time() - start, 1))
+
+
+def ptxas_counts(compiled) -> dict:
+    """Registers a thread and spill-store bytes of a compiled kernel, from `ptxas -v` on its PTX."""
+    import triton
+
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     out = ""
     with tempfile.TemporaryDirectory() as tmp:
@@ -101,8 +106,36 @@ def compile_one(job: tuple, precision: str) -> dict:
                     break
     regs = re.search(r"Used (\d+) registers", out)
     spill = re.search(r"(\d+) bytes spill stores", out)
-    return dict(smem=compiled.metadata.shared, regs=regs and int(regs.group(1)),
-                spill=spill and int(spill.group(1)), compile_s=round(time.time() - start, 1))
+    return dict(regs=regs and int(regs.group(1)), spill=spill and int(spill.group(1)))
+
+
+def compile_ws_forward(head_dim: int = 128, causal: int = 1) -> dict:
+    """The warp-specialized Gluon forward (flashfx/codegen/hopper.py) compiled for sm_90a as the
+    runtime launches it (bf16, its tiles and register split): shared memory, registers, spill
+    bytes and the register reallocations in its PTX. Catches a Triton whose Gluon no longer
+    accepts the kernel, without a GPU. Same process rules as compile_sm90."""
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    from flashfx.codegen import hopper
+
+    q = torch.empty((2, 4, 1024, head_dim), dtype=torch.bfloat16)
+    fn = hopper.attn_fwd
+    names = fn.arg_names
+    rows = dict(QDesc=hopper.BLOCK_M, KDesc=hopper.BLOCK_N, VDesc=hopper.BLOCK_N, ODesc=hopper.BLOCK_M)
+    descs = {n: hopper.describe(q, list(q.shape), list(q.stride()), [1, 1, r, head_dim]) for n, r in rows.items()}
+    constexprs = dict(BM=hopper.BLOCK_M, BN=hopper.BLOCK_N, D=head_dim, STAGES=hopper.STAGES, CAUSAL=causal,
+                      CONSUMER_REGS=hopper.CONSUMER_REGS, PRODUCER_REGS=hopper.PRODUCER_REGS, num_warps=4)
+    signature = {n: (mangle_type(descs[n]) if n in descs else "*fp32" if n == "Stats" else "fp32" if n == "qk_scale"
+                     else "constexpr" if n in constexprs else "i32") for n in names}
+    src = GluonASTSource(fn, signature, constexprs={(names.index(n),): v for n, v in constexprs.items()},
+                         attrs={(names.index("Stats"),): [["tt.divisibility", 16]]})
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 128), options=dict(num_warps=4, maxnreg=hopper.MAXNREG))
+    return dict(smem=compiled.metadata.shared, setmaxnreg=compiled.asm["ptx"].count("setmaxnreg"),
+                **ptxas_counts(compiled))
 
 
 def _run(args):

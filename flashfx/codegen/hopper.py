@@ -48,6 +48,9 @@ try:  # Gluon: Triton ≥ 3.5. Without it this forward is never chosen.
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 except ImportError:  # pragma: no cover - depends on the installed Triton
     gluon = None
+else:  # the copy engine's loads and stores were renamed after Triton 3.6 (the old names now raise)
+    _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
+    _tma_store = tma.async_store if hasattr(tma, "async_store") else tma.async_copy_shared_to_global
 
 # The measured configuration (H200, docs/benchmarks.md, "The warp-specialized forward"):
 # tiles of 2 x 64 query rows, 128-key blocks, 2 stages (64 KB each at D=128), consumers at 240
@@ -177,7 +180,7 @@ if gluon is not None:
                 for i in gl.static_range(2):
                     mbarrier.wait(q_empty.index(i), (c & 1) ^ 1)
                     mbarrier.expect(q_bar.index(i), q_desc.block_type.nbytes)
-                    tma.async_copy_global_to_shared(q_desc, [b, h, m0 + i * BM, 0], q_bar.index(i), q_smem.index(i))
+                    _tma_load(q_desc, [b, h, m0 + i * BM, 0], q_bar.index(i), q_smem.index(i))
                 n_blocks = _n_blocks(m0, n_k, offset, BM, BN, CAUSAL)
                 for j in range(n_blocks):
                     s = g % STAGES
@@ -185,10 +188,10 @@ if gluon is not None:
                     # a stage starts free: its empty barrier's phase 1 counts as complete
                     mbarrier.wait(k_empty.index(s), phase ^ 1)
                     mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
-                    tma.async_copy_global_to_shared(k_desc, [b, hk, j * BN, 0], k_ready.index(s), k_smem.index(s))
+                    _tma_load(k_desc, [b, hk, j * BN, 0], k_ready.index(s), k_smem.index(s))
                     mbarrier.wait(v_empty.index(s), phase ^ 1)
                     mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
-                    tma.async_copy_global_to_shared(v_desc, [b, hk, j * BN, 0], v_ready.index(s), v_smem.index(s))
+                    _tma_load(v_desc, [b, hk, j * BN, 0], v_ready.index(s), v_smem.index(s))
                     g += 1
                 c += 1
 
@@ -270,7 +273,7 @@ if gluon is not None:
                 tma.store_wait(0)  # the previous tile's O has left the buffer
                 o_view.reshape([BM, D]).store(o.to(q2.dtype))
                 fence_async_shared()
-                tma.async_copy_shared_to_global(o_desc, [b, h, r0, 0], o_view)
+                _tma_store(o_desc, [b, h, r0, 0], o_view)
                 rows = r0 + gl.arange(0, BM, layout=gl.SliceLayout(1, s_layout))
                 lse = (m_i + gl.log2(l_i)) * 0.6931471805599453  # log2 units to natural: times ln 2
                 gl.store(stats + bh * n_q + rows, lse, mask=rows < n_q)
