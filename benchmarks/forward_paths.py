@@ -206,7 +206,8 @@ def main(argv=None) -> int:
     out = os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "out")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "forward_paths.json"), "w") as f:
-        json.dump({"gpu": gpu_name, "torch": torch.__version__, "triton": triton.__version__, "rows": rows}, f, indent=1)
+        json.dump({"gpu": gpu_name, "torch": torch.__version__, "triton": triton.__version__, "rows": rows}, f,
+                  indent=1)
     plot(rows, os.path.join(out, "forward_paths.png"), env)
     bad = [r["label"] for r in rows if max(r["errors"].values()) > (2e-2 if cuda else 1e-4)]
     if bad:

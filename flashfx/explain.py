@@ -85,6 +85,17 @@ def _element_size(node) -> int:
     return val.element_size() if isinstance(val, torch.Tensor) else 4
 
 
+def _bucket_note(q_shape, k_shape) -> str:
+    """Which of a call's sizes its plan rounded up (plans are made per shape bucket: sequence
+    lengths and batch·heads rounded up to powers of two), so that the plan's N and B·H are not
+    read as the call's."""
+    (B, H, Nq, _), Nk = q_shape, k_shape[2]
+    sizes = (("N", Nq, 16), ("Nk", Nk, 16), ("B·H", B * H, 1))
+    rounded = [f"{name} {n} as {tiling.bucket(n, lo)}" for name, n, lo in sizes
+               if tiling.bucket(n, lo) != n and (name != "Nk" or Nk != Nq)]
+    return f"; planned for the shape bucket: {', '.join(rounded)}" if rounded else ""
+
+
 def _plan_text(site) -> str | None:
     if not site.fused:
         return None
@@ -97,6 +108,8 @@ def _plan_text(site) -> str | None:
         op_bytes = sum(_element_size(x.node) for x in site.operands)
         plan = tiling.for_shape(*shapes, site.dtype, dev, program, op_bytes)
         text = f"Triton kernels{where}, " + plan.summary()
+        if dev.type == "cuda" and not tiling.interpreting():
+            text += _bucket_note(*shapes)
         (B, H, Nq, _), Nk = shapes[0], shapes[1][2]
         programs = -(-Nq // plan.fwd.block_m) * B * H
         parts = gpu.forward_splits(programs, Nk, plan.fwd.block_n, dev)

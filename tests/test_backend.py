@@ -227,6 +227,16 @@ def test_explain_reports_location_and_plan():
     assert "1 of 1 attention sites fused" in str(report)
 
 
+def test_explain_names_the_sizes_a_plan_rounded_up():
+    from flashfx.explain import _bucket_note
+
+    # GPT-2's layer: 2 x 12 heads planned as 32 batch·heads, 4096 queries as they are
+    assert _bucket_note((2, 12, 4096, 64), (2, 12, 4096, 64)) == "; planned for the shape bucket: B·H 24 as 32"
+    note = _bucket_note((1, 8, 300, 64), (1, 8, 700, 64))
+    assert note == "; planned for the shape bucket: N 300 as 512, Nk 700 as 1024"
+    assert _bucket_note((2, 16, 1024, 64), (2, 16, 1024, 64)) == ""
+
+
 def test_explain_says_when_the_forward_splits_its_key_range(monkeypatch):
     from flashfx import config
     from flashfx.runtime import gpu
