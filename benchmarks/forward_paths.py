@@ -59,12 +59,11 @@ def inputs(B, H, N, D, views, dtype, device, seed):
     return [torch.randn(B, H, N, D, device=device, dtype=dtype, generator=g) for _ in range(3)]
 
 
-def _without_d64_rule(*args):
-    why = _supports(*args)
-    return None if why is not None and why.startswith("head dim 64 ") else why
+_d64_rule = hopper.d64_rule
 
 
-_supports = hopper.supports
+def _no_rule(*args):  # the "ws" column: the kernel also where the head-dim-64 rule declines it
+    return None
 
 
 def calls(q, k, v, prog):
@@ -78,13 +77,13 @@ def calls(q, k, v, prog):
         gpu.WS_FORWARD = None
         call_c = gpu._forward_call(q, k, v, [], prog, gpu.tile_plan(q, k, prog))
         out["chosen"] = (lambda: call_c(q, k, v, [], None)[0], call_c.warp_specialized)
-        hopper.supports = _without_d64_rule
+        hopper.d64_rule = _no_rule
         call_w = gpu._forward_call(q, k, v, [], prog, gpu.tile_plan(q, k, prog))
         if call_w.warp_specialized:
             out["ws"] = (lambda: call_w(q, k, v, [], None)[0], True)
     finally:
         gpu.WS_FORWARD = saved
-        hopper.supports = _supports
+        hopper.d64_rule = _d64_rule
     return out
 
 

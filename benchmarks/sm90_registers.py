@@ -127,13 +127,13 @@ def compile_ws_forward(head_dim: int = 128, causal: int = 1) -> dict:
     names = fn.arg_names
     rows = dict(QDesc=hopper.BLOCK_M, KDesc=hopper.BLOCK_N, VDesc=hopper.BLOCK_N, ODesc=hopper.BLOCK_M)
     descs = {n: hopper.describe(q, list(q.shape), list(q.stride()), [1, 1, r, head_dim]) for n, r in rows.items()}
-    constexprs = dict(BM=hopper.BLOCK_M, BN=hopper.BLOCK_N, D=head_dim, STAGES=hopper.STAGES, CAUSAL=causal,
-                      CONSUMER_REGS=hopper.CONSUMER_REGS, PRODUCER_REGS=hopper.PRODUCER_REGS, num_warps=4)
+    constexprs = hopper.constexprs(head_dim, causal)
+    options = dict(num_warps=constexprs["num_warps"], maxnreg=constexprs.pop("maxnreg"))
     signature = {n: (mangle_type(descs[n]) if n in descs else "*fp32" if n == "Stats" else "fp32" if n == "qk_scale"
                      else "constexpr" if n in constexprs else "i32") for n in names}
     src = GluonASTSource(fn, signature, constexprs={(names.index(n),): v for n, v in constexprs.items()},
                          attrs={(names.index("Stats"),): [["tt.divisibility", 16]]})
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 128), options=dict(num_warps=4, maxnreg=hopper.MAXNREG))
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 128), options=options)
     return dict(smem=compiled.metadata.shared, setmaxnreg=compiled.asm["ptx"].count("setmaxnreg"),
                 **ptxas_counts(compiled))
 

@@ -90,9 +90,9 @@ def _bucket_note(q_shape, k_shape) -> str:
     lengths and batch·heads rounded up to powers of two), so that the plan's N and B·H are not
     read as the call's."""
     (B, H, Nq, _), Nk = q_shape, k_shape[2]
-    sizes = (("N", Nq, 16), ("Nk", Nk, 16), ("B·H", B * H, 1))
-    rounded = [f"{name} {n} as {tiling.bucket(n, lo)}" for name, n, lo in sizes
-               if tiling.bucket(n, lo) != n and (name != "Nk" or Nk != Nq)]
+    planned = tiling.call_shape(q_shape, k_shape, ScoreProgram())
+    sizes = (("N", Nq, planned["n_q"]), ("Nk", Nk, planned["n_k"]), ("B·H", B * H, planned["batch_heads"]))
+    rounded = [f"{name} {n} as {as_}" for name, n, as_ in sizes if as_ != n and (name != "Nk" or Nk != Nq)]
     return f"; planned for the shape bucket: {', '.join(rounded)}" if rounded else ""
 
 

@@ -29,8 +29,15 @@ def test_tiny_run_checks_results_and_writes_json(monkeypatch, tmp_path, capsys):
 
 
 def test_the_d64_rule_is_lifted_only_for_the_ws_column(monkeypatch):
+    from flashfx.codegen import hopper
+
     causal = forward_paths.ScoreProgram((forward_paths.ScoreOp("scale", None, 0.125),), "top_left")
-    monkeypatch.setattr(forward_paths, "_supports", lambda *args: "head dim 64 with 9.0 pairs of query tiles an SM")
-    assert forward_paths._without_d64_rule(causal, torch.bfloat16, torch.device("cpu"), 64, 64, 64, 8) is None
-    monkeypatch.setattr(forward_paths, "_supports", lambda *args: "not an sm_90 GPU")
-    assert forward_paths._without_d64_rule(causal, torch.bfloat16, torch.device("cpu"), 64, 64, 64, 8) == "not an sm_90 GPU"
+    plain = forward_paths.ScoreProgram((forward_paths.ScoreOp("scale", None, 0.125),))
+    sm90 = torch.device("cuda")  # as on an H200: sm_90, 132 SMs
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    props = type("Props", (), {"multi_processor_count": 132})
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
+    assert hopper.supports(plain, torch.bfloat16, sm90, 64, 4096, 4096, 24).startswith("head dim 64 without a causal mask")
+    monkeypatch.setattr(hopper, "d64_rule", forward_paths._no_rule)  # what calls() does for the "ws" column
+    assert hopper.supports(plain, torch.bfloat16, sm90, 64, 4096, 4096, 24) is None
+    assert hopper.supports(causal, torch.float32, sm90, 64, 4096, 4096, 24) == "inputs are not fp16/bf16"

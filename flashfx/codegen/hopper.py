@@ -89,24 +89,37 @@ def supports(program: ScoreProgram, dtype: torch.dtype, device: torch.device, he
     if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
         return "not an sm_90 GPU"
     if head_dim == 64:
-        if not program.causal or n_q < D64_MIN_QUERIES:
-            return f"head dim 64 without a causal mask or with fewer than {D64_MIN_QUERIES} queries"
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        _, (items, _, _) = schedule(batch_heads, n_q, sms)
-        if items > D64_MAX_PAIRS_PER_SM * sms:
-            return (f"head dim 64 with {items / sms:.1f} pairs of query tiles an SM (the generated forward "
-                    f"is faster above {D64_MAX_PAIRS_PER_SM})")
+        return d64_rule(program, n_q, batch_heads, torch.cuda.get_device_properties(device).multi_processor_count)
+    return None
+
+
+def d64_rule(program: ScoreProgram, n_q: int, batch_heads: int, sm_count: int) -> str | None:
+    """At head dim 64, None where this forward was measured faster than the generated one; else
+    why not."""
+    if not program.causal or n_q < D64_MIN_QUERIES:
+        return f"head dim 64 without a causal mask or with fewer than {D64_MIN_QUERIES} queries"
+    _, (items, _, _) = schedule(batch_heads, n_q, sm_count)
+    if items > D64_MAX_PAIRS_PER_SM * sm_count:
+        return (f"head dim 64 with {items / sm_count:.1f} pairs of query tiles an SM (the generated forward "
+                f"is faster above {D64_MAX_PAIRS_PER_SM})")
     return None
 
 
 def schedule(batch_heads: int, n_q: int, sm_count: int) -> tuple[int, tuple[int, int, int]]:
     """(programs, (items, pairs a head, query tiles a head)): the persistent grid and the integers
     the kernel walks it by. An item is a pair of one head's query tiles; the programs take items
-    round-robin, one program an SM (each holds ~200 KB of shared memory and every register)."""
+    round-robin, one program an SM (every register of it; 197 KB of shared memory at D=128)."""
     tiles = -(-n_q // (2 * BLOCK_M))
     pairs = -(-tiles // 2)
     items = pairs * batch_heads
     return min(items, sm_count), (items, pairs, tiles)
+
+
+def constexprs(head_dim: int, causal_code: int) -> dict:
+    """The kernel's compile-time arguments and launch options for a head dim and causal code
+    (0 none, 1 top left, 2 bottom right)."""
+    return dict(BM=BLOCK_M, BN=BLOCK_N, D=head_dim, STAGES=STAGES, CAUSAL=causal_code, CONSUMER_REGS=CONSUMER_REGS,
+                PRODUCER_REGS=PRODUCER_REGS, num_warps=4, maxnreg=MAXNREG)
 
 
 def describe(t: torch.Tensor, shape: list, strides: list, box: list):

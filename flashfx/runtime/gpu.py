@@ -462,11 +462,8 @@ def _ws_launch(q, k, v, program: ScoreProgram) -> tuple["_Kernel | None", tuple]
     descs = tuple((names.index(n), *_geometry(t), [1, 1, rows, D]) for n, (t, rows) in at.items())
     programs, walk = hopper.schedule(B * H, Nq, tiling.gpu_of(q.device).sm_count)
     qk_scale = program.ops[0].const * codegen.LOG2E  # exp2 units
-    return _Kernel(hopper.attn_fwd, (programs,),
-                   dict(BM=hopper.BLOCK_M, BN=hopper.BLOCK_N, D=D, STAGES=hopper.STAGES,
-                        CAUSAL=_CAUSAL_CODE[program.causal], CONSUMER_REGS=hopper.CONSUMER_REGS,
-                        PRODUCER_REGS=hopper.PRODUCER_REGS, num_warps=4, maxnreg=hopper.MAXNREG),
-                   descs, describe=hopper.describe), (H, H // Hk, *walk, Nq, Nk, qk_scale)
+    return (_Kernel(hopper.attn_fwd, (programs,), hopper.constexprs(D, _CAUSAL_CODE[program.causal]), descs,
+                    describe=hopper.describe), (H, H // Hk, *walk, Nq, Nk, qk_scale))
 
 
 def _strides(operands) -> list:

@@ -74,6 +74,16 @@ def test_descriptors_read_swizzled_boxes_of_the_strided_view():
     assert desc.block_shape == [1, 1, 64, 128] and desc.layout.swizzle_byte_width == 128
 
 
+def test_head_dim_64_takes_the_kernel_where_it_was_measured_faster():
+    causal64 = ScoreProgram((ScoreOp("scale", None, 0.125),), "top_left")
+    plain64 = ScoreProgram((ScoreOp("scale", None, 0.125),))
+    assert hopper.d64_rule(causal64, 4096, 2 * 12, 132) is None  # GPT-2's layer at seq 4096: 2.9 pairs an SM
+    assert "without a causal mask" in hopper.d64_rule(plain64, 4096, 2 * 12, 132)
+    assert "fewer than 4096 queries" in hopper.d64_rule(causal64, 1024, 8 * 12, 132)  # GPT-2 at seq 1024
+    assert "15.5 pairs of query tiles an SM" in hopper.d64_rule(causal64, 4096, 4 * 32, 132)
+    assert hopper.d64_rule(causal64, 4096, 33, 132) is None and hopper.d64_rule(causal64, 4096, 34, 132)  # 4 an SM
+
+
 def test_schedule_pairs_each_heads_query_tiles_one_program_an_sm():
     # (programs, (items, pairs a head, tiles a head)); a tile is 128 query rows
     assert hopper.schedule(256, 1024, 132) == (132, (1024, 4, 8))
