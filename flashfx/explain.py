@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from flashfx.codegen import hopper
+from flashfx.codegen import hopper, hopper_bwd
 from flashfx.ir import ScoreProgram
 from flashfx.passes import pipeline
 from flashfx.runtime import gpu, ops
@@ -121,6 +121,10 @@ def _plan_text(site) -> str | None:
                      f"{2 * hopper.BLOCK_M} query rows in two warpgroups, {hopper.BLOCK_N}-key blocks, "
                      f"{hopper.STAGES} stages) where the copy engine can read the tensors, the fwd tiles above "
                      f"elsewhere")
+        if gpu.ws_backward(program, site.dtype, dev, int(site.q_shape[-1]), Nq, Nk) is None:
+            text += (f"; bwd dK/dV: warp-specialized Gluon kernel ({2 * hopper_bwd.BLOCK_K} keys a program in two "
+                     f"warpgroups, {hopper_bwd.BLOCK_M}-query blocks, {hopper_bwd.STAGES} stages) where the copy "
+                     f"engine can read the tensors, the dkdv tiles above elsewhere")
         return text
     return "CPU chunked path (Rabe-Staats: query and key chunks, running max and sum)"
 

@@ -75,6 +75,16 @@ def supports(program: ScoreProgram, dtype: torch.dtype, device: torch.device, he
              n_k: int, batch_heads: int) -> str | None:
     """None when this forward computes the call; else why not, in words. (Whether the tensors'
     layout lets the copy engine read them is the launch's to check.)"""
+    why = covers(program, dtype, device, head_dim, n_q, n_k)
+    if why is None and head_dim == 64:
+        return d64_rule(program, n_q, batch_heads, torch.cuda.get_device_properties(device).multi_processor_count)
+    return why
+
+
+def covers(program: ScoreProgram, dtype: torch.dtype, device: torch.device, head_dim: int, n_q: int,
+           n_k: int) -> str | None:
+    """None when the Gluon kernels here and in codegen.hopper_bwd compute such a call; else why
+    not. The forward adds its head-dim-64 rule (`supports`)."""
     if gluon is None:
         return "this Triton has no Gluon"
     if dtype not in (torch.float16, torch.bfloat16):
@@ -88,8 +98,6 @@ def supports(program: ScoreProgram, dtype: torch.dtype, device: torch.device, he
         return "bottom-right causal mask with fewer keys than queries (rows that see no key)"
     if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
         return "not an sm_90 GPU"
-    if head_dim == 64:
-        return d64_rule(program, n_q, batch_heads, torch.cuda.get_device_properties(device).multi_processor_count)
     return None
 
 

@@ -10,7 +10,7 @@ import torch
 
 from flashfx import config
 from flashfx.codegen import attention as codegen
-from flashfx.codegen import hopper
+from flashfx.codegen import hopper, hopper_bwd
 from flashfx.ir import ScoreProgram
 from flashfx.planner import hardware
 from flashfx.planner.plan import TilePlan, kv_splits
@@ -62,17 +62,32 @@ GQA_PACK: bool | None = None
 # The warp-specialized Gluon forward on sm_90 (codegen.hopper) for the programs it covers:
 # None chooses it there (FLASHFX_WS_FORWARD=0 turns it off); False never.
 WS_FORWARD: bool | None = None
+# The warp-specialized Gluon dK/dV on sm_90 (codegen.hopper_bwd), likewise (FLASHFX_WS_BACKWARD=0).
+WS_BACKWARD: bool | None = None
 
 
 def ws_forward(program: ScoreProgram, dtype: torch.dtype, device: torch.device, head_dim: int, n_q: int,
                n_k: int, batch_heads: int) -> str | None:
     """None when the warp-specialized forward computes such a call's forward (where the copy
     engine can read its tensors); else why not."""
-    if WS_FORWARD is False or (WS_FORWARD is None and config.getenv("FLASHFX_WS_FORWARD") == "0"):
+    return _ws_why(WS_FORWARD, "FLASHFX_WS_FORWARD", device,
+                   lambda: hopper.supports(program, dtype, device, head_dim, n_q, n_k, batch_heads))
+
+
+def ws_backward(program: ScoreProgram, dtype: torch.dtype, device: torch.device, head_dim: int, n_q: int,
+                n_k: int) -> str | None:
+    """None when the warp-specialized dK/dV computes such a call's dK and dV (where the copy
+    engine can read its tensors); else why not. dQ and Δ come from the generated dQ kernel."""
+    return _ws_why(WS_BACKWARD, "FLASHFX_WS_BACKWARD", device,
+                   lambda: hopper_bwd.supports(program, dtype, device, head_dim, n_q, n_k))
+
+
+def _ws_why(switch: bool | None, env: str, device: torch.device, supports: Callable[[], str | None]) -> str | None:
+    if switch is False or (switch is None and config.getenv(env) == "0"):
         return "turned off"
     if tiling.interpreting():
         return "Triton interpreter"
-    why = hopper.supports(program, dtype, device, head_dim, n_q, n_k, batch_heads)
+    why = supports()
     if why is None and not _tma_allowed(device):  # it reads through descriptors only
         return "descriptor reads turned off (gpu.TMA, FLASHFX_TMA=0)"
     return why
@@ -347,7 +362,7 @@ def _signature(kind: str, program: ScoreProgram, tensors, operands, extra=()) ->
     dtype = q.dtype
     key = (kind, program, extra, dtype, q.device, tiling._margins_version, hardware.chosen_by_user(),
            TMA, FLAT_DKDV, DIRECT_LAUNCH, DIRECT_LAUNCH_RAW, GQA_PACK, config.getenv("FLASHFX_TMA"),
-           WS_FORWARD, config.getenv("FLASHFX_WS_FORWARD"),
+           WS_FORWARD, config.getenv("FLASHFX_WS_FORWARD"), WS_BACKWARD, config.getenv("FLASHFX_WS_BACKWARD"),
            config.getenv("TRITON_INTERPRET"), dtype is torch.float32 and _precision(q))
     for t in tensors:
         key += (*t.shape, *t.stride())
@@ -438,9 +453,11 @@ def _forward_call(q, k, v, operands, program: ScoreProgram, p: TilePlan) -> Call
             combine.ptr(part_o, part_stats, out, stats, *sizes)
         return out, stats
 
+    # what a call with aligned tensors launches, and what the others fall back to
     call.launches = (fwd,) if combine is None else (fwd, combine)
+    call.fallbacks = ()
     if ws is not None:
-        call.launches += (_Launch(ws),)
+        call.launches, call.fallbacks = (_Launch(ws),), call.launches
     call.warp_specialized = ws is not None
     return call
 
@@ -528,6 +545,7 @@ def _backward_call(dout, q, k, v, out, stats, operands, program: ScoreProgram, w
     dq_ints = (*inputs, *out.stride(), *dq_s, *tail)
     dkdv_ints = (*inputs, *dk_s, *dv_s, *tail)
     device = q.device
+    ws, ws_ints = _ws_dkdv_launch(q, k, v, dout, program, dk_s, dv_s) if not wanted else (None, ())
 
     def call(dout, q, k, v, out, stats, operands, seed):
         d_bufs = [torch.zeros((B, H, Nq, Nk), device=device, dtype=torch.float32) for _ in wanted]
@@ -538,11 +556,40 @@ def _backward_call(dout, q, k, v, out, stats, operands, program: ScoreProgram, w
         seeds = _seed_args(program, seed)
         # dQ first: it also writes Δ = rowsum(dO ∘ O), which dK/dV reads
         l_dq.reads(k, v)(q, k, v, dout, out, stats, delta, dq, k, v, *seeds, *operands, *dx_args, *dq_ints)
-        l_dkdv.reads(q, dout)(q, k, v, dout, stats, delta, dk, dv, q, dout, *seeds, *operands, *dkdv_ints)
+        if ws is not None and _aligned(q, k, v, dout) and stats.is_contiguous():
+            ws(q, k, v, dout, stats, delta, dk, dv, *ws_ints)
+        else:
+            l_dkdv.reads(q, dout)(q, k, v, dout, stats, delta, dk, dv, q, dout, *seeds, *operands, *dkdv_ints)
         return dq, dk, dv, d_bufs
 
-    call.launches = (l_dkdv, l_dq)
+    # what a call with aligned tensors launches, and what the others fall back to
+    call.launches, call.fallbacks = (l_dkdv, l_dq), ()
+    if ws is not None:
+        call.launches, call.fallbacks = (l_dq, _Launch(ws)), (l_dkdv,)
+    call.warp_specialized = ws is not None
     return call
+
+
+def _ws_dkdv_launch(q, k, v, dout, program: ScoreProgram, dk_strides, dv_strides) -> tuple["_Kernel | None", tuple]:
+    """The warp-specialized dK/dV's launch for this signature (codegen.hopper_bwd) and the
+    integers that follow its tensors, when it covers the program and the copy engine can read
+    q, k, v and dO; else (None, ()). Its row statistics, the forward's log-sum-exp plane and Δ,
+    are read as [B·H, Nq] rows."""
+    B, H, Nq, D = q.shape
+    Hk, Nk = k.shape[1], k.shape[2]
+    if ws_backward(program, q.dtype, q.device, D, Nq, Nk) is not None:
+        return None, ()
+    if not all(_tma_layout_ok(t) for t in (q, k, v, dout)) or dk_strides[3] != 1 or dv_strides[3] != 1:
+        return None, ()
+    names = hopper_bwd.attn_bwd_dkdv.arg_names
+    at = dict(QDesc=(q, hopper_bwd.BLOCK_M), KDesc=(k, hopper_bwd.BLOCK_K), VDesc=(v, hopper_bwd.BLOCK_K),
+              dODesc=(dout, hopper_bwd.BLOCK_M))
+    descs = tuple((names.index(n), *_geometry(t), [1, 1, rows, D]) for n, (t, rows) in at.items())
+    descs += tuple((names.index(n), [B * H, Nq], [Nq, 1], [1, hopper_bwd.BLOCK_M]) for n in ("LseDesc", "DeltaDesc"))
+    scale = program.ops[0].const
+    return (_Kernel(hopper_bwd.attn_bwd_dkdv, hopper_bwd.grid(Nk, B * Hk),
+                    hopper_bwd.constexprs(D, _CAUSAL_CODE[program.causal]), descs, describe=hopper_bwd.describe),
+            (*dk_strides[:3], *dv_strides[:3], H, H // Hk, Nq, Nk, scale * codegen.LOG2E, scale))
 
 
 def packs(group: int, n_q: int, block_m: int) -> bool:

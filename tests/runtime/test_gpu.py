@@ -415,7 +415,7 @@ def test_direct_launches_on_the_gpu_match_the_reference_and_respect_alignment():
     for seed in range(3):
         g = torch.Generator(device="cuda").manual_seed(seed)
         check(*(torch.randn(shape, device="cuda", dtype=torch.float16, generator=g) for _ in range(4)), prog)
-    kept = [launch for call in gpu._recipes.values() for launch in call.launches]
+    kept = [launch for call in gpu._recipes.values() for launch in call.launches]  # those aligned calls make
     assert kept and all((launch.tma or launch.ptr).binary is not None for launch in kept)
     import triton
 

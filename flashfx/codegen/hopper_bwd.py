@@ -1,0 +1,257 @@
+"""dK and dV on Hopper (sm_90), written in Gluon: warp-specialized, keys down the rows.
+
+    attn_bwd_dkdv   dK, dV of softmax(scale · Q Kᵀ [causal]) V           grid (Nk/2BK, B·Hk)
+
+A program owns 2·BK keys of one K/V head and sums over every query head of its group and every
+query block, so dK and dV are written once, without atomics (deterministic). It has three
+partitions:
+
+- a producer warp loads the program's K and V once, then streams each query block's Q, dO, row
+  log-sum-exp and Δ = rowsum(dO ∘ O) into a ring of STAGES shared-memory stages through tensor
+  descriptors (TMA), one "ready" and one "empty" barrier a stage;
+- two consumer warpgroups each own BK of the keys and hold their dK and dV in registers. For a
+  query block a consumer issues Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ together, recomputes Pᵀ from Sᵀ while
+  dPᵀ is still on the tensor cores, then adds Pᵀ·dO into dV and dSᵀ·Q into dK, with Pᵀ and dSᵀ
+  fed from registers. With the keys down the rows no transpose of P or dS is needed. The row
+  terms (log-sum-exp, Δ) start the two products' accumulators, so no registers hold them while
+  the products run. The stage's "empty" barrier counts both consumers.
+
+Δ comes from the generated dQ kernel (codegen.attention._attn_bwd_dq), which runs first.
+
+Query blocks come in three runs per query head: those that cross the causal diagonal (masked),
+those every key of the program sees whole (no masks), and the ragged end of Nq (masked). The
+programs it covers are the forward kernel's (codegen.hopper.covers: a positive scale, optionally
+a causal mask, 16-bit inputs, head dim 64 or 128, sm_90), at every grid, without the forward's
+head-dim-64 rule: it was measured at least as fast as the generated dK/dV at every shape
+(docs/benchmarks.md, "The warp-specialized dK/dV"). The row statistics are read as [B·H, Nq]
+rows, whose 16-byte alignment needs Nq a multiple of 4.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flashfx.codegen import hopper
+from flashfx.codegen.hopper import gluon
+from flashfx.ir import ScoreProgram
+
+if gluon is not None:
+    from flashfx.codegen.hopper import _tma_load, fence_async_shared, gl, mbarrier, warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+# Measured on the H200 (docs/benchmarks.md, "The warp-specialized dK/dV"): query blocks of 64
+# rows, 2 stages (32 KB each at D=128), consumers at 240 registers a thread (no spills: the row
+# terms ride in the products' accumulators, see _step) and the producer at 24.
+BLOCK_M = 64   # query rows a stage
+BLOCK_K = 64   # keys a consumer warpgroup; a program holds two
+STAGES = 2
+CONSUMER_REGS = 240
+PRODUCER_REGS = 24
+MAXNREG = 168
+LOG2E = 1.4426950408889634
+
+
+def supports(program: ScoreProgram, dtype: torch.dtype, device: torch.device, head_dim: int, n_q: int,
+             n_k: int) -> str | None:
+    """None when this kernel computes such a call's dK and dV; else why not, in words. (Whether
+    the tensors' layout lets the copy engine read them is the launch's to check.)"""
+    why = hopper.covers(program, dtype, device, head_dim, n_q, n_k)
+    if why is None and n_q % 4:
+        return f"{n_q} queries: the row statistics' descriptors need rows of a multiple of 16 bytes"
+    return why
+
+
+def constexprs(head_dim: int, causal_code: int) -> dict:
+    """The kernel's compile-time arguments and launch options for a head dim and causal code
+    (0 none, 1 top left, 2 bottom right)."""
+    return dict(BM=BLOCK_M, BK=BLOCK_K, D=head_dim, STAGES=STAGES, CAUSAL=causal_code,
+                CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS, num_warps=4, maxnreg=MAXNREG)
+
+
+def grid(n_k: int, batch_kv_heads: int) -> tuple[int, int]:
+    return (-(-n_k // (2 * BLOCK_K)), batch_kv_heads)
+
+
+def row_layout():
+    """Shared layout of a [1, BM] box of fp32 row statistics (one row: no swizzle)."""
+    return gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
+
+
+def describe(t: torch.Tensor, shape: list, strides: list, box: list):
+    """The kernel's descriptors: [1, 1, rows, D] boxes of the 4-D tensors (codegen.hopper), and
+    [1, BM] boxes of the fp32 row statistics viewed as [B·H, Nq]."""
+    if len(box) == 2:
+        return TensorDescriptor(t, shape, strides, box, row_layout())
+    return hopper.describe(t, shape, strides, box)
+
+
+if gluon is not None:
+
+    @gluon.jit
+    def _runs(n0, n_q, offset, BM: gl.constexpr, BK: gl.constexpr, CAUSAL: gl.constexpr):
+        """Query row starts of this program's three runs: [lo, m_full) masked (the diagonal),
+        [m_full, m_even) whole, [max(m_full, m_even), n_q) masked (the ragged end)."""
+        lo = n0 * 0
+        m_full = n0 * 0
+        if CAUSAL:
+            lo = gl.maximum(n0 - offset, 0) // BM * BM
+            m_full = gl.cdiv(gl.maximum(n0 + 2 * BK - 1 - offset, 0), BM) * BM
+        m_even = n_q // BM * BM
+        return lo, m_full, m_even
+
+    @gluon.jit
+    def _producer(a, BM: gl.constexpr, BK: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
+                  CAUSAL: gl.constexpr):
+        (q_desc, k_desc, v_desc, do_desc, lse_desc, delta_desc, dk_ptr, dv_ptr, k_smem, v_smem, q_smem, do_smem,
+         lse_smem, delta_smem, kv_bar, ready, empty, H, GROUP, n_q, n_k, offset, qk_scale, sm_scale,
+         s_dkb, s_dkh, s_dkn, s_dvb, s_dvh, s_dvn) = a
+        pid_n = gl.program_id(0)
+        bhk = gl.program_id(1)
+        Hk = H // GROUP
+        b = bhk // Hk
+        hk = bhk % Hk
+        n0 = pid_n * (2 * BK)
+        mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes + 2 * v_desc.block_type.nbytes)
+        for i in gl.static_range(2):
+            _tma_load(k_desc, [b, hk, n0 + i * BK, 0], kv_bar, k_smem.index(i))
+            _tma_load(v_desc, [b, hk, n0 + i * BK, 0], kv_bar, v_smem.index(i))
+        lo, m_full, m_even = _runs(n0, n_q, offset, BM, BK, CAUSAL)
+        n_m = gl.cdiv(gl.maximum(n_q - lo, 0), BM)
+        nbytes: gl.constexpr = (q_desc.block_type.nbytes + do_desc.block_type.nbytes + lse_desc.block_type.nbytes
+                  + delta_desc.block_type.nbytes)
+        for j in range(GROUP * n_m):
+            h = hk * GROUP + j // n_m
+            m0 = lo + (j % n_m) * BM
+            st = j % STAGES
+            mbarrier.wait(empty.index(st), ((j // STAGES) & 1) ^ 1)  # a stage starts free
+            mbarrier.expect(ready.index(st), nbytes)
+            _tma_load(q_desc, [b, h, m0, 0], ready.index(st), q_smem.index(st))
+            _tma_load(do_desc, [b, h, m0, 0], ready.index(st), do_smem.index(st))
+            _tma_load(lse_desc, [b * H + h, m0], ready.index(st), lse_smem.index(st))
+            _tma_load(delta_desc, [b * H + h, m0], ready.index(st), delta_smem.index(st))
+
+    @gluon.jit
+    def _step(k_w, v_w, q_smem, do_smem, lse_smem, delta_smem, ready, empty, dk, dv, g, n0w, m0, n_q, offset,
+              qk_scale, MASK: gl.constexpr, CAUSAL: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr,
+              D: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr, op_layout: gl.constexpr):
+        """One query block (ring position g) into this warpgroup's dK, dV."""
+        st = g % STAGES
+        mbarrier.wait(ready.index(st), (g // STAGES) & 1)
+        q = q_smem.index(st).reshape([BM, D])
+        do = do_smem.index(st).reshape([BM, D])
+        # The products start from the row terms, so that no registers hold them while the
+        # products run (with them held, ptxas spilled 164-352 bytes a thread at D=128): the
+        # accumulators are Sᵀ - lse/scale and dPᵀ - Δ, each row ([1, BM] in shared memory) spread
+        # down the tile's columns. Then Pᵀ = exp2(c·acc), c = scale·log2(e), and dSᵀ = Pᵀ∘acc.
+        lse = lse_smem.index(st).load(s_layout) * (-1.4426950408889634 / qk_scale)
+        s_tok = warpgroup_mma(k_w, q.permute((1, 0)), gl.zeros([BK, BM], gl.float32, s_layout) + lse,
+                              is_async=True)
+        delta = delta_smem.index(st).load(s_layout)
+        dp_tok = warpgroup_mma(v_w, do.permute((1, 0)), gl.zeros([BK, BM], gl.float32, s_layout) - delta,
+                               is_async=True)
+        s = warpgroup_mma_wait(1, deps=[s_tok])
+        if MASK:
+            keys = n0w + gl.arange(0, BK, layout=gl.SliceLayout(1, s_layout))
+            rows = m0 + gl.arange(0, BM, layout=gl.SliceLayout(0, s_layout))
+            ok = gl.expand_dims(rows < n_q, 0)
+            if CAUSAL:
+                ok = ok & (gl.expand_dims(keys, 1) <= gl.expand_dims(rows + offset, 0))
+            s = gl.where(ok, s, float("-inf"))
+        p = gl.exp2(s * qk_scale)  # Pᵀ, keys down
+        dp = warpgroup_mma_wait(0, deps=[dp_tok])
+        ds = p * dp  # dSᵀ in natural units; the scale multiplies dK once
+        p_op = gl.convert_layout(p.to(q.dtype), op_layout)
+        ds_op = gl.convert_layout(ds.to(q.dtype), op_layout)
+        dv_tok = warpgroup_mma(p_op, do, dv, is_async=True)
+        dk_tok = warpgroup_mma(ds_op, q, dk, is_async=True)
+        dv, dk, _, _ = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, p_op, ds_op])
+        mbarrier.arrive(empty.index(st), count=1)
+        return dk, dv
+
+    @gluon.jit
+    def _consumer(a, WG: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr, D: gl.constexpr,
+                  STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+        (q_desc, k_desc, v_desc, do_desc, lse_desc, delta_desc, dk_ptr, dv_ptr, k_smem, v_smem, q_smem, do_smem,
+         lse_smem, delta_smem, kv_bar, ready, empty, H, GROUP, n_q, n_k, offset, qk_scale, sm_scale,
+         s_dkb, s_dkh, s_dkn, s_dvb, s_dvh, s_dvn) = a
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BM, 16])
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                             instr_shape=[16, D, 16])
+        op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+        pid_n = gl.program_id(0)
+        bhk = gl.program_id(1)
+        Hk = H // GROUP
+        b = bhk // Hk
+        hk = bhk % Hk
+        n0 = pid_n * (2 * BK)
+        n0w = n0 + WG * BK
+        k_w = k_smem.index(WG).reshape([BK, D])
+        v_w = v_smem.index(WG).reshape([BK, D])
+        dk = gl.zeros([BK, D], gl.float32, acc_layout)
+        dv = gl.zeros([BK, D], gl.float32, acc_layout)
+        lo, m_full, m_even = _runs(n0, n_q, offset, BM, BK, CAUSAL)
+        diag_hi = gl.minimum(m_full, n_q)
+        tail = gl.maximum(m_full, m_even)
+        mbarrier.wait(kv_bar, 0)
+        g = 0
+        for _h in range(GROUP):
+            for m0 in range(lo, diag_hi, BM):
+                dk, dv = _step(k_w, v_w, q_smem, do_smem, lse_smem, delta_smem, ready, empty, dk, dv, g, n0w, m0,
+                               n_q, offset, qk_scale, True, CAUSAL, BM, BK, D, STAGES, s_layout, op_layout)
+                g += 1
+            for m0 in range(m_full, m_even, BM):
+                dk, dv = _step(k_w, v_w, q_smem, do_smem, lse_smem, delta_smem, ready, empty, dk, dv, g, n0w, m0,
+                               n_q, offset, qk_scale, False, CAUSAL, BM, BK, D, STAGES, s_layout, op_layout)
+                g += 1
+            for m0 in range(tail, n_q, BM):
+                dk, dv = _step(k_w, v_w, q_smem, do_smem, lse_smem, delta_smem, ready, empty, dk, dv, g, n0w, m0,
+                               n_q, offset, qk_scale, True, CAUSAL, BM, BK, D, STAGES, s_layout, op_layout)
+                g += 1
+        keys = n0w + gl.arange(0, BK, layout=gl.SliceLayout(1, acc_layout))
+        cols = gl.arange(0, D, layout=gl.SliceLayout(0, acc_layout))
+        ok = gl.expand_dims(keys < n_k, 1)
+        kk = gl.expand_dims(keys, 1)
+        cc = gl.expand_dims(cols, 0)
+        gl.store(dk_ptr + b * s_dkb + hk * s_dkh + kk * s_dkn + cc, (dk * sm_scale).to(dk_ptr.dtype.element_ty),
+                 mask=ok)
+        gl.store(dv_ptr + b * s_dvb + hk * s_dvh + kk * s_dvn + cc, dv.to(dv_ptr.dtype.element_ty), mask=ok)
+
+    @gluon.jit
+    def _consumer0(a, BM: gl.constexpr, BK: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
+                   CAUSAL: gl.constexpr):
+        _consumer(a, 0, BM, BK, D, STAGES, CAUSAL)
+
+    @gluon.jit
+    def _consumer1(a, BM: gl.constexpr, BK: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
+                   CAUSAL: gl.constexpr):
+        _consumer(a, 1, BM, BK, D, STAGES, CAUSAL)
+
+    @gluon.jit
+    def attn_bwd_dkdv(QDesc, KDesc, VDesc, dODesc, LseDesc, DeltaDesc, dK, dV,
+                      s_dkb, s_dkh, s_dkn, s_dvb, s_dvh, s_dvn, H, GROUP, N_Q, N_K, qk_scale, sm_scale,
+                      BM: gl.constexpr, BK: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
+                      CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+                      num_warps: gl.constexpr):
+        offset = N_K - N_Q if CAUSAL == 2 else 0  # bottom right: row r sees keys up to r + Nk - Nq
+        k_smem = gl.allocate_shared_memory(KDesc.dtype, [2, 1, 1, BK, D], KDesc.layout)
+        v_smem = gl.allocate_shared_memory(VDesc.dtype, [2, 1, 1, BK, D], VDesc.layout)
+        q_smem = gl.allocate_shared_memory(QDesc.dtype, [STAGES, 1, 1, BM, D], QDesc.layout)
+        do_smem = gl.allocate_shared_memory(dODesc.dtype, [STAGES, 1, 1, BM, D], dODesc.layout)
+        lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 1, BM], LseDesc.layout)
+        delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, 1, BM], DeltaDesc.layout)
+        kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(kv_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=2)  # both consumers release it
+        fence_async_shared()
+        a = (QDesc, KDesc, VDesc, dODesc, LseDesc, DeltaDesc, dK, dV, k_smem, v_smem, q_smem, do_smem, lse_smem,
+             delta_smem, kv_bar, ready, empty, H, GROUP, N_Q, N_K, offset, qk_scale, sm_scale,
+             s_dkb, s_dkh, s_dkn, s_dvb, s_dvh, s_dvn)
+        gl.warp_specialize([(_consumer0, (a, BM, BK, D, STAGES, CAUSAL)),
+                            (_consumer1, (a, BM, BK, D, STAGES, CAUSAL)),
+                            (_producer, (a, BM, BK, D, STAGES, CAUSAL))],
+                           [4, 1], [CONSUMER_REGS, PRODUCER_REGS])

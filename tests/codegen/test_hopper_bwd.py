@@ -1,0 +1,152 @@
+"""The warp-specialized Gluon dK/dV (codegen.hopper_bwd): which calls it takes, that it compiles
+for sm_90 without spills, and on an sm_90 GPU its gradients against float64."""
+
+import math
+
+import pytest
+import torch
+
+from flashfx.codegen import hopper, hopper_bwd
+from flashfx.ir import ScoreOp, ScoreProgram
+from flashfx.runtime import gpu
+from tests.reference import reference_attention
+
+CAUSAL = ScoreProgram((ScoreOp("scale", None, 128 ** -0.5),), "top_left")
+CPU = torch.device("cpu")
+gluon_only = pytest.mark.skipif(hopper.gluon is None, reason="this Triton has no Gluon")
+
+
+@gluon_only
+def test_supports_names_why_a_call_takes_the_generated_dkdv(monkeypatch):
+    assert hopper_bwd.supports(CAUSAL, torch.float32, CPU, 128, 64, 64) == "inputs are not fp16/bf16"
+    assert hopper_bwd.supports(CAUSAL, torch.bfloat16, CPU, 128, 64, 64) == "not an sm_90 GPU"
+    monkeypatch.setattr(hopper, "covers", lambda *args: None)  # as on an sm_90 GPU
+    assert hopper_bwd.supports(CAUSAL, torch.bfloat16, CPU, 128, 64, 64) is None
+    assert "301 queries" in hopper_bwd.supports(CAUSAL, torch.bfloat16, CPU, 128, 301, 301)
+    # no head-dim-64 rule: the forward's is its own (hopper.d64_rule)
+    assert hopper_bwd.supports(ScoreProgram((ScoreOp("scale", None, 0.125),)), torch.bfloat16, CPU, 64, 64, 64) is None
+
+
+def test_the_interpreter_and_the_switch_keep_the_generated_dkdv(monkeypatch):
+    monkeypatch.setattr(gpu.tiling, "interpreting", lambda: True)
+    assert gpu.ws_backward(CAUSAL, torch.bfloat16, CPU, 128, 64, 64) == "Triton interpreter"
+    monkeypatch.setattr(gpu.tiling, "interpreting", lambda: False)
+    monkeypatch.setattr(hopper_bwd, "supports", lambda *args: None)  # as on an sm_90 GPU
+    monkeypatch.setattr(gpu, "TMA", False)
+    assert gpu.ws_backward(CAUSAL, torch.bfloat16, CPU, 128, 64, 64) == "descriptor reads turned off (gpu.TMA, FLASHFX_TMA=0)"
+    monkeypatch.setattr(gpu, "TMA", True)
+    assert gpu.ws_backward(CAUSAL, torch.bfloat16, CPU, 128, 64, 64) is None
+    monkeypatch.setattr(gpu, "WS_BACKWARD", False)
+    assert gpu.ws_backward(CAUSAL, torch.bfloat16, CPU, 128, 64, 64) == "turned off"
+    monkeypatch.setattr(gpu, "WS_BACKWARD", None)
+    monkeypatch.setenv("FLASHFX_WS_BACKWARD", "0")
+    assert gpu.ws_backward(CAUSAL, torch.bfloat16, CPU, 128, 64, 64) == "turned off"
+    monkeypatch.delenv("FLASHFX_WS_BACKWARD")
+    assert gpu.ws_forward(CAUSAL, torch.bfloat16, CPU, 128, 64, 64, 8) == "not an sm_90 GPU"  # the forward's own
+
+
+def test_explain_names_the_kernel_where_it_runs(monkeypatch):
+    import flashfx
+    from flashfx import config
+
+    def attend(q, k, v):
+        return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(128), dim=-1) @ v
+
+    monkeypatch.setattr(config, "cpu_kernel", "triton")  # the kernels' plan, interpreted
+    q, k, v = (torch.randn(2, 4, 256, 128) for _ in range(3))
+    assert "bwd dK/dV: warp-specialized" not in flashfx.explain(attend, q, k, v).sites[0].plan
+    monkeypatch.setattr(gpu, "ws_backward", lambda *args: None)  # as on an sm_90 GPU
+    plan = flashfx.explain(attend, q, k, v).sites[0].plan
+    assert "bwd dK/dV: warp-specialized Gluon kernel (128 keys a program in two warpgroups, 64-query blocks" in plan
+
+
+@gluon_only
+def test_row_statistics_are_read_as_rows_of_batch_heads():
+    stats = torch.randn(1, 2, 3, 40)  # the forward's log-sum-exp plane [1, B, H, Nq]
+    desc = hopper_bwd.describe(stats, [6, 40], [40, 1], [1, hopper_bwd.BLOCK_M])
+    assert desc.shape == [6, 40] and desc.strides == [40, 1] and desc.block_shape == [1, 64]
+    assert desc.layout.swizzle_byte_width == 0 and desc.layout.element_bitwidth == 32
+
+
+@gluon_only
+@pytest.mark.parametrize("head_dim, causal", [(128, 1), (128, 0), (64, 2)])
+def test_the_kernel_compiles_for_sm90_without_spills(head_dim, causal):
+    # with the row terms held in registers through the products, ptxas spilled 164-352 bytes a
+    # thread at head dim 128; they now ride in the accumulators
+    from tests.compiled import in_child
+
+    row = in_child("benchmarks.sm90_registers:compile_ws_dkdv", head_dim, causal)
+    assert row["spill"] == 0 and row["regs"] == hopper_bwd.MAXNREG, row
+    assert row["setmaxnreg"] > 0 and 0 < row["smem"] <= 227 * 1024, row
+
+
+def _case(shape_q, shape_kv, dtype, seed, views=False):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    B, H, Nq, D = shape_q
+    if views:  # q, k, v as a model's one projection makes them
+        qkv = torch.randn(B, Nq, 3 * H * D, device="cuda", dtype=dtype, generator=g)
+        return [x.view(B, Nq, H, D).transpose(1, 2) for x in qkv.split(H * D, dim=2)]
+    q = torch.randn(shape_q, device="cuda", dtype=dtype, generator=g)
+    k, v = (torch.randn(shape_kv, device="cuda", dtype=dtype, generator=g) for _ in range(2))
+    return [q, k, v]
+
+
+def _rel(got, want):
+    return ((got.double().cpu() - want).norm() / want.norm()).item()
+
+
+def _needs_sm90():
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the warp-specialized dK/dV runs on sm_90")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape_q, shape_kv, causal, views", [
+    ((2, 4, 1024, 128), (2, 4, 1024, 128), None, False),
+    ((2, 4, 1024, 128), (2, 4, 1024, 128), "top_left", False),
+    ((3, 2, 300, 128), (3, 2, 300, 128), "top_left", False),       # ragged: partial query blocks and keys
+    ((2, 2, 200, 128), (2, 2, 456, 128), "bottom_right", False),   # more keys than queries, diagonal offset
+    ((2, 2, 456, 128), (2, 2, 200, 128), None, False),
+    ((2, 3, 200, 128), (2, 3, 520, 128), "top_left", False),       # keys no query sees: zero gradients
+    ((2, 8, 384, 128), (2, 2, 384, 128), "top_left", False),       # GQA: a program sums 4 query heads
+    ((2, 12, 640, 128), None, "top_left", True),                   # strided views of one projection
+    ((1, 12, 1024, 64), None, "top_left", True),                   # head dim 64 (GPT-2's layer)
+    ((2, 4, 520, 64), (2, 4, 700, 64), None, False),
+    ((1, 4, 4, 128), (1, 4, 4, 128), "top_left", False),           # fewer queries than a block
+])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_ws_dkdv_matches_float64(shape_q, shape_kv, causal, views, dtype):
+    _needs_sm90()
+    d = shape_q[-1]
+    prog = ScoreProgram((ScoreOp("scale", None, 1 / math.sqrt(d)),), causal)
+    q, k, v = _case(shape_q, shape_kv or shape_q, dtype, seed=shape_q[1] + shape_q[2], views=views)
+    out, stats = gpu.forward(q, k, v, [], prog)
+    do = torch.randn_like(q)
+    call = gpu._backward_call(do, q, k, v, out, stats, [], prog, (), gpu.tile_plan(q, k, prog))
+    assert call.warp_specialized
+    dq, dk, dv, _ = call(do, q, k, v, out, stats, [], None)
+    q64, k64, v64 = (x.detach().cpu().double().requires_grad_() for x in (q, k, v))
+    reference_attention(q64, k64, v64, [], prog).backward(do.cpu().double())
+    for got, want in ((dq, q64.grad), (dk, k64.grad), (dv, v64.grad)):
+        assert _rel(got, want) < 2e-2
+    # the same through the op's path, and repeatable: each dK, dV element is one program's sum
+    dq2, dk2, dv2 = gpu.backward(do, q, k, v, out, stats, [], prog)
+    assert torch.equal(dk2, dk) and torch.equal(dv2, dv) and torch.equal(dq2, dq)
+
+
+@pytest.mark.gpu
+def test_ws_dkdv_is_not_taken_where_it_does_not_apply():
+    _needs_sm90()
+    prog = ScoreProgram((ScoreOp("scale", None, 128 ** -0.5),), "top_left")
+    q, k, v = _case((2, 4, 301, 128), (2, 4, 301, 128), torch.bfloat16, seed=5)
+    out, stats = gpu.forward(q, k, v, [], prog)
+    do = torch.randn_like(q)
+    call = gpu._backward_call(do, q, k, v, out, stats, [], prog, (), gpu.tile_plan(q, k, prog))
+    assert not call.warp_specialized  # 301 queries: row statistics 1204 bytes apart
+    soft = ScoreProgram((ScoreOp("scale", None, 1 / 30), ScoreOp("tanh"), ScoreOp("scale", None, 30.0)))
+    assert "more than a positive scale" in gpu.ws_backward(soft, q.dtype, q.device, 128, 300, 300)
+    # the generated dK/dV where it is not taken still matches float64
+    dq, dk, dv, _ = call(do, q, k, v, out, stats, [], None)
+    q64, k64, v64 = (x.detach().cpu().double().requires_grad_() for x in (q, k, v))
+    reference_attention(q64, k64, v64, [], prog).backward(do.cpu().double())
+    assert _rel(dk, k64.grad) < 2e-2 and _rel(dv, v64.grad) < 2e-2
