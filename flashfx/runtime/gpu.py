@@ -509,7 +509,9 @@ def backward(dout, q, k, v, out, stats, operands, program: ScoreProgram, tiles: 
         dq, dk, dv, d_bufs = _planned(
             key, lambda p: _backward_call(dout, q, k, v, out, stats, operands, program, wanted, p),
             lambda call: call(dout, q, k, v, out, stats, operands, seed), q, k, program, operands,
-            ("dkdv", "dq"), "+grad" + ",".join(map(str, wanted)) if wanted else "")
+            # autotune times only the generated kernels that run: not dK/dV's where the Gluon one takes it
+            ("dq",) if _ws_dkdv_takes(q, k, v, dout, program, wanted) else ("dkdv", "dq"),
+            "+grad" + ",".join(map(str, wanted)) if wanted else "")
     if operand_grads is None:
         return dq, dk, dv
     d_ops = {}
@@ -545,7 +547,9 @@ def _backward_call(dout, q, k, v, out, stats, operands, program: ScoreProgram, w
     dq_ints = (*inputs, *out.stride(), *dq_s, *tail)
     dkdv_ints = (*inputs, *dk_s, *dv_s, *tail)
     device = q.device
-    ws, ws_ints = _ws_dkdv_launch(q, k, v, dout, program, dk_s, dv_s) if not wanted else (None, ())
+    ws, ws_ints = None, ()
+    if _ws_dkdv_takes(q, k, v, dout, program, wanted):
+        ws, ws_ints = _ws_dkdv_launch(q, k, v, dout, program, dk_s, dv_s)
 
     def call(dout, q, k, v, out, stats, operands, seed):
         d_bufs = [torch.zeros((B, H, Nq, Nk), device=device, dtype=torch.float32) for _ in wanted]
@@ -570,17 +574,22 @@ def _backward_call(dout, q, k, v, out, stats, operands, program: ScoreProgram, w
     return call
 
 
-def _ws_dkdv_launch(q, k, v, dout, program: ScoreProgram, dk_strides, dv_strides) -> tuple["_Kernel | None", tuple]:
+def _ws_dkdv_takes(q, k, v, dout, program: ScoreProgram, wanted: tuple) -> bool:
+    """Whether the warp-specialized dK/dV computes this signature's dK and dV (aligned calls):
+    it covers the program, no operand gradient is wanted, and the copy engine can read q, k, v
+    and dO (dK and dV, empty_like(k) and (v), then have rows of unit stride too)."""
+    B, H, Nq, D = q.shape
+    return (not wanted and ws_backward(program, q.dtype, q.device, D, Nq, k.shape[2]) is None
+            and all(_tma_layout_ok(t) for t in (q, k, v, dout)))
+
+
+def _ws_dkdv_launch(q, k, v, dout, program: ScoreProgram, dk_strides, dv_strides) -> tuple["_Kernel", tuple]:
     """The warp-specialized dK/dV's launch for this signature (codegen.hopper_bwd) and the
-    integers that follow its tensors, when it covers the program and the copy engine can read
-    q, k, v and dO; else (None, ()). Its row statistics, the forward's log-sum-exp plane and Δ,
-    are read as [B·H, Nq] rows."""
+    integers that follow its tensors (see _ws_dkdv_takes). Its row statistics, the forward's
+    log-sum-exp plane and Δ, are read as [B·H, Nq] rows."""
     B, H, Nq, D = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
-    if ws_backward(program, q.dtype, q.device, D, Nq, Nk) is not None:
-        return None, ()
-    if not all(_tma_layout_ok(t) for t in (q, k, v, dout)) or dk_strides[3] != 1 or dv_strides[3] != 1:
-        return None, ()
+    assert dk_strides[3] == 1 and dv_strides[3] == 1, (dk_strides, dv_strides)
     names = hopper_bwd.attn_bwd_dkdv.arg_names
     at = dict(QDesc=(q, hopper_bwd.BLOCK_M), KDesc=(k, hopper_bwd.BLOCK_K), VDesc=(v, hopper_bwd.BLOCK_K),
               dODesc=(dout, hopper_bwd.BLOCK_M))

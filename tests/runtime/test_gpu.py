@@ -151,6 +151,22 @@ def test_dkdv_keys_down_keeps_nested_loops_at_128(monkeypatch):
     assert gpu._flat_dkdv(256, True, 1, keys_down=True) and not gpu._flat_dkdv(128, False, 1, keys_down=False)
 
 
+def test_the_backward_tunes_dkdv_tiles_only_where_the_generated_dkdv_runs(monkeypatch):
+    # where the warp-specialized dK/dV takes a call, timing dK/dV's tile candidates would time
+    # that kernel each time: the tuner gets dQ alone
+    calls = _planning_calls(monkeypatch)
+    q, k, v, do = _qkvd(0)
+    out, stats = gpu.forward(q, k, v, [], PROG)
+    gpu.backward(do, q, k, v, out, stats, [], PROG)
+    assert calls[-1][1] == ("dkdv", "dq")  # the interpreter: no Gluon kernel
+    monkeypatch.setattr(gpu, "_ws_dkdv_takes", lambda *args: True)
+    monkeypatch.setattr(gpu, "_ws_dkdv_launch", lambda *args: (None, ()))  # as if it fell back per call
+    q, k, v, do = _qkvd(1, n=41)
+    out, stats = gpu.forward(q, k, v, [], PROG)
+    gpu.backward(do, q, k, v, out, stats, [], PROG)
+    assert calls[-1][1] == ("dq",)
+
+
 def test_autotuned_programs_tune_once_then_reuse_the_launches(monkeypatch, tmp_path):
     # the first call tunes (measuring each candidate); later calls of the signature launch the
     # winner as kept, with no planning or cache lookup on the way
