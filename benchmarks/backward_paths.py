@@ -1,0 +1,199 @@
+"""The backward's two dK/dV paths side by side: the generated Triton dK/dV and the
+warp-specialized Gluon dK/dV (sm_90), each after the generated dQ kernel, against cuDNN's
+backward, one process.
+
+    PYTHONPATH=. python3 benchmarks/backward_paths.py            # the shapes below, bf16
+    PYTHONPATH=. python3 benchmarks/backward_paths.py --tiny     # CPU smoke run (Triton interpreter)
+
+Per shape, through the runtime's backward call (`gpu._backward_call`, the launches a compiled
+model makes), from the forward's own output and statistics:
+
+- "generated": dQ and Δ, then the generated dK/dV (`gpu.WS_BACKWARD = False`);
+- "chosen": the backward flashfx runs, the warp-specialized dK/dV where `hopper_bwd.supports`
+  takes it;
+- "cudnn": SDPA's cuDNN backend's backward (on CPU: SDPA's own choice).
+
+On the GPU each variant is timed by the profiler's kernel times over --calls calls (the sum of
+its kernels, so host time does not count), dK/dV apart; on the CPU by the wall clock of one
+call. The variants take turns: --rounds rounds, each starting one variant later; the median
+round is reported. Every variant's gradients are checked against fp32 math attention on two
+heads. Writes backward_paths.json and backward_paths.png under $OUT (else benchmarks/out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from benchmarks import plots  # noqa: E402
+from benchmarks.forward_paths import inputs, peer  # noqa: E402
+from flashfx.ir import ScoreOp, ScoreProgram  # noqa: E402
+from flashfx.runtime import gpu  # noqa: E402
+
+# (label, B, H, N, D, causal, q/k/v as views of one projection)
+SHAPES = [("D=128 N=1024", 16, 16, 1024, 128, False, False),
+          ("D=128 N=1024 causal", 16, 16, 1024, 128, True, False),
+          ("D=128 N=4096", 4, 16, 4096, 128, False, False),
+          ("D=128 N=4096 causal", 4, 16, 4096, 128, True, False),
+          ("D=128 N=16384", 1, 16, 16384, 128, False, False),
+          ("D=128 N=16384 causal", 1, 16, 16384, 128, True, False),
+          ("GPT-2 layer, seq 4096", 2, 12, 4096, 64, True, True),
+          ("GPT-2 layer, seq 1024", 8, 12, 1024, 64, True, True),
+          ("D=64 N=4096", 4, 16, 4096, 64, False, False)]
+TINY = [("tiny causal", 1, 2, 96, 16, True, False), ("tiny views", 1, 2, 64, 32, False, True)]
+VARIANTS = ("generated", "chosen", "cudnn")
+
+
+def calls(q, k, v, do, prog):
+    """{variant: (function returning (dq, dk, dv), whether its dK/dV is the warp-specialized one)}."""
+    out_, stats = gpu.forward(q, k, v, [], prog)
+    paths = {}
+    saved = gpu.WS_BACKWARD
+    try:
+        for name, switch in (("generated", False), ("chosen", None)):
+            gpu.WS_BACKWARD = switch
+            call = gpu._backward_call(do, q, k, v, out_, stats, [], prog, (), gpu.tile_plan(q, k, prog))
+            paths[name] = ((lambda c: lambda: c(do, q, k, v, out_, stats, [], None)[:3])(call), call.warp_specialized)
+    finally:
+        gpu.WS_BACKWARD = saved
+    return paths
+
+
+def cudnn_backward(q, k, v, do, causal, cuda: bool):
+    qc, kc, vc = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    o = peer(qc, kc, vc, causal, cuda)()
+    return lambda: torch.autograd.grad(o, (qc, kc, vc), do, retain_graph=True)
+
+
+def error(grads, q, k, v, do, causal) -> float:
+    """Max relative error of dq, dk, dv on the first two heads against fp32 math attention."""
+    hs = slice(0, 2)
+    ref_in = [t[:1, hs].detach().float().requires_grad_() for t in (q, k, v)]
+    ref = F.scaled_dot_product_attention(*ref_in, is_causal=causal)
+    want = torch.autograd.grad(ref, ref_in, do[:1, hs].float())
+    return max(((g[:1, hs].float() - w).abs().max() / w.abs().max()).item() for g, w in zip(grads, want))
+
+
+def kernel_us(fn, n_calls: int) -> dict[str, float]:
+    """µs a call of each kernel `fn` launches, from the profiler (device time only)."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(n_calls):
+            fn()
+        torch.cuda.synchronize()
+    out: dict[str, float] = {}
+    for e in prof.key_averages():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            out[e.key] = out.get(e.key, 0.0) + e.self_device_time_total / n_calls
+    return out
+
+
+def wall_us(fn) -> dict[str, float]:
+    fn()
+    t = time.perf_counter()
+    fn()
+    return {"call": (time.perf_counter() - t) * 1e6}
+
+
+def measure(shapes, rounds: int, n_calls: int, device: str) -> list[dict]:
+    cuda = device == "cuda"
+    rows = []
+    for i, (label, B, H, N, D, causal, views) in enumerate(shapes):
+        dtype = torch.bfloat16 if cuda else torch.float32
+        q, k, v = inputs(B, H, N, D, views, dtype, device, seed=i)
+        do = torch.randn(B, H, N, D, device=device, dtype=dtype, generator=torch.Generator(device=device).manual_seed(i))
+        prog = ScoreProgram((ScoreOp("scale", None, D ** -0.5),), "top_left" if causal else None)
+        paths = calls(q, k, v, do, prog)
+        fns = {name: f for name, (f, _) in paths.items()}
+        fns["cudnn"] = cudnn_backward(q, k, v, do, causal, cuda)
+        errors = {name: error(f(), q, k, v, do, causal) for name, f in fns.items()}
+        kernels = {name: [] for name in fns}
+        names = list(fns)
+        for r in range(rounds):  # each round starts one variant later
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                kernels[name].append(kernel_us(fns[name], n_calls) if cuda else wall_us(fns[name]))
+        total = {n: sorted(sum(k.values()) for k in ks)[len(ks) // 2] for n, ks in kernels.items()}
+        dkdv = {n: sorted(sum(t for name, t in k.items() if "dkdv" in name) for k in kernels[n])[rounds // 2]
+                for n in ("generated", "chosen")} if cuda else {}
+        flops = 2.5 * 4 * B * H * N * N * D * (0.5 if causal else 1.0)
+        rows.append(dict(label=label, B=B, H=H, N=N, D=D, causal=causal, views=views,
+                         ws_taken=paths["chosen"][1], us=total, dkdv_us=dkdv, kernels=kernels, errors=errors,
+                         tflops={n: flops / t / 1e6 for n, t in total.items()}))
+        print(_row(rows[-1]), flush=True)
+    return rows
+
+
+def _row(r) -> str:
+    us, dk = r["us"], r["dkdv_us"]
+    split = (f"{dk['generated']:.0f} | {dk['chosen']:.0f} | {dk['chosen'] / dk['generated']:.3f}" if dk
+             else "— | — | —")
+    return (f"| {r['label']} | {'yes' if r['ws_taken'] else 'no'} | {split} | "
+            + " | ".join(f"{us[n]:.0f}" for n in VARIANTS)
+            + f" | {us['cudnn'] / us['generated']:.3f} → {us['cudnn'] / us['chosen']:.3f} | {max(r['errors'].values()):.1e} |")
+
+
+def table(rows) -> str:
+    head = ("| shape | ws taken | dK/dV generated | dK/dV chosen | chosen / generated | backward generated | "
+            "backward chosen | cuDNN backward | ×cuDNN generated → chosen | max err |\n"
+            "|---|---|---|---|---|---|---|---|---|---|")
+    return "\n".join([head] + [_row(r) for r in rows])
+
+
+def plot(rows, path, env):
+    plt = plots.pyplot()
+    if plt is None:
+        return
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 4))
+    series = {n: [r["tflops"][n] for r in rows] for n in VARIANTS}
+    plots.grouped_bars(ax, [r["label"] for r in rows], series)
+    plots.save(fig, ax, "backward TFLOP/s", path, env)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="small shapes on CPU (Triton interpreter); times mean nothing")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--calls", type=int, default=10, help="calls a round, under the profiler")
+    args = p.parse_args(argv)
+    if args.tiny and os.environ.get("TRITON_INTERPRET") != "1":
+        print("backward_paths --tiny: set TRITON_INTERPRET=1", file=sys.stderr)
+        return 2
+    if not args.tiny and not torch.cuda.is_available():
+        print("backward_paths: needs a CUDA GPU (or --tiny)", file=sys.stderr)
+        return 2
+    cuda = not args.tiny
+    rows = measure(TINY if args.tiny else SHAPES, args.rounds, args.calls, "cuda" if cuda else "cpu")
+    import triton
+
+    gpu_name = torch.cuda.get_device_name() if cuda else "CPU (Triton interpreter)"
+    env = plots.env_line(gpu_name, torch.__version__, triton.__version__)
+    how = "kernel µs a call (profiler)" if cuda else "wall µs a call"
+    print(f"\n{env}; {'bf16' if cuda else 'fp32'}; {how}, median of {args.rounds} rounds in turns\n")
+    print(table(rows))
+    out = os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "out")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "backward_paths.json"), "w") as f:
+        json.dump({"gpu": gpu_name, "torch": torch.__version__, "triton": triton.__version__, "rows": rows}, f,
+                  indent=1)
+    plot(rows, os.path.join(out, "backward_paths.png"), env)
+    bad = [r["label"] for r in rows if max(r["errors"].values()) > (2e-2 if cuda else 1e-4)]
+    if bad:
+        print(f"gradients off fp32 attention: {', '.join(bad)}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
