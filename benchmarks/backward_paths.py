@@ -23,7 +23,6 @@ heads. Writes backward_paths.json and backward_paths.png under $OUT (else benchm
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -35,8 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from benchmarks import plots  # noqa: E402
-from benchmarks.forward_paths import inputs, peer  # noqa: E402
+from benchmarks.forward_paths import finish, inputs, peer, refuse  # noqa: E402
 from flashfx.ir import ScoreOp, ScoreProgram  # noqa: E402
 from flashfx.runtime import gpu  # noqa: E402
 
@@ -150,49 +148,20 @@ def table(rows) -> str:
     return "\n".join([head] + [_row(r) for r in rows])
 
 
-def plot(rows, path, env):
-    plt = plots.pyplot()
-    if plt is None:
-        return
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 4))
-    series = {n: [r["tflops"][n] for r in rows] for n in VARIANTS}
-    plots.grouped_bars(ax, [r["label"] for r in rows], series)
-    plots.save(fig, ax, "backward TFLOP/s", path, env)
-    plt.close(fig)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="small shapes on CPU (Triton interpreter); times mean nothing")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--calls", type=int, default=10, help="calls a round, under the profiler")
     args = p.parse_args(argv)
-    if args.tiny and os.environ.get("TRITON_INTERPRET") != "1":
-        print("backward_paths --tiny: set TRITON_INTERPRET=1", file=sys.stderr)
-        return 2
-    if not args.tiny and not torch.cuda.is_available():
-        print("backward_paths: needs a CUDA GPU (or --tiny)", file=sys.stderr)
-        return 2
+    refused = refuse("backward_paths", args.tiny)
+    if refused is not None:
+        return refused
     cuda = not args.tiny
     rows = measure(TINY if args.tiny else SHAPES, args.rounds, args.calls, "cuda" if cuda else "cpu")
-    import triton
-
-    gpu_name = torch.cuda.get_device_name() if cuda else "CPU (Triton interpreter)"
-    env = plots.env_line(gpu_name, torch.__version__, triton.__version__)
     how = "kernel µs a call (profiler)" if cuda else "wall µs a call"
-    print(f"\n{env}; {'bf16' if cuda else 'fp32'}; {how}, median of {args.rounds} rounds in turns\n")
-    print(table(rows))
-    out = os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "out")
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "backward_paths.json"), "w") as f:
-        json.dump({"gpu": gpu_name, "torch": torch.__version__, "triton": triton.__version__, "rows": rows}, f,
-                  indent=1)
-    plot(rows, os.path.join(out, "backward_paths.png"), env)
-    bad = [r["label"] for r in rows if max(r["errors"].values()) > (2e-2 if cuda else 1e-4)]
-    if bad:
-        print(f"gradients off fp32 attention: {', '.join(bad)}")
-        return 1
-    return 0
+    return finish("backward_paths", rows, cuda, f"{how}, median of {args.rounds} rounds in turns", table(rows),
+                  VARIANTS, "backward TFLOP/s", "gradients")
 
 
 if __name__ == "__main__":

@@ -171,15 +171,49 @@ def table(rows) -> str:
     return "\n".join([head] + [_row(r) for r in rows])
 
 
-def plot(rows, path, env):
+def plot(rows, variants, ylabel: str, path: str, env: str) -> None:
     plt = plots.pyplot()
     if plt is None:
         return
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 4))
-    series = {n: [r["tflops"].get(n, 0.0) for r in rows] for n in VARIANTS}
+    series = {n: [r["tflops"].get(n, 0.0) for r in rows] for n in variants}
     plots.grouped_bars(ax, [r["label"] for r in rows], series)
-    plots.save(fig, ax, "TFLOP/s", path, env)
+    plots.save(fig, ax, ylabel, path, env)
     plt.close(fig)
+
+
+def refuse(name: str, tiny: bool) -> int | None:
+    """The exit code when this run cannot go on here (with why, on stderr); else None."""
+    if tiny and os.environ.get("TRITON_INTERPRET") != "1":
+        print(f"{name} --tiny: set TRITON_INTERPRET=1", file=sys.stderr)
+        return 2
+    if not tiny and not torch.cuda.is_available():
+        print(f"{name}: needs a CUDA GPU (or --tiny)", file=sys.stderr)
+        return 2
+    return None
+
+
+def finish(name: str, rows: list[dict], cuda: bool, what: str, table_text: str, variants, ylabel: str,
+           what_is_off: str = "results") -> int:
+    """Print the environment and the table, write <name>.json and <name>.png under $OUT (else
+    benchmarks/out); 1 when a row's error against fp32 attention is over the dtype's tolerance."""
+    import triton
+
+    gpu_name = torch.cuda.get_device_name() if cuda else "CPU (Triton interpreter)"
+    env = plots.env_line(gpu_name, torch.__version__, triton.__version__)
+    print(f"\n{env}; {'bf16' if cuda else 'fp32'}; {what}\n")
+    print(table_text)
+    out = os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "out")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{name}.json"), "w") as f:
+        json.dump({"gpu": gpu_name, "torch": torch.__version__, "triton": triton.__version__, "rows": rows}, f,
+                  indent=1)
+    plot(rows, variants, ylabel, os.path.join(out, f"{name}.png"), env)
+    bad = [r["label"] for r in rows if max(r["errors"].values()) > (2e-2 if cuda else 1e-4)]
+    if bad:
+        print(f"{what_is_off} off fp32 attention: {', '.join(bad)}")
+        return 1
+    return 0
 
 
 def main(argv=None) -> int:
@@ -188,31 +222,13 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--rep-ms", type=float, default=60.0, help="do_bench's measuring time a round")
     args = p.parse_args(argv)
-    if args.tiny and os.environ.get("TRITON_INTERPRET") != "1":
-        print("forward_paths --tiny: set TRITON_INTERPRET=1", file=sys.stderr)
-        return 2
-    if not args.tiny and not torch.cuda.is_available():
-        print("forward_paths: needs a CUDA GPU (or --tiny)", file=sys.stderr)
-        return 2
+    refused = refuse("forward_paths", args.tiny)
+    if refused is not None:
+        return refused
     cuda = not args.tiny
     rows = measure(TINY if args.tiny else SHAPES, args.rounds, args.rep_ms, "cuda" if cuda else "cpu")
-    import triton
-
-    gpu_name = torch.cuda.get_device_name() if cuda else "CPU (Triton interpreter)"
-    env = plots.env_line(gpu_name, torch.__version__, triton.__version__)
-    print(f"\n{env}; {'bf16' if cuda else 'fp32'}; TFLOP/s (ratio to cuDNN), median of {args.rounds} rounds in turns\n")
-    print(table(rows))
-    out = os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "out")
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "forward_paths.json"), "w") as f:
-        json.dump({"gpu": gpu_name, "torch": torch.__version__, "triton": triton.__version__, "rows": rows}, f,
-                  indent=1)
-    plot(rows, os.path.join(out, "forward_paths.png"), env)
-    bad = [r["label"] for r in rows if max(r["errors"].values()) > (2e-2 if cuda else 1e-4)]
-    if bad:
-        print(f"results off fp32 attention: {', '.join(bad)}")
-        return 1
-    return 0
+    return finish("forward_paths", rows, cuda, f"TFLOP/s (ratio to cuDNN), median of {args.rounds} rounds in turns",
+                  table(rows), VARIANTS, "TFLOP/s")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import torch
 from flashfx.codegen import hopper, hopper_bwd
 from flashfx.ir import ScoreOp, ScoreProgram
 from flashfx.runtime import gpu
+from tests.codegen.test_hopper import _case, _rel
 from tests.reference import reference_attention
 
 CAUSAL = ScoreProgram((ScoreOp("scale", None, 128 ** -0.5),), "top_left")
@@ -78,21 +79,6 @@ def test_the_kernel_compiles_for_sm90_without_spills(head_dim, causal):
     row = in_child("benchmarks.sm90_registers:compile_ws_dkdv", head_dim, causal)
     assert row["spill"] == 0 and row["regs"] == hopper_bwd.MAXNREG, row
     assert row["setmaxnreg"] > 0 and 0 < row["smem"] <= 227 * 1024, row
-
-
-def _case(shape_q, shape_kv, dtype, seed, views=False):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    B, H, Nq, D = shape_q
-    if views:  # q, k, v as a model's one projection makes them
-        qkv = torch.randn(B, Nq, 3 * H * D, device="cuda", dtype=dtype, generator=g)
-        return [x.view(B, Nq, H, D).transpose(1, 2) for x in qkv.split(H * D, dim=2)]
-    q = torch.randn(shape_q, device="cuda", dtype=dtype, generator=g)
-    k, v = (torch.randn(shape_kv, device="cuda", dtype=dtype, generator=g) for _ in range(2))
-    return [q, k, v]
-
-
-def _rel(got, want):
-    return ((got.double().cpu() - want).norm() / want.norm()).item()
 
 
 def _needs_sm90():
