@@ -117,8 +117,8 @@ if gluon is not None:
             _tma_load(v_desc, [b, hk, n0 + i * BK, 0], kv_bar, v_smem.index(i))
         lo, m_full, m_even = _runs(n0, n_q, offset, BM, BK, CAUSAL)
         n_m = gl.cdiv(gl.maximum(n_q - lo, 0), BM)
-        nbytes: gl.constexpr = (q_desc.block_type.nbytes + do_desc.block_type.nbytes + lse_desc.block_type.nbytes
-                  + delta_desc.block_type.nbytes)
+        nbytes: gl.constexpr = (q_desc.block_type.nbytes + do_desc.block_type.nbytes
+                                + lse_desc.block_type.nbytes + delta_desc.block_type.nbytes)
         for j in range(GROUP * n_m):
             h = hk * GROUP + j // n_m
             m0 = lo + (j % n_m) * BM
