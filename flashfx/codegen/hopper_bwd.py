@@ -88,6 +88,12 @@ def describe(t: torch.Tensor, shape: list, strides: list, box: list):
 if gluon is not None:
 
     @gluon.jit
+    def _keys(H, GROUP, BK: gl.constexpr):
+        """This program's batch, K/V head and first key."""
+        Hk = H // GROUP
+        return gl.program_id(1) // Hk, gl.program_id(1) % Hk, gl.program_id(0) * (2 * BK)
+
+    @gluon.jit
     def _runs(n0, n_q, offset, BM: gl.constexpr, BK: gl.constexpr, CAUSAL: gl.constexpr):
         """Query row starts of this program's three runs: [lo, m_full) masked (the diagonal),
         [m_full, m_even) whole, [max(m_full, m_even), n_q) masked (the ragged end)."""
@@ -105,12 +111,7 @@ if gluon is not None:
         (q_desc, k_desc, v_desc, do_desc, lse_desc, delta_desc, dk_ptr, dv_ptr, k_smem, v_smem, q_smem, do_smem,
          lse_smem, delta_smem, kv_bar, ready, empty, H, GROUP, n_q, n_k, offset, qk_scale, sm_scale,
          s_dkb, s_dkh, s_dkn, s_dvb, s_dvh, s_dvn) = a
-        pid_n = gl.program_id(0)
-        bhk = gl.program_id(1)
-        Hk = H // GROUP
-        b = bhk // Hk
-        hk = bhk % Hk
-        n0 = pid_n * (2 * BK)
+        b, hk, n0 = _keys(H, GROUP, BK)
         mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes + 2 * v_desc.block_type.nbytes)
         for i in gl.static_range(2):
             _tma_load(k_desc, [b, hk, n0 + i * BK, 0], kv_bar, k_smem.index(i))
@@ -179,12 +180,7 @@ if gluon is not None:
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                              instr_shape=[16, D, 16])
         op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
-        pid_n = gl.program_id(0)
-        bhk = gl.program_id(1)
-        Hk = H // GROUP
-        b = bhk // Hk
-        hk = bhk % Hk
-        n0 = pid_n * (2 * BK)
+        b, hk, n0 = _keys(H, GROUP, BK)
         n0w = n0 + WG * BK
         k_w = k_smem.index(WG).reshape([BK, D])
         v_w = v_smem.index(WG).reshape([BK, D])

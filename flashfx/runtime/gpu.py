@@ -453,11 +453,8 @@ def _forward_call(q, k, v, operands, program: ScoreProgram, p: TilePlan) -> Call
             combine.ptr(part_o, part_stats, out, stats, *sizes)
         return out, stats
 
-    # what a call with aligned tensors launches, and what the others fall back to
-    call.launches = (fwd,) if combine is None else (fwd, combine)
-    call.fallbacks = ()
-    if ws is not None:
-        call.launches, call.fallbacks = (_Launch(ws),), call.launches
+    # what a call with aligned tensors launches (unaligned ones fall back to the generated forward)
+    call.launches = (_Launch(ws),) if ws is not None else (fwd,) if combine is None else (fwd, combine)
     call.warp_specialized = ws is not None
     return call
 
@@ -566,10 +563,8 @@ def _backward_call(dout, q, k, v, out, stats, operands, program: ScoreProgram, w
             l_dkdv.reads(q, dout)(q, k, v, dout, stats, delta, dk, dv, q, dout, *seeds, *operands, *dkdv_ints)
         return dq, dk, dv, d_bufs
 
-    # what a call with aligned tensors launches, and what the others fall back to
-    call.launches, call.fallbacks = (l_dkdv, l_dq), ()
-    if ws is not None:
-        call.launches, call.fallbacks = (l_dq, _Launch(ws)), (l_dkdv,)
+    # what a call with aligned tensors launches (unaligned ones fall back to the generated dK/dV)
+    call.launches = (l_dq, _Launch(ws)) if ws is not None else (l_dkdv, l_dq)
     call.warp_specialized = ws is not None
     return call
 
