@@ -1,6 +1,6 @@
-"""The backward's two dK/dV paths side by side: the generated Triton dK/dV and the
-warp-specialized Gluon dK/dV (sm_90), each after the generated dQ kernel, against cuDNN's
-backward, one process.
+"""The backward's paths side by side: the generated Triton dQ and dK/dV, the warp-specialized
+Gluon dK/dV after the generated dQ, and both Gluon kernels (sm_90), against cuDNN's backward, one
+process.
 
     PYTHONPATH=. python3 benchmarks/backward_paths.py            # the shapes below, bf16
     PYTHONPATH=. python3 benchmarks/backward_paths.py --tiny     # CPU smoke run (Triton interpreter)
@@ -8,14 +8,14 @@ backward, one process.
 Per shape, through the runtime's backward call (`gpu._backward_call`, the launches a compiled
 model makes), from the forward's own output and statistics:
 
-- "generated": dQ and Δ, then the generated dK/dV (`gpu.WS_BACKWARD = False`);
-- "chosen": the backward flashfx runs, the warp-specialized dK/dV where `hopper_bwd.supports`
-  takes it;
+- "generated": dQ and Δ, then dK/dV, both generated (`gpu.WS_BACKWARD = False`);
+- "ws-dkdv": the generated dQ, then the warp-specialized dK/dV (`gpu.WS_DQ = False`);
+- "chosen": the backward flashfx runs, the warp-specialized dQ and dK/dV where they take the call;
 - "cudnn": SDPA's cuDNN backend's backward (on CPU: SDPA's own choice).
 
 On the GPU each variant is timed by the profiler's kernel times over --calls calls (the sum of
-its kernels, so host time does not count), dK/dV apart; on the CPU by the wall clock of one
-call. The variants take turns: --rounds rounds, each starting one variant later; the median
+its kernels, so host time does not count), dQ and dK/dV apart; on the CPU by the wall clock of
+one call. The variants take turns: --rounds rounds, each starting one variant later; the median
 round is reported. Every variant's gradients are checked against fp32 math attention on two
 heads. Writes backward_paths.json and backward_paths.png under $OUT (else benchmarks/out).
 """
@@ -49,21 +49,23 @@ SHAPES = [("D=128 N=1024", 16, 16, 1024, 128, False, False),
           ("GPT-2 layer, seq 1024", 8, 12, 1024, 64, True, True),
           ("D=64 N=4096", 4, 16, 4096, 64, False, False)]
 TINY = [("tiny causal", 1, 2, 96, 16, True, False), ("tiny views", 1, 2, 64, 32, False, True)]
-VARIANTS = ("generated", "chosen", "cudnn")
+VARIANTS = ("generated", "ws-dkdv", "chosen", "cudnn")
+OURS = VARIANTS[:3]
 
 
 def calls(q, k, v, do, prog):
-    """{variant: (function returning (dq, dk, dv), whether its dK/dV is the warp-specialized one)}."""
+    """{variant: (function returning (dq, dk, dv), which of dQ and dK/dV are warp-specialized)}."""
     out_, stats = gpu.forward(q, k, v, [], prog)
     paths = {}
-    saved = gpu.WS_BACKWARD
+    saved = gpu.WS_BACKWARD, gpu.WS_DQ
     try:
-        for name, switch in (("generated", False), ("chosen", None)):
-            gpu.WS_BACKWARD = switch
+        for name, switches in (("generated", (False, None)), ("ws-dkdv", (None, False)), ("chosen", (None, None))):
+            gpu.WS_BACKWARD, gpu.WS_DQ = switches
             call = gpu._backward_call(do, q, k, v, out_, stats, [], prog, (), gpu.tile_plan(q, k, prog))
-            paths[name] = ((lambda c: lambda: c(do, q, k, v, out_, stats, [], None)[:3])(call), call.warp_specialized)
+            taken = "+".join(n for n, ws in (("dQ", call.warp_specialized_dq), ("dK/dV", call.warp_specialized)) if ws)
+            paths[name] = ((lambda c: lambda: c(do, q, k, v, out_, stats, [], None)[:3])(call), taken or "none")
     finally:
-        gpu.WS_BACKWARD = saved
+        gpu.WS_BACKWARD, gpu.WS_DQ = saved
     return paths
 
 
@@ -122,28 +124,27 @@ def measure(shapes, rounds: int, n_calls: int, device: str) -> list[dict]:
             for name in names[r % len(names):] + names[:r % len(names)]:
                 kernels[name].append(kernel_us(fns[name], n_calls) if cuda else wall_us(fns[name]))
         total = {n: sorted(sum(k.values()) for k in ks)[len(ks) // 2] for n, ks in kernels.items()}
-        dkdv = {n: sorted(sum(t for name, t in k.items() if "dkdv" in name) for k in kernels[n])[rounds // 2]
-                for n in ("generated", "chosen")} if cuda else {}
+        part = {which: {n: sorted(sum(t for name, t in k.items() if which in name) for k in kernels[n])[rounds // 2]
+                        for n in OURS} for which in ("dq", "dkdv")} if cuda else {}
         flops = 2.5 * 4 * B * H * N * N * D * (0.5 if causal else 1.0)
         rows.append(dict(label=label, B=B, H=H, N=N, D=D, causal=causal, views=views,
-                         ws_taken=paths["chosen"][1], us=total, dkdv_us=dkdv, kernels=kernels, errors=errors,
-                         tflops={n: flops / t / 1e6 for n, t in total.items()}))
+                         ws_taken=paths["chosen"][1], us=total, dq_us=part.get("dq", {}), dkdv_us=part.get("dkdv", {}),
+                         kernels=kernels, errors=errors, tflops={n: flops / t / 1e6 for n, t in total.items()}))
         print(_row(rows[-1]), flush=True)
     return rows
 
 
 def _row(r) -> str:
-    us, dk = r["us"], r["dkdv_us"]
-    split = (f"{dk['generated']:.0f} | {dk['chosen']:.0f} | {dk['chosen'] / dk['generated']:.3f}" if dk
-             else "— | — | —")
-    return (f"| {r['label']} | {'yes' if r['ws_taken'] else 'no'} | {split} | "
-            + " | ".join(f"{us[n]:.0f}" for n in VARIANTS)
-            + f" | {us['cudnn'] / us['generated']:.3f} → {us['cudnn'] / us['chosen']:.3f} | {max(r['errors'].values()):.1e} |")
+    us, dq, dk = r["us"], r["dq_us"], r["dkdv_us"]
+    split = (f"{dq['generated']:.0f} → {dq['chosen']:.0f} | {dk['generated']:.0f} → {dk['chosen']:.0f}" if dk
+             else "— | —")
+    return (f"| {r['label']} | {r['ws_taken']} | {split} | " + " | ".join(f"{us[n]:.0f}" for n in VARIANTS)
+            + " | " + " → ".join(f"{us['cudnn'] / us[n]:.3f}" for n in OURS) + f" | {max(r['errors'].values()):.1e} |")
 
 
 def table(rows) -> str:
-    head = ("| shape | ws taken | dK/dV generated | dK/dV chosen | chosen / generated | backward generated | "
-            "backward chosen | cuDNN backward | ×cuDNN generated → chosen | max err |\n"
+    head = ("| shape | Gluon kernels taken | dQ generated → chosen | dK/dV generated → chosen | backward generated | "
+            "backward ws-dkdv | backward chosen | cuDNN backward | ×cuDNN generated → ws-dkdv → chosen | max err |\n"
             "|---|---|---|---|---|---|---|---|---|---|")
     return "\n".join([head] + [_row(r) for r in rows])
 

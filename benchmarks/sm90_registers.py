@@ -169,6 +169,36 @@ def compile_ws_dkdv(head_dim: int = 128, causal: int = 1) -> dict:
     return dict(smem=compiled.metadata.shared, setmaxnreg=compiled.asm["ptx"].count("setmaxnreg"),
                 **ptxas_counts(compiled))
 
+def compile_ws_dq(head_dim: int = 128, causal: int = 1) -> dict:
+    """The warp-specialized Gluon dQ (flashfx/codegen/hopper_bwd.py) compiled for sm_90a as the
+    runtime launches it, as compile_ws_forward does the forward."""
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    from flashfx.codegen import hopper_bwd
+
+    q = torch.empty((2, 4, 1024, head_dim), dtype=torch.bfloat16)
+    fn = hopper_bwd.attn_bwd_dq
+    names = fn.arg_names
+    rows = dict(QDesc=hopper_bwd.DQ_BLOCK_M, KDesc=hopper_bwd.DQ_BLOCK_N, VDesc=hopper_bwd.DQ_BLOCK_N,
+                dODesc=hopper_bwd.DQ_BLOCK_M)
+    descs = {n: hopper_bwd.describe(q, list(q.shape), list(q.stride()), [1, 1, r, head_dim]) for n, r in rows.items()}
+    constexprs = hopper_bwd.dq_constexprs(head_dim, causal)
+    options = dict(num_warps=constexprs["num_warps"], maxnreg=constexprs.pop("maxnreg"))
+    pointers = {"Out": "*bf16", "dQ": "*bf16", "Lse": "*fp32", "Delta": "*fp32"}
+    signature = {n: (mangle_type(descs[n]) if n in descs else pointers[n] if n in pointers
+                     else "fp32" if n in ("qk_scale", "sm_scale") else "constexpr" if n in constexprs else "i32")
+                 for n in names}
+    src = GluonASTSource(fn, signature, constexprs={(names.index(n),): v for n, v in constexprs.items()},
+                         attrs={(names.index(n),): [["tt.divisibility", 16]] for n in pointers})
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 128), options=options)
+    return dict(smem=compiled.metadata.shared, setmaxnreg=compiled.asm["ptx"].count("setmaxnreg"),
+                **ptxas_counts(compiled))
+
+
 def _run(args):
     job, precision = args
     kern, d, bm, bn, w, s = job

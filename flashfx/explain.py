@@ -121,6 +121,10 @@ def _plan_text(site) -> str | None:
                      f"{2 * hopper.BLOCK_M} query rows in two warpgroups, {hopper.BLOCK_N}-key blocks, "
                      f"{hopper.STAGES} stages) where the copy engine can read the tensors, the fwd tiles above "
                      f"elsewhere")
+        if gpu.ws_dq(program, site.dtype, dev, int(site.q_shape[-1]), Nq, Nk) is None:
+            text += (f"; bwd dQ: warp-specialized Gluon kernel ({2 * hopper_bwd.DQ_BLOCK_M} query rows a program in "
+                     f"two warpgroups, {hopper_bwd.DQ_BLOCK_N}-key blocks, {hopper_bwd.DQ_STAGES} stages) where the "
+                     f"copy engine can read the tensors, the dq tiles above elsewhere")
         if gpu.ws_backward(program, site.dtype, dev, int(site.q_shape[-1]), Nq, Nk) is None:
             text += (f"; bwd dK/dV: warp-specialized Gluon kernel ({2 * hopper_bwd.BLOCK_K} keys a program in two "
                      f"warpgroups, {hopper_bwd.BLOCK_M}-query blocks, {hopper_bwd.STAGES} stages) where the copy "

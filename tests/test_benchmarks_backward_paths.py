@@ -1,7 +1,7 @@
-"""The backward-paths benchmark's smoke run on CPU (Triton interpreter): it runs both flashfx
+"""The backward-paths benchmark's smoke run on CPU (Triton interpreter): it runs the flashfx
 backward paths and SDPA's backward, checks their gradients against fp32 attention, and writes
-its table and JSON. The warp-specialized dK/dV needs an sm_90 GPU, so "chosen" is the generated
-path here. Times mean nothing."""
+its table and JSON. The warp-specialized kernels need an sm_90 GPU, so every flashfx path is the
+generated one here. Times mean nothing."""
 
 import json
 import os
@@ -23,10 +23,10 @@ def test_tiny_run_checks_gradients_and_writes_json(monkeypatch, tmp_path, capsys
     rows = json.loads((tmp_path / "backward_paths.json").read_text())["rows"]
     assert [r["label"] for r in rows] == [s[0] for s in backward_paths.TINY]
     for r in rows:
-        assert set(r["us"]) == {"generated", "chosen", "cudnn"} and not r["ws_taken"]
+        assert set(r["us"]) == {"generated", "ws-dkdv", "chosen", "cudnn"} and r["ws_taken"] == "none"
         assert max(r["errors"].values()) < 1e-4 and all(len(k) == 2 for k in r["kernels"].values())
     out = capsys.readouterr().out
-    assert "| tiny causal | no | — | — | — |" in out
+    assert "| tiny causal | none | — | — | " in out
     assert (tmp_path / "backward_paths.png").exists() or backward_paths.plots.pyplot() is None
 
 

@@ -62,8 +62,11 @@ GQA_PACK: bool | None = None
 # The warp-specialized Gluon forward on sm_90 (codegen.hopper) for the programs it covers:
 # None chooses it there (FLASHFX_WS_FORWARD=0 turns it off); False never.
 WS_FORWARD: bool | None = None
-# The warp-specialized Gluon dK/dV on sm_90 (codegen.hopper_bwd), likewise (FLASHFX_WS_BACKWARD=0).
+# The warp-specialized Gluon backward on sm_90 (codegen.hopper_bwd: dK/dV, and dQ with Δ),
+# likewise (FLASHFX_WS_BACKWARD=0).
 WS_BACKWARD: bool | None = None
+# Its dQ alone: None follows WS_BACKWARD; False leaves dQ and Δ to the generated kernel.
+WS_DQ: bool | None = None
 
 
 def ws_forward(program: ScoreProgram, dtype: torch.dtype, device: torch.device, head_dim: int, n_q: int,
@@ -80,6 +83,16 @@ def ws_backward(program: ScoreProgram, dtype: torch.dtype, device: torch.device,
     engine can read its tensors); else why not. dQ and Δ come from the generated dQ kernel."""
     return _ws_why(WS_BACKWARD, "FLASHFX_WS_BACKWARD", device,
                    lambda: hopper_bwd.supports(program, dtype, device, head_dim, n_q, n_k))
+
+
+def ws_dq(program: ScoreProgram, dtype: torch.dtype, device: torch.device, head_dim: int, n_q: int,
+          n_k: int) -> str | None:
+    """None when the warp-specialized dQ computes such a call's dQ and Δ (where the copy engine
+    can read its tensors); else why not."""
+    if WS_DQ is False:
+        return "turned off"
+    return _ws_why(WS_BACKWARD, "FLASHFX_WS_BACKWARD", device,
+                   lambda: hopper_bwd.dq_supports(program, dtype, device, head_dim, n_q, n_k))
 
 
 def _ws_why(switch: bool | None, env: str, device: torch.device, supports: Callable[[], str | None]) -> str | None:
@@ -506,8 +519,8 @@ def backward(dout, q, k, v, out, stats, operands, program: ScoreProgram, tiles: 
         dq, dk, dv, d_bufs = _planned(
             key, lambda p: _backward_call(dout, q, k, v, out, stats, operands, program, wanted, p),
             lambda call: call(dout, q, k, v, out, stats, operands, seed), q, k, program, operands,
-            # autotune times only the generated kernels that run: not dK/dV's where the Gluon one takes it
-            ("dq",) if _ws_dkdv_takes(q, k, v, dout, program, wanted) else ("dkdv", "dq"),
+            # autotune times only the generated kernels that run, not those the Gluon ones replace
+            _generated_bwd(q, k, v, dout, out, program, wanted),
             "+grad" + ",".join(map(str, wanted)) if wanted else "")
     if operand_grads is None:
         return dq, dk, dv
@@ -547,6 +560,9 @@ def _backward_call(dout, q, k, v, out, stats, operands, program: ScoreProgram, w
     ws, ws_ints = None, ()
     if _ws_dkdv_takes(q, k, v, dout, program, wanted):
         ws, ws_ints = _ws_dkdv_launch(q, k, v, dout, program, dk_s, dv_s)
+    ws_dq_, ws_dq_ints = None, ()
+    if _ws_dq_takes(q, k, v, dout, out, program, wanted):
+        ws_dq_, ws_dq_ints = _ws_dq_launch(q, k, v, dout, out, program, dq_s)
 
     def call(dout, q, k, v, out, stats, operands, seed):
         d_bufs = [torch.zeros((B, H, Nq, Nk), device=device, dtype=torch.float32) for _ in wanted]
@@ -555,18 +571,58 @@ def _backward_call(dout, q, k, v, out, stats, operands, program: ScoreProgram, w
         dq = torch.empty_like(q)
         dk, dv = torch.empty_like(k), torch.empty_like(v)
         seeds = _seed_args(program, seed)
+        # the Gluon kernels read the statistics as rows and take the copy engine's 16-byte addresses
+        gluon_ok = (ws is not None or ws_dq_ is not None) and _aligned(q, k, v, dout) and stats.is_contiguous()
         # dQ first: it also writes Δ = rowsum(dO ∘ O), which dK/dV reads
-        l_dq.reads(k, v)(q, k, v, dout, out, stats, delta, dq, k, v, *seeds, *operands, *dx_args, *dq_ints)
-        if ws is not None and _aligned(q, k, v, dout) and stats.is_contiguous():
+        if ws_dq_ is not None and gluon_ok:
+            ws_dq_(q, k, v, dout, out, stats, delta, dq, *ws_dq_ints)
+        else:
+            l_dq.reads(k, v)(q, k, v, dout, out, stats, delta, dq, k, v, *seeds, *operands, *dx_args, *dq_ints)
+        if ws is not None and gluon_ok:
             ws(q, k, v, dout, stats, delta, dk, dv, *ws_ints)
         else:
             l_dkdv.reads(q, dout)(q, k, v, dout, stats, delta, dk, dv, q, dout, *seeds, *operands, *dkdv_ints)
         return dq, dk, dv, d_bufs
 
-    # what a call with aligned tensors launches (unaligned ones fall back to the generated dK/dV)
-    call.launches = (l_dq, _Launch(ws)) if ws is not None else (l_dkdv, l_dq)
+    # what a call with aligned tensors launches (unaligned ones fall back to the generated kernels)
+    call.launches = ((_Launch(ws_dq_) if ws_dq_ is not None else l_dq),
+                     (_Launch(ws) if ws is not None else l_dkdv))
     call.warp_specialized = ws is not None
+    call.warp_specialized_dq = ws_dq_ is not None
     return call
+
+
+def _generated_bwd(q, k, v, dout, out, program: ScoreProgram, wanted: tuple) -> tuple[str, ...]:
+    """The generated backward kernels an aligned call of this signature runs."""
+    return tuple(kern for kern, gluon_takes in (("dkdv", _ws_dkdv_takes(q, k, v, dout, program, wanted)),
+                                                ("dq", _ws_dq_takes(q, k, v, dout, out, program, wanted)))
+                 if not gluon_takes)
+
+
+def _ws_dq_takes(q, k, v, dout, out, program: ScoreProgram, wanted: tuple) -> bool:
+    """Whether the warp-specialized dQ computes this signature's dQ and Δ (aligned calls with
+    contiguous statistics): it covers the program, no operand gradient is wanted, the copy engine
+    can read q, k, v and dO, and O's rows have unit stride."""
+    B, H, Nq, D = q.shape
+    return (not wanted and ws_dq(program, q.dtype, q.device, D, Nq, k.shape[2]) is None and out.stride(3) == 1
+            and all(_tma_layout_ok(t) for t in (q, k, v, dout)))
+
+
+def _ws_dq_launch(q, k, v, dout, out, program: ScoreProgram, dq_strides) -> tuple["_Kernel", tuple]:
+    """The warp-specialized dQ's launch for this signature (codegen.hopper_bwd.attn_bwd_dq) and
+    the integers that follow its tensors (see _ws_dq_takes). It reads O and the log-sum-exp
+    plane through pointers and writes Δ as [B·H, Nq] rows."""
+    B, H, Nq, D = q.shape
+    Hk, Nk = k.shape[1], k.shape[2]
+    assert dq_strides[3] == 1, dq_strides
+    names = hopper_bwd.attn_bwd_dq.arg_names
+    at = dict(QDesc=(q, hopper_bwd.DQ_BLOCK_M), KDesc=(k, hopper_bwd.DQ_BLOCK_N), VDesc=(v, hopper_bwd.DQ_BLOCK_N),
+              dODesc=(dout, hopper_bwd.DQ_BLOCK_M))
+    descs = tuple((names.index(n), *_geometry(t), [1, 1, rows, D]) for n, (t, rows) in at.items())
+    scale = program.ops[0].const
+    return (_Kernel(hopper_bwd.attn_bwd_dq, hopper_bwd.dq_grid(Nq, B * H),
+                    hopper_bwd.dq_constexprs(D, _CAUSAL_CODE[program.causal]), descs, describe=hopper_bwd.describe),
+            (*out.stride()[:3], *dq_strides[:3], H, H // Hk, Nq, Nk, scale * codegen.LOG2E, scale))
 
 
 def _ws_dkdv_takes(q, k, v, dout, program: ScoreProgram, wanted: tuple) -> bool:

@@ -1,5 +1,6 @@
-"""The warp-specialized Gluon dK/dV (codegen.hopper_bwd): which calls it takes, that it compiles
-for sm_90 without spills, and on an sm_90 GPU its gradients against float64."""
+"""The warp-specialized Gluon backward (codegen.hopper_bwd: dK/dV, and dQ with Δ): which calls
+its kernels take, that they compile for sm_90 without spills, and on an sm_90 GPU their gradients
+against float64."""
 
 import math
 
@@ -44,6 +45,16 @@ def test_the_interpreter_and_the_switch_keep_the_generated_dkdv(monkeypatch):
     assert gpu.ws_backward(CAUSAL, torch.bfloat16, CPU, 128, 64, 64) == "turned off"
     monkeypatch.delenv("FLASHFX_WS_BACKWARD")
     assert gpu.ws_forward(CAUSAL, torch.bfloat16, CPU, 128, 64, 64, 8) == "not an sm_90 GPU"  # the forward's own
+    # dQ: the same switch, its own off switch, and no rule on Nq (it reads the statistics by pointer)
+    monkeypatch.setattr(hopper, "covers", lambda *args: None)
+    assert gpu.ws_dq(CAUSAL, torch.bfloat16, CPU, 128, 301, 301) is None
+    assert "head dim 64" in gpu.ws_dq(CAUSAL, torch.bfloat16, CPU, 64, 64, 64)
+    monkeypatch.setattr(gpu, "WS_DQ", False)
+    assert gpu.ws_dq(CAUSAL, torch.bfloat16, CPU, 128, 64, 64) == "turned off"
+    monkeypatch.setattr(gpu, "WS_DQ", None)
+    monkeypatch.setattr(gpu, "WS_BACKWARD", False)
+    assert gpu.ws_dq(CAUSAL, torch.bfloat16, CPU, 128, 64, 64) == "turned off"
+    monkeypatch.setattr(gpu, "WS_BACKWARD", None)
 
 
 def test_explain_names_the_kernel_where_it_runs(monkeypatch):
@@ -55,10 +66,14 @@ def test_explain_names_the_kernel_where_it_runs(monkeypatch):
 
     monkeypatch.setattr(config, "cpu_kernel", "triton")  # the kernels' plan, interpreted
     q, k, v = (torch.randn(2, 4, 256, 128) for _ in range(3))
-    assert "bwd dK/dV: warp-specialized" not in flashfx.explain(attend, q, k, v).sites[0].plan
+    assert "warp-specialized" not in flashfx.explain(attend, q, k, v).sites[0].plan
     monkeypatch.setattr(gpu, "ws_backward", lambda *args: None)  # as on an sm_90 GPU
     plan = flashfx.explain(attend, q, k, v).sites[0].plan
     assert "bwd dK/dV: warp-specialized Gluon kernel (128 keys a program in two warpgroups, 64-query blocks" in plan
+    assert "bwd dQ" not in plan
+    monkeypatch.setattr(gpu, "ws_dq", lambda *args: None)
+    plan = flashfx.explain(attend, q, k, v).sites[0].plan
+    assert "bwd dQ: warp-specialized Gluon kernel (128 query rows a program in two warpgroups, 64-key blocks" in plan
 
 
 @gluon_only
@@ -76,9 +91,10 @@ def test_the_kernel_compiles_for_sm90_without_spills(head_dim, causal):
     # thread at head dim 128; they now ride in the accumulators
     from tests.compiled import in_child
 
-    row = in_child("benchmarks.sm90_registers:compile_ws_dkdv", head_dim, causal)
-    assert row["spill"] == 0 and row["regs"] == hopper_bwd.MAXNREG, row
-    assert row["setmaxnreg"] > 0 and 0 < row["smem"] <= 227 * 1024, row
+    for kernel in ("compile_ws_dkdv", "compile_ws_dq"):
+        row = in_child(f"benchmarks.sm90_registers:{kernel}", head_dim, causal)
+        assert row["spill"] == 0 and row["regs"] == hopper_bwd.MAXNREG, (kernel, row)
+        assert row["setmaxnreg"] > 0 and 0 < row["smem"] <= 227 * 1024, (kernel, row)
 
 
 def _needs_sm90():
@@ -101,7 +117,7 @@ def _needs_sm90():
     ((1, 4, 4, 128), (1, 4, 4, 128), "top_left", False),           # fewer queries than a block
 ])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_ws_dkdv_matches_float64(shape_q, shape_kv, causal, views, dtype):
+def test_ws_backward_matches_float64(shape_q, shape_kv, causal, views, dtype):
     _needs_sm90()
     d = shape_q[-1]
     prog = ScoreProgram((ScoreOp("scale", None, 1 / math.sqrt(d)),), causal)
@@ -109,15 +125,26 @@ def test_ws_dkdv_matches_float64(shape_q, shape_kv, causal, views, dtype):
     out, stats = gpu.forward(q, k, v, [], prog)
     do = torch.randn_like(q)
     call = gpu._backward_call(do, q, k, v, out, stats, [], prog, (), gpu.tile_plan(q, k, prog))
-    assert call.warp_specialized
+    assert call.warp_specialized and call.warp_specialized_dq == (d == 128)  # dQ: head dim 128 only
     dq, dk, dv, _ = call(do, q, k, v, out, stats, [], None)
     q64, k64, v64 = (x.detach().cpu().double().requires_grad_() for x in (q, k, v))
     reference_attention(q64, k64, v64, [], prog).backward(do.cpu().double())
     for got, want in ((dq, q64.grad), (dk, k64.grad), (dv, v64.grad)):
         assert _rel(got, want) < 2e-2
-    # the same through the op's path, and repeatable: each dK, dV element is one program's sum
+    # the same through the op's path, and repeatable: each element is one program's sum
     dq2, dk2, dv2 = gpu.backward(do, q, k, v, out, stats, [], prog)
     assert torch.equal(dk2, dk) and torch.equal(dv2, dv) and torch.equal(dq2, dq)
+    # Δ from the Gluon dQ is the generated one's: dK/dV after the generated dQ agree closely
+    try:
+        gpu.WS_DQ = False
+        gen = gpu._backward_call(do, q, k, v, out, stats, [], prog, (), gpu.tile_plan(q, k, prog))
+    finally:
+        gpu.WS_DQ = None
+    assert not gen.warp_specialized_dq
+    dq3, dk3, dv3, _ = gen(do, q, k, v, out, stats, [], None)
+    assert _rel(dk3, dk.double().cpu()) < 4e-3  # bf16 roundings of sums a few ulps apart
+    assert torch.equal(dv3, dv)  # dV does not read Δ
+    assert _rel(dq3, q64.grad) < 2e-2
 
 
 @pytest.mark.gpu
@@ -129,10 +156,11 @@ def test_ws_dkdv_is_not_taken_where_it_does_not_apply():
     do = torch.randn_like(q)
     call = gpu._backward_call(do, q, k, v, out, stats, [], prog, (), gpu.tile_plan(q, k, prog))
     assert not call.warp_specialized  # 301 queries: row statistics 1204 bytes apart
+    assert call.warp_specialized_dq  # which the dQ kernel reads through pointers
     soft = ScoreProgram((ScoreOp("scale", None, 1 / 30), ScoreOp("tanh"), ScoreOp("scale", None, 30.0)))
     assert "more than a positive scale" in gpu.ws_backward(soft, q.dtype, q.device, 128, 300, 300)
     # the generated dK/dV where it is not taken still matches float64
     dq, dk, dv, _ = call(do, q, k, v, out, stats, [], None)
     q64, k64, v64 = (x.detach().cpu().double().requires_grad_() for x in (q, k, v))
     reference_attention(q64, k64, v64, [], prog).backward(do.cpu().double())
-    assert _rel(dk, k64.grad) < 2e-2 and _rel(dv, v64.grad) < 2e-2
+    assert _rel(dk, k64.grad) < 2e-2 and _rel(dv, v64.grad) < 2e-2 and _rel(dq, q64.grad) < 2e-2

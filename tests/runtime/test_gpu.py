@@ -151,20 +151,24 @@ def test_dkdv_keys_down_keeps_nested_loops_at_128(monkeypatch):
     assert gpu._flat_dkdv(256, True, 1, keys_down=True) and not gpu._flat_dkdv(128, False, 1, keys_down=False)
 
 
-def test_the_backward_tunes_dkdv_tiles_only_where_the_generated_dkdv_runs(monkeypatch):
-    # where the warp-specialized dK/dV takes a call, timing dK/dV's tile candidates would time
-    # that kernel each time: the tuner gets dQ alone
+def test_the_backward_tunes_only_the_generated_kernels_that_run(monkeypatch):
+    # where a warp-specialized kernel takes a call, timing its generated counterpart's tile
+    # candidates would time the Gluon kernel each time: the tuner gets the others alone
     calls = _planning_calls(monkeypatch)
     q, k, v, do = _qkvd(0)
     out, stats = gpu.forward(q, k, v, [], PROG)
     gpu.backward(do, q, k, v, out, stats, [], PROG)
     assert calls[-1][1] == ("dkdv", "dq")  # the interpreter: no Gluon kernel
-    monkeypatch.setattr(gpu, "_ws_dkdv_takes", lambda *args: True)
-    monkeypatch.setattr(gpu, "_ws_dkdv_launch", lambda *args: (None, ()))  # as if it fell back per call
-    q, k, v, do = _qkvd(1, n=41)
-    out, stats = gpu.forward(q, k, v, [], PROG)
-    gpu.backward(do, q, k, v, out, stats, [], PROG)
-    assert calls[-1][1] == ("dq",)
+    # as if the Gluon kernels took the signature and fell back per call (no launch is made)
+    monkeypatch.setattr(gpu, "_ws_dkdv_launch", lambda *args: (None, ()))
+    monkeypatch.setattr(gpu, "_ws_dq_launch", lambda *args: (None, ()))
+    for n, takes, tuned in ((41, (True, False), ("dq",)), (42, (False, True), ("dkdv",)), (43, (True, True), ())):
+        monkeypatch.setattr(gpu, "_ws_dkdv_takes", lambda *args, t=takes[0]: t)
+        monkeypatch.setattr(gpu, "_ws_dq_takes", lambda *args, t=takes[1]: t)
+        q, k, v, do = _qkvd(1, n=n)
+        out, stats = gpu.forward(q, k, v, [], PROG)
+        gpu.backward(do, q, k, v, out, stats, [], PROG)
+        assert calls[-1][1] == tuned
 
 
 def test_autotuned_programs_tune_once_then_reuse_the_launches(monkeypatch, tmp_path):
