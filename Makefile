@@ -1,6 +1,6 @@
 # The two commands a new user runs (see README.md). Each makes its own virtual environment.
 #   make demo    run examples/quickstart.py
-#   make test    run the test suite (CPU; Triton kernels under TRITON_INTERPRET=1)
+#   make test    run the test suite (CPU; Triton kernels under TRITON_INTERPRET=1), in parallel
 #
 # TORCH picks the torch to install: the default is the CPU build, which needs no GPU and no
 # CUDA downloads; on a GPU machine use e.g. `make test TORCH=torch`.
@@ -23,8 +23,10 @@ install: $(VENV)/.installed
 demo: install
 	$(PY) examples/quickstart.py
 
+# the tests in parallel, one process a core up to 4 (more CUDA contexts than that ran out of
+# memory on one GPU)
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --maxprocesses 4
 
 clean:
 	rm -rf $(VENV)
