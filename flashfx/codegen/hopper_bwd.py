@@ -285,7 +285,7 @@ if gluon is not None:
     # ---- dQ and Δ ---------------------------------------------------------------------------
 
     @gluon.jit
-    def _dq_tile(H, N_Q, BM: gl.constexpr, CAUSAL: gl.constexpr):
+    def _dq_tile(H, BM: gl.constexpr, CAUSAL: gl.constexpr):
         """This program's batch, head and first query row (causal: the longest tiles first)."""
         t = gl.program_id(0)
         if CAUSAL:
@@ -310,7 +310,7 @@ if gluon is not None:
         (q_desc, k_desc, v_desc, do_desc, out_ptr, lse_ptr, delta_ptr, dq_ptr, q_smem, do_smem, k_smem, v_smem,
          q_bar, ready, empty, H, GROUP, n_q, n_k, offset, qk_scale, sm_scale, s_ob, s_oh, s_om, s_dqb, s_dqh,
          s_dqm) = a
-        b, h, m0 = _dq_tile(H, n_q, BM, CAUSAL)
+        b, h, m0 = _dq_tile(H, BM, CAUSAL)
         hk = h // GROUP
         for i in gl.static_range(2):
             mbarrier.expect(q_bar.index(i), q_desc.block_type.nbytes + do_desc.block_type.nbytes)
@@ -364,7 +364,7 @@ if gluon is not None:
                                                              instr_shape=[16, D, 16])
         op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
         row_io: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-        b, h, m0 = _dq_tile(H, n_q, BM, CAUSAL)
+        b, h, m0 = _dq_tile(H, BM, CAUSAL)
         bh = b * H + h
         r0 = m0 + WG * BM
         _, n_blocks = _dq_blocks(m0, 2 * BM, n_q, n_k, offset, BN, CAUSAL)
