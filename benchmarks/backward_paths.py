@@ -62,7 +62,7 @@ def calls(q, k, v, do, prog):
         for name, switches in (("generated", (False, None)), ("ws-dkdv", (None, False)), ("chosen", (None, None))):
             gpu.WS_BACKWARD, gpu.WS_DQ = switches
             call = gpu._backward_call(do, q, k, v, out_, stats, [], prog, (), gpu.tile_plan(q, k, prog))
-            taken = "+".join(n for n, ws in (("dQ", call.warp_specialized_dq), ("dK/dV", call.warp_specialized)) if ws)
+            taken = "+".join(n for n, ws in (("dQ", call.warp_specialized_dq), ("dK/dV", call.warp_specialized_dkdv)) if ws)
             paths[name] = ((lambda c: lambda: c(do, q, k, v, out_, stats, [], None)[:3])(call), taken or "none")
     finally:
         gpu.WS_BACKWARD, gpu.WS_DQ = saved

@@ -109,86 +109,19 @@ def ptxas_counts(compiled) -> dict:
     return dict(regs=regs and int(regs.group(1)), spill=spill and int(spill.group(1)))
 
 
-def compile_ws_forward(head_dim: int = 128, causal: int = 1) -> dict:
-    """The warp-specialized Gluon forward (flashfx/codegen/hopper.py) compiled for sm_90a as the
-    runtime launches it (bf16, its tiles and register split): shared memory, registers, spill
-    bytes and the register reallocations in its PTX. Catches a Triton whose Gluon no longer
-    accepts the kernel, without a GPU. Same process rules as compile_sm90."""
-    import torch
+def _compile_gluon(fn, descs: dict, constexprs: dict, pointers: dict) -> dict:
+    """A Gluon kernel compiled for sm_90a with the runtime's launch options: `descs` its tensor
+    descriptors by parameter, `pointers` the pointer parameters' types ("*bf16", all 16-byte
+    aligned); fp32 scales; every other parameter an i32. Shared memory, registers, spill bytes
+    and the register reallocations in its PTX."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
 
-    from flashfx.codegen import hopper
-
-    q = torch.empty((2, 4, 1024, head_dim), dtype=torch.bfloat16)
-    fn = hopper.attn_fwd
     names = fn.arg_names
-    rows = dict(QDesc=hopper.BLOCK_M, KDesc=hopper.BLOCK_N, VDesc=hopper.BLOCK_N, ODesc=hopper.BLOCK_M)
-    descs = {n: hopper.describe(q, list(q.shape), list(q.stride()), [1, 1, r, head_dim]) for n, r in rows.items()}
-    constexprs = hopper.constexprs(head_dim, causal)
+    constexprs = dict(constexprs)
     options = dict(num_warps=constexprs["num_warps"], maxnreg=constexprs.pop("maxnreg"))
-    signature = {n: (mangle_type(descs[n]) if n in descs else "*fp32" if n == "Stats" else "fp32" if n == "qk_scale"
-                     else "constexpr" if n in constexprs else "i32") for n in names}
-    src = GluonASTSource(fn, signature, constexprs={(names.index(n),): v for n, v in constexprs.items()},
-                         attrs={(names.index("Stats"),): [["tt.divisibility", 16]]})
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 128), options=options)
-    return dict(smem=compiled.metadata.shared, setmaxnreg=compiled.asm["ptx"].count("setmaxnreg"),
-                **ptxas_counts(compiled))
-
-
-
-def compile_ws_dkdv(head_dim: int = 128, causal: int = 1) -> dict:
-    """The warp-specialized Gluon dK/dV (flashfx/codegen/hopper_bwd.py) compiled for sm_90a as the
-    runtime launches it, as compile_ws_forward does the forward."""
-    import torch
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-    from triton.runtime.jit import mangle_type
-
-    from flashfx.codegen import hopper_bwd
-
-    q = torch.empty((2, 4, 1024, head_dim), dtype=torch.bfloat16)
-    rows_of = torch.empty((8, 1024), dtype=torch.float32)  # the row statistics as [B·H, Nq]
-    fn = hopper_bwd.attn_bwd_dkdv
-    names = fn.arg_names
-    rows = dict(QDesc=hopper_bwd.BLOCK_M, KDesc=hopper_bwd.BLOCK_K, VDesc=hopper_bwd.BLOCK_K, dODesc=hopper_bwd.BLOCK_M)
-    descs = {n: hopper_bwd.describe(q, list(q.shape), list(q.stride()), [1, 1, r, head_dim]) for n, r in rows.items()}
-    for n in ("LseDesc", "DeltaDesc"):
-        descs[n] = hopper_bwd.describe(rows_of, list(rows_of.shape), list(rows_of.stride()), [1, hopper_bwd.BLOCK_M])
-    constexprs = hopper_bwd.constexprs(head_dim, causal)
-    options = dict(num_warps=constexprs["num_warps"], maxnreg=constexprs.pop("maxnreg"))
-    signature = {n: (mangle_type(descs[n]) if n in descs else "*bf16" if n in ("dK", "dV")
-                     else "fp32" if n in ("qk_scale", "sm_scale") else "constexpr" if n in constexprs else "i32")
-                 for n in names}
-    src = GluonASTSource(fn, signature, constexprs={(names.index(n),): v for n, v in constexprs.items()},
-                         attrs={(names.index(n),): [["tt.divisibility", 16]] for n in ("dK", "dV")})
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 128), options=options)
-    return dict(smem=compiled.metadata.shared, setmaxnreg=compiled.asm["ptx"].count("setmaxnreg"),
-                **ptxas_counts(compiled))
-
-def compile_ws_dq(head_dim: int = 128, causal: int = 1) -> dict:
-    """The warp-specialized Gluon dQ (flashfx/codegen/hopper_bwd.py) compiled for sm_90a as the
-    runtime launches it, as compile_ws_forward does the forward."""
-    import torch
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-    from triton.runtime.jit import mangle_type
-
-    from flashfx.codegen import hopper_bwd
-
-    q = torch.empty((2, 4, 1024, head_dim), dtype=torch.bfloat16)
-    fn = hopper_bwd.attn_bwd_dq
-    names = fn.arg_names
-    rows = dict(QDesc=hopper_bwd.DQ_BLOCK_M, KDesc=hopper_bwd.DQ_BLOCK_N, VDesc=hopper_bwd.DQ_BLOCK_N,
-                dODesc=hopper_bwd.DQ_BLOCK_M)
-    descs = {n: hopper_bwd.describe(q, list(q.shape), list(q.stride()), [1, 1, r, head_dim]) for n, r in rows.items()}
-    constexprs = hopper_bwd.dq_constexprs(head_dim, causal)
-    options = dict(num_warps=constexprs["num_warps"], maxnreg=constexprs.pop("maxnreg"))
-    pointers = {"Out": "*bf16", "dQ": "*bf16", "Lse": "*fp32", "Delta": "*fp32"}
     signature = {n: (mangle_type(descs[n]) if n in descs else pointers[n] if n in pointers
                      else "fp32" if n in ("qk_scale", "sm_scale") else "constexpr" if n in constexprs else "i32")
                  for n in names}
@@ -197,6 +130,51 @@ def compile_ws_dq(head_dim: int = 128, causal: int = 1) -> dict:
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 128), options=options)
     return dict(smem=compiled.metadata.shared, setmaxnreg=compiled.asm["ptx"].count("setmaxnreg"),
                 **ptxas_counts(compiled))
+
+
+def _boxes(describe, head_dim: int, **rows) -> dict:
+    """Descriptors of a [2, 4, 1024, head_dim] bf16 tensor in [1, 1, rows, head_dim] boxes."""
+    import torch
+
+    q = torch.empty((2, 4, 1024, head_dim), dtype=torch.bfloat16)
+    return {n: describe(q, list(q.shape), list(q.stride()), [1, 1, r, head_dim]) for n, r in rows.items()}
+
+
+def compile_ws_forward(head_dim: int = 128, causal: int = 1) -> dict:
+    """The warp-specialized Gluon forward (flashfx/codegen/hopper.py) compiled for sm_90a as the
+    runtime launches it (bf16, its tiles and register split): shared memory, registers, spill
+    bytes and the register reallocations in its PTX. Catches a Triton whose Gluon no longer
+    accepts the kernel, without a GPU. Same process rules as compile_sm90."""
+    from flashfx.codegen import hopper
+
+    descs = _boxes(hopper.describe, head_dim, QDesc=hopper.BLOCK_M, KDesc=hopper.BLOCK_N, VDesc=hopper.BLOCK_N,
+                   ODesc=hopper.BLOCK_M)
+    return _compile_gluon(hopper.attn_fwd, descs, hopper.constexprs(head_dim, causal), {"Stats": "*fp32"})
+
+
+def compile_ws_dkdv(head_dim: int = 128, causal: int = 1) -> dict:
+    """The warp-specialized Gluon dK/dV (flashfx/codegen/hopper_bwd.py) compiled for sm_90a as the
+    runtime launches it, as compile_ws_forward does the forward."""
+    import torch
+
+    from flashfx.codegen import hopper_bwd as hb
+
+    descs = _boxes(hb.describe, head_dim, QDesc=hb.BLOCK_M, KDesc=hb.BLOCK_K, VDesc=hb.BLOCK_K, dODesc=hb.BLOCK_M)
+    rows_of = torch.empty((8, 1024), dtype=torch.float32)  # the row statistics as [B·H, Nq]
+    for n in ("LseDesc", "DeltaDesc"):
+        descs[n] = hb.describe(rows_of, list(rows_of.shape), list(rows_of.stride()), [1, hb.BLOCK_M])
+    return _compile_gluon(hb.attn_bwd_dkdv, descs, hb.constexprs(head_dim, causal), {"dK": "*bf16", "dV": "*bf16"})
+
+
+def compile_ws_dq(head_dim: int = 128, causal: int = 1) -> dict:
+    """The warp-specialized Gluon dQ (flashfx/codegen/hopper_bwd.py) compiled for sm_90a as the
+    runtime launches it, as compile_ws_forward does the forward."""
+    from flashfx.codegen import hopper_bwd as hb
+
+    descs = _boxes(hb.describe, head_dim, QDesc=hb.DQ_BLOCK_M, KDesc=hb.DQ_BLOCK_N, VDesc=hb.DQ_BLOCK_N,
+                   dODesc=hb.DQ_BLOCK_M)
+    return _compile_gluon(hb.attn_bwd_dq, descs, hb.dq_constexprs(head_dim, causal),
+                          {"Out": "*bf16", "dQ": "*bf16", "Lse": "*fp32", "Delta": "*fp32"})
 
 
 def _run(args):

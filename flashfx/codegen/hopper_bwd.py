@@ -42,7 +42,8 @@ from flashfx.codegen.hopper import gluon
 from flashfx.ir import ScoreProgram
 
 if gluon is not None:
-    from flashfx.codegen.hopper import _masked, _tma_load, fence_async_shared, gl, mbarrier, warpgroup_mma, warpgroup_mma_wait
+    from flashfx.codegen.hopper import (_masked, _tma_load, fence_async_shared, gl, mbarrier, warpgroup_mma,
+                                        warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 # Measured on the H200 (docs/benchmarks.md, "The warp-specialized dK/dV"): query blocks of 64

@@ -80,7 +80,7 @@ def ws_forward(program: ScoreProgram, dtype: torch.dtype, device: torch.device, 
 def ws_backward(program: ScoreProgram, dtype: torch.dtype, device: torch.device, head_dim: int, n_q: int,
                 n_k: int) -> str | None:
     """None when the warp-specialized dK/dV computes such a call's dK and dV (where the copy
-    engine can read its tensors); else why not. dQ and Δ come from the generated dQ kernel."""
+    engine can read its tensors); else why not. dQ and Δ: `ws_dq`."""
     return _ws_why(WS_BACKWARD, "FLASHFX_WS_BACKWARD", device,
                    lambda: hopper_bwd.supports(program, dtype, device, head_dim, n_q, n_k))
 
@@ -483,14 +483,18 @@ def _ws_launch(q, k, v, program: ScoreProgram) -> tuple["_Kernel | None", tuple]
     if not all(_tma_layout_ok(t) for t in (q, k, v, out)):
         return None, ()
     Hk, Nk = k.shape[1], k.shape[2]
-    at = dict(QDesc=(q, hopper.BLOCK_M), KDesc=(k, hopper.BLOCK_N), VDesc=(v, hopper.BLOCK_N),
-              ODesc=(out, hopper.BLOCK_M))
-    names = hopper.attn_fwd.arg_names
-    descs = tuple((names.index(n), *_geometry(t), [1, 1, rows, D]) for n, (t, rows) in at.items())
+    descs = _row_boxes(hopper.attn_fwd, D, QDesc=(q, hopper.BLOCK_M), KDesc=(k, hopper.BLOCK_N),
+                       VDesc=(v, hopper.BLOCK_N), ODesc=(out, hopper.BLOCK_M))
     programs, walk = hopper.schedule(B * H, Nq, tiling.gpu_of(q.device).sm_count)
     qk_scale = program.ops[0].const * codegen.LOG2E  # exp2 units
     return (_Kernel(hopper.attn_fwd, (programs,), hopper.constexprs(D, _CAUSAL_CODE[program.causal]), descs,
                     describe=hopper.describe), (H, H // Hk, *walk, Nq, Nk, qk_scale))
+
+
+def _row_boxes(kernel, head_dim: int, **at) -> tuple:
+    """The descriptor entries of a Gluon kernel's 4-D tensors: {parameter: (tensor, rows)}, each
+    read in [1, 1, rows, head_dim] boxes (see _Kernel)."""
+    return tuple((kernel.arg_names.index(n), *_geometry(t), [1, 1, rows, head_dim]) for n, (t, rows) in at.items())
 
 
 def _strides(operands) -> list:
@@ -587,7 +591,7 @@ def _backward_call(dout, q, k, v, out, stats, operands, program: ScoreProgram, w
     # what a call with aligned tensors launches (unaligned ones fall back to the generated kernels)
     call.launches = ((_Launch(ws_dq_) if ws_dq_ is not None else l_dq),
                      (_Launch(ws) if ws is not None else l_dkdv))
-    call.warp_specialized = ws is not None
+    call.warp_specialized_dkdv = ws is not None
     call.warp_specialized_dq = ws_dq_ is not None
     return call
 
@@ -615,10 +619,9 @@ def _ws_dq_launch(q, k, v, dout, out, program: ScoreProgram, dq_strides) -> tupl
     B, H, Nq, D = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
     assert dq_strides[3] == 1, dq_strides
-    names = hopper_bwd.attn_bwd_dq.arg_names
-    at = dict(QDesc=(q, hopper_bwd.DQ_BLOCK_M), KDesc=(k, hopper_bwd.DQ_BLOCK_N), VDesc=(v, hopper_bwd.DQ_BLOCK_N),
-              dODesc=(dout, hopper_bwd.DQ_BLOCK_M))
-    descs = tuple((names.index(n), *_geometry(t), [1, 1, rows, D]) for n, (t, rows) in at.items())
+    descs = _row_boxes(hopper_bwd.attn_bwd_dq, D, QDesc=(q, hopper_bwd.DQ_BLOCK_M),
+                       KDesc=(k, hopper_bwd.DQ_BLOCK_N), VDesc=(v, hopper_bwd.DQ_BLOCK_N),
+                       dODesc=(dout, hopper_bwd.DQ_BLOCK_M))
     scale = program.ops[0].const
     return (_Kernel(hopper_bwd.attn_bwd_dq, hopper_bwd.dq_grid(Nq, B * H),
                     hopper_bwd.dq_constexprs(D, _CAUSAL_CODE[program.causal]), descs, describe=hopper_bwd.describe),
@@ -641,13 +644,13 @@ def _ws_dkdv_launch(q, k, v, dout, program: ScoreProgram, dk_strides, dv_strides
     B, H, Nq, D = q.shape
     Hk, Nk = k.shape[1], k.shape[2]
     assert dk_strides[3] == 1 and dv_strides[3] == 1, (dk_strides, dv_strides)
-    names = hopper_bwd.attn_bwd_dkdv.arg_names
-    at = dict(QDesc=(q, hopper_bwd.BLOCK_M), KDesc=(k, hopper_bwd.BLOCK_K), VDesc=(v, hopper_bwd.BLOCK_K),
-              dODesc=(dout, hopper_bwd.BLOCK_M))
-    descs = tuple((names.index(n), *_geometry(t), [1, 1, rows, D]) for n, (t, rows) in at.items())
-    descs += tuple((names.index(n), [B * H, Nq], [Nq, 1], [1, hopper_bwd.BLOCK_M]) for n in ("LseDesc", "DeltaDesc"))
+    kernel = hopper_bwd.attn_bwd_dkdv
+    descs = _row_boxes(kernel, D, QDesc=(q, hopper_bwd.BLOCK_M), KDesc=(k, hopper_bwd.BLOCK_K),
+                       VDesc=(v, hopper_bwd.BLOCK_K), dODesc=(dout, hopper_bwd.BLOCK_M))
+    descs += tuple((kernel.arg_names.index(n), [B * H, Nq], [Nq, 1], [1, hopper_bwd.BLOCK_M])
+                   for n in ("LseDesc", "DeltaDesc"))
     scale = program.ops[0].const
-    return (_Kernel(hopper_bwd.attn_bwd_dkdv, hopper_bwd.grid(Nk, B * Hk),
+    return (_Kernel(kernel, hopper_bwd.grid(Nk, B * Hk),
                     hopper_bwd.constexprs(D, _CAUSAL_CODE[program.causal]), descs, describe=hopper_bwd.describe),
             (*dk_strides[:3], *dv_strides[:3], H, H // Hk, Nq, Nk, scale * codegen.LOG2E, scale))
 

@@ -125,7 +125,7 @@ def test_ws_backward_matches_float64(shape_q, shape_kv, causal, views, dtype):
     out, stats = gpu.forward(q, k, v, [], prog)
     do = torch.randn_like(q)
     call = gpu._backward_call(do, q, k, v, out, stats, [], prog, (), gpu.tile_plan(q, k, prog))
-    assert call.warp_specialized and call.warp_specialized_dq == (d == 128)  # dQ: head dim 128 only
+    assert call.warp_specialized_dkdv and call.warp_specialized_dq == (d == 128)  # dQ: head dim 128 only
     dq, dk, dv, _ = call(do, q, k, v, out, stats, [], None)
     q64, k64, v64 = (x.detach().cpu().double().requires_grad_() for x in (q, k, v))
     reference_attention(q64, k64, v64, [], prog).backward(do.cpu().double())
@@ -155,7 +155,7 @@ def test_ws_dkdv_is_not_taken_where_it_does_not_apply():
     out, stats = gpu.forward(q, k, v, [], prog)
     do = torch.randn_like(q)
     call = gpu._backward_call(do, q, k, v, out, stats, [], prog, (), gpu.tile_plan(q, k, prog))
-    assert not call.warp_specialized  # 301 queries: row statistics 1204 bytes apart
+    assert not call.warp_specialized_dkdv  # 301 queries: row statistics 1204 bytes apart
     assert call.warp_specialized_dq  # which the dQ kernel reads through pointers
     soft = ScoreProgram((ScoreOp("scale", None, 1 / 30), ScoreOp("tanh"), ScoreOp("scale", None, 30.0)))
     assert "more than a positive scale" in gpu.ws_backward(soft, q.dtype, q.device, 128, 300, 300)
