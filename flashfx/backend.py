@@ -1,7 +1,9 @@
 """The torch.compile backend: `torch.compile(model, backend="flashfx", options={...})`.
 
 Options:
-  inner:    the compiler for the rest of the graph, "inductor" (default), "aot_eager", "eager"
+  inner:    the compiler for the rest of the graph, "inductor" (default), "aot_eager", "eager".
+            Left unset, a graph that holds nothing but fused sites runs as it is: inductor would
+            have nothing to compile in it, and its runtime would only add host time to each call.
   autotune: False (default): the planner's tiles. True: on the first call of each site at a
             new GPU and shape bucket, time the planner's top candidates and keep the fastest
             in an on-disk cache (FLASHFX_CACHE_DIR, else ~/.cache/flashfx/autotune.json).
@@ -122,7 +124,21 @@ def flashfx_backend(gm: fx.GraphModule, example_inputs, options: dict | None = N
     pipeline.run(gm, example_inputs)
     if opts["autotune"]:
         _autotune_sites(gm)
+    if "inner" not in (options or {}) and mode in (None, "default") and only_fused_sites(gm):
+        return gm.forward  # backward through the op's own autograd, as with inner="eager"
     return inner_compile(gm, example_inputs, opts["inner"], mode)
+
+
+def only_fused_sites(gm: fx.GraphModule) -> bool:
+    """Whether every call in `gm` is a fused site or takes one of its outputs apart."""
+    import operator
+
+    import torch
+
+    calls = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output", "get_attr")]
+    return bool(calls) and all(
+        n.op == "call_function" and n.target in (torch.ops.flashfx.attention.default, operator.getitem)
+        for n in calls)
 
 
 def _autotune_sites(gm: fx.GraphModule) -> None:

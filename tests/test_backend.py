@@ -266,8 +266,36 @@ def test_compile_mode_reaches_inductor(monkeypatch):
     assert seen and seen[-1].get("triton.cudagraphs") is True  # CUDA graphs around the whole graph
     assert "post_grad_custom_post_pass" in seen[-1]
     torch._dynamo.reset()
-    torch.compile(plain_mul, backend="flashfx")(q, k, v)
+    torch.compile(plain_mul, backend="flashfx", options={"inner": "inductor"})(q, k, v)
     assert "triton.cudagraphs" not in seen[-1]
+    torch._dynamo.reset()
+
+
+def test_a_graph_of_fused_sites_alone_skips_the_inner_compiler(monkeypatch):
+    """Inductor would find nothing to compile in a graph that is one fused site; the graph runs
+    as it is and its backward goes through the op's autograd. Given any other op, or inner
+    named explicitly, the inner compiler runs."""
+    from flashfx import backend
+
+    inner = []
+    real = backend.inner_compile
+    monkeypatch.setattr(backend, "inner_compile", lambda gm, ex, name, mode=None: inner.append(name) or real(gm, ex, name, mode))
+    q, k, v, do = (_rand(2, 2, 24, 16, seed=i) for i in range(4))
+    for fn, options, want in ((causal_triu, None, []),
+                              (lambda q, k, v: torch.relu(plain_mul(q, k, v)), None, ["inductor"]),
+                              (causal_triu, {"inner": "inductor"}, ["inductor"])):
+        inner.clear()
+        torch._dynamo.reset()
+        before = counters["rewritten"]
+        got_in = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = torch.compile(fn, backend="flashfx", options=options)(*got_in)
+        out.backward(do)
+        assert counters["rewritten"] == before + 1 and inner == want, (inner, want)
+        ref_in = [t.double().requires_grad_() for t in (q, k, v)]
+        ref = fn(*ref_in)
+        ref.backward(do.double())
+        for got, ref_t in [(out, ref)] + [(a.grad, b.grad) for a, b in zip(got_in, ref_in)]:
+            torch.testing.assert_close(got.double(), ref_t, atol=1e-5, rtol=1e-4)
     torch._dynamo.reset()
 
 
@@ -307,7 +335,8 @@ def test_backend_found_without_import_in_a_fresh_process():
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", ["plain_div", "causal_triu", "sdpa_causal_scale", "sdpa_bool_mask"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gpu_compiled_with_inductor(case, dtype):
+@pytest.mark.parametrize("inner", ["inductor", "eager"])
+def test_gpu_compiled_with_each_inner(case, dtype, inner):
     fn, make = CASES[case]
     args = [a.cuda() for a in make()]
     if case == "causal_triu":  # the mask is built on the device the inputs live on
@@ -318,7 +347,7 @@ def test_gpu_compiled_with_inductor(case, dtype):
             return torch.softmax(s, dim=-1) @ v
     low = [a.to(dtype).requires_grad_(i < 3) if a.is_floating_point() else a for i, a in enumerate(args)]
     before = counters["rewritten"]
-    out = torch.compile(fn, backend="flashfx")(*low)
+    out = torch.compile(fn, backend="flashfx", options={"inner": inner})(*low)
     assert counters["rewritten"] > before
     ref_in = [a.detach().double().requires_grad_(i < 3) if a.is_floating_point() else a for i, a in enumerate(low)]
     ref = fn(*ref_in)
@@ -425,7 +454,7 @@ def test_inductor_graphs_call_the_kernel_ops():
     qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
     torch._dynamo.reset()
     with fresh_inductor_cache():
-        compiled = torch.compile(attn, backend="flashfx")
+        compiled = torch.compile(attn, backend="flashfx", options={"inner": "inductor"})
         out, code = run_and_get_code(lambda: compiled(qs, ks, vs))
         (grads, bwd_code) = run_and_get_code(lambda: torch.autograd.grad(out, (qs, ks, vs), do))
     code = "\n".join(code + bwd_code)
