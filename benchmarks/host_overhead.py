@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python3 benchmarks/host_overhead.py                 # GPT-2 small shapes
     PYTHONPATH=. python3 benchmarks/host_overhead.py --shapes 2:12:4096:64
+    PYTHONPATH=. python3 benchmarks/host_overhead.py --steps 16:16:1024:128:causal
 
 A training step is host-bound when the host needs longer to enqueue its kernels than the GPU
 needs to run them. For each shape and each way of reading tiles (tensor descriptors, pointers)
@@ -16,6 +17,13 @@ this times, per iteration of forward + backward, with no synchronization inside 
 `host` is the time to enqueue 100 iterations over 100; `wall` adds the wait for the GPU, so a
 row whose wall exceeds its host time is GPU-bound. Writes host_overhead.json and .png under
 $OUT when set, else benchmarks/out.
+
+`--steps` times whole compiled training steps of the attention table's naive form instead
+(forward, then backward, as benchmarks/attention.py runs them): flashfx as torch.compile gives
+it a graph of one fused site (which skips inductor), flashfx with options={"inner":
+"inductor"}, compiled FlexAttention and eager SDPA on cuDNN. `busy host` enqueues 20 steps
+behind a long GPU sleep, so the GPU never holds the host back; `free host` and `wall` time 20
+steps run as they come. Writes host_steps.json.
 """
 
 from __future__ import annotations
@@ -130,6 +138,70 @@ def measure(B: int, H: int, N: int, D: int) -> list[dict]:
     return rows
 
 
+STEP_VARIANTS = ("flashfx", "flashfx-inductor", "flex", "cudnn")
+
+
+def step_variants():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    from benchmarks.attention import naive_attention
+
+    flex = torch.compile(flex_attention)
+
+    def flex_run(q, k, v, causal):
+        n = q.shape[-2]
+        bm = create_block_mask(lambda b, h, i, j: i >= j, None, None, n, n, device=q.device) if causal else None
+        return lambda: flex(q, k, v, block_mask=bm)
+
+    def cudnn(q, k, v, causal):
+        def run():
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return run
+
+    def compiled(options):
+        def make(q, k, v, causal):
+            f = torch.compile(lambda q, k, v: naive_attention(q, k, v, causal), backend="flashfx", options=options)
+            return lambda: f(q, k, v)
+        return make
+
+    return dict(zip(STEP_VARIANTS, (compiled(None), compiled({"inner": "inductor"}), flex_run, cudnn)))
+
+
+def measure_steps(B: int, H: int, N: int, D: int, causal: bool, n: int = 20) -> list[dict]:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, do = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    rows = []
+    for name, make in step_variants().items():
+        torch._dynamo.reset()
+        fwd = make(q, k, v, causal)
+
+        def step():
+            q.grad = k.grad = v.grad = None
+            fwd().backward(do)
+
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+        busy = []
+        for _ in range(3):  # the GPU sleeps long enough for the host to enqueue all n steps
+            torch.cuda._sleep(int(2e9))
+            t = time.perf_counter()
+            for _ in range(n):
+                step()
+            busy.append((time.perf_counter() - t) / n * 1e6)
+            torch.cuda.synchronize()
+        free, wall = host_and_wall(step, n)
+        row = dict(B=B, H=H, N=N, D=D, causal=causal, variant=name, busy_host_us=min(busy),
+                   free_host_us=free, wall_us=wall)
+        rows.append(row)
+        print(f"B={B} H={H} N={N} D={D} causal={causal} {name:16s} busy host {min(busy):7.1f} us  "
+              f"free host {free:7.1f} us  wall {wall:7.1f} us", flush=True)
+    return rows
+
+
 def plot(rows: list[dict], path: str, env: str | None = None) -> None:
     plt = plots.pyplot()
     if plt is None:
@@ -148,10 +220,13 @@ def plot(rows: list[dict], path: str, env: str | None = None) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="2:12:4096:64,8:12:1024:64", help="B:H:N:D, comma-separated")
+    p.add_argument("--steps", help="B:H:N:D[:causal], comma-separated: time compiled training steps instead")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("host_overhead: needs a CUDA GPU", file=sys.stderr)
         return 2
+    if args.steps:
+        return main_steps(args.steps)
     rows = []
     for spec in args.shapes.split(","):
         rows += measure(*(int(x) for x in spec.split(":")))
@@ -169,6 +244,26 @@ def main(argv=None) -> int:
         mine = {r["part"]: r for r in rows if (r["B"], r["H"], r["N"], r["D"], r["reads"]) == gkey}
         print(f"| B={gkey[0]} H={gkey[1]} N={gkey[2]} D={gkey[3]} | {gkey[4]} | "
               + " | ".join(f"{mine[p]['host_us']:.0f}" for p in PARTS) + f" | {mine['direct']['wall_us']:.0f} |")
+    return 0
+
+
+def main_steps(specs: str) -> int:
+    rows = []
+    for spec in specs.split(","):
+        parts = spec.split(":")
+        rows += measure_steps(*(int(x) for x in parts[:4]), causal=parts[4:] == ["causal"])
+    out_dir = os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "out")
+    os.makedirs(out_dir, exist_ok=True)
+    env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+               triton=__import__("triton").__version__)
+    with open(os.path.join(out_dir, "host_steps.json"), "w") as f:
+        json.dump(dict(env=env, rows=rows), f, indent=1)
+    print(f"\n{env['gpu']}, torch {env['torch']}, triton {env['triton']}")
+    print("| shape | variant | busy host µs | free host µs | wall µs |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| B={r['B']} H={r['H']} N={r['N']} D={r['D']}{' causal' if r['causal'] else ''} | {r['variant']} | "
+              f"{r['busy_host_us']:.0f} | {r['free_host_us']:.0f} | {r['wall_us']:.0f} |")
     return 0
 
 
