@@ -160,44 +160,58 @@ def step_variants():
                 return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
         return run
 
-    def compiled(options):
-        def make(q, k, v, causal):
-            f = torch.compile(lambda q, k, v: naive_attention(q, k, v, causal), backend="flashfx", options=options)
-            return lambda: f(q, k, v)
-        return make
+    # two lambdas, not one made twice: Dynamo keeps compiled code by code object
+    def flashfx_run(q, k, v, causal):
+        f = torch.compile(lambda q, k, v: naive_attention(q, k, v, causal), backend="flashfx")
+        return lambda: f(q, k, v)
 
-    return dict(zip(STEP_VARIANTS, (compiled(None), compiled({"inner": "inductor"}), flex_run, cudnn)))
+    def flashfx_inductor(q, k, v, causal):
+        f = torch.compile(lambda q, k, v: naive_attention(q, k, v, causal), backend="flashfx",
+                          options={"inner": "inductor"})
+        return lambda: f(q, k, v)
+
+    return dict(zip(STEP_VARIANTS, (flashfx_run, flashfx_inductor, flex_run, cudnn)))
 
 
-def measure_steps(B: int, H: int, N: int, D: int, causal: bool, n: int = 20) -> list[dict]:
+def measure_steps(B: int, H: int, N: int, D: int, causal: bool, n: int = 20, rounds: int = 5) -> list[dict]:
+    """Each variant's step, the variants taking turns for `rounds` rounds (round r starts at the
+    r-th variant); the medians over rounds."""
+    import statistics
+
+    from benchmarks.attention import in_turns
+
+    torch._dynamo.reset()
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, do = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4))
     q, k, v = (t.requires_grad_() for t in (q, k, v))
-    rows = []
+    steps = {}
     for name, make in step_variants().items():
-        torch._dynamo.reset()
         fwd = make(q, k, v, causal)
 
-        def step():
+        def step(fwd=fwd):
             q.grad = k.grad = v.grad = None
             fwd().backward(do)
 
-        for _ in range(5):
+        for _ in range(5):  # the first compiles
             step()
+        steps[name] = step
+    torch.cuda.synchronize()
+
+    def timed(step, first):
+        torch.cuda._sleep(int(2e9))  # the GPU sleeps long enough for the host to enqueue n steps
+        t = time.perf_counter()
+        for _ in range(n):
+            step()
+        busy = (time.perf_counter() - t) / n * 1e6
         torch.cuda.synchronize()
-        busy = []
-        for _ in range(3):  # the GPU sleeps long enough for the host to enqueue all n steps
-            torch.cuda._sleep(int(2e9))
-            t = time.perf_counter()
-            for _ in range(n):
-                step()
-            busy.append((time.perf_counter() - t) / n * 1e6)
-            torch.cuda.synchronize()
-        free, wall = host_and_wall(step, n)
-        row = dict(B=B, H=H, N=N, D=D, causal=causal, variant=name, busy_host_us=min(busy),
-                   free_host_us=free, wall_us=wall)
-        rows.append(row)
-        print(f"B={B} H={H} N={N} D={D} causal={causal} {name:16s} busy host {min(busy):7.1f} us  "
+        return (busy,) + host_and_wall(step, n)
+
+    rows = []
+    for name, got in in_turns(steps, rounds, timed).items():
+        busy, free, wall = (statistics.median(x) for x in zip(*got))
+        rows.append(dict(B=B, H=H, N=N, D=D, causal=causal, variant=name, busy_host_us=busy,
+                         free_host_us=free, wall_us=wall, rounds=got))
+        print(f"B={B} H={H} N={N} D={D} causal={causal} {name:16s} busy host {busy:7.1f} us  "
               f"free host {free:7.1f} us  wall {wall:7.1f} us", flush=True)
     return rows
 
