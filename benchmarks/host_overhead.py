@@ -71,6 +71,9 @@ def recorded_launches(kern, call) -> list:
         def __init__(self, name):
             self.name = name
 
+        def __getattr__(self, attr):  # arg_names and the rest: the kernel's own
+            return getattr(orig[self.name], attr)
+
         def __getitem__(self, grid):
             def launch(*a, **kw):
                 seen.append((orig[self.name], grid, a, kw))

@@ -235,7 +235,7 @@ class _Kernel:
             key = (at, t.data_ptr())
             enc = self.encodings.get(key)
             if enc is None:
-                if len(self.encodings) >= 64:
+                if len(self.encodings) >= ENCODINGS_MAX:
                     self.encodings.clear()
                 enc = self.encodings[key] = self.encode(self.describe(t, shape, strides, box), meta)
             out += enc
@@ -325,6 +325,12 @@ def _raw_launcher(run, desc_at: list[int]):
 
 # Launch through kept binaries (see _Kernel); False sends every launch through Triton's JIT.
 DIRECT_LAUNCH = True
+# Encoded descriptors a kept launcher holds, by (position, address). One launcher serves every
+# layer of a model whose attention has the same shapes, and the caching allocator gives each
+# layer's tensors the same addresses step after step: a model needs layers × descriptors entries
+# (GPT-2: 12 × 6). A cap below that clears the cache within every step, and each descriptor is
+# then built and encoded again (tens of µs of host time each).
+ENCODINGS_MAX = 4096
 # Kept binaries go to Triton 3.6's compiled launcher directly, descriptors encoded once per
 # address (see _Kernel); False calls the binary's `run`, which encodes them on every launch.
 DIRECT_LAUNCH_RAW = True

@@ -383,6 +383,38 @@ def test_descriptor_reads_are_encoded_once_per_address(monkeypatch):
     assert kernel.raw is None and len(other.binary.runs) == 1 and other.binary.runs[0][2][1].base is y
 
 
+def test_a_models_layers_keep_their_encoded_descriptors_from_step_to_step(monkeypatch):
+    """One launcher serves all layers of a model at one shape; each layer's tensors keep their
+    addresses across steps, so after the first step no descriptor is encoded again."""
+    from triton.backends.nvidia import driver as nv
+    from triton.runtime import driver
+
+    monkeypatch.setattr(tiling, "interpreting", lambda: False)
+    monkeypatch.setattr(driver, "_active", _FakeDriver())
+    encodes = []
+    def make_tensordesc_arg(arg, metadata):
+        encodes.append(arg.base.data_ptr())
+        return [0]
+
+    monkeypatch.setattr(nv, "make_tensordesc_arg", make_tensordesc_arg)
+    monkeypatch.setattr(nv, "_BASE_ARGS_FORMAT", "iiiKKppOOOOOO", raising=False)
+    jit = _FakeJit()
+    names = [f"T{i}Desc" for i in range(6)]
+    jit.arg_names = names + ["BLOCK", "FLAG"]
+    jit.binary.run = _triton36_launcher([], set(range(6)), ["meta"] * 6)
+    geometry = ([1, 1, 64, 16], [1024, 1024, 16, 1], [1, 1, 16, 16])
+    kernel = gpu._Kernel(jit, (1,), {"BLOCK": 64, "FLAG": True}, descs=tuple((i, *geometry) for i in range(6)))
+    layers = [[torch.randn(1, 1, 64, 16) for _ in range(6)] for _ in range(24)]  # 144 descriptors
+    counts = []
+    for _ in range(3):
+        for tensors in layers:
+            kernel(*tensors)
+        counts.append(len(encodes))
+    # the very first call goes through Triton's launch; the first layer's next call encodes its
+    # six; after that nothing is encoded again
+    assert counts == [23 * 6, 24 * 6, 24 * 6], counts
+
+
 def test_pointer_reads_go_to_the_compiled_launcher_unless_a_launch_hook_is_set(monkeypatch):
     from triton import knobs
     from triton.backends.nvidia import driver as nv
