@@ -421,9 +421,10 @@ def forward(q, k, v, operands, program: ScoreProgram, tiles: TilePlan | None = N
         call = _recipes.get(key)
     if call is not None:
         return call(q, k, v, operands, seed)
-    # the signature's first call
+    # the signature's first call; autotune times the generated forward only where it runs
     return _planned(key, lambda p: _forward_call(q, k, v, operands, program, p),
-                    lambda call: call(q, k, v, operands, seed), q, k, program, operands, ("fwd",))
+                    lambda call: call(q, k, v, operands, seed), q, k, program, operands,
+                    _generated_fwd(q, k, v, program, operands))
 
 
 def _forward_call(q, k, v, operands, program: ScoreProgram, p: TilePlan) -> Callable:
@@ -434,16 +435,14 @@ def _forward_call(q, k, v, operands, program: ScoreProgram, p: TilePlan) -> Call
     Hk, Nk = k.shape[1], k.shape[2]
     t = p.fwd
     kernels = _kernels(program)
-    pack = packs(H // Hk, Nq, t.block_m)
-    grid = (triton_cdiv(H // Hk * Nq, t.block_m), B * Hk) if pack else (triton_cdiv(Nq, t.block_m), B * H)
-    splits = forward_splits(grid[0] * grid[1], Nk, t.block_n, q.device)
+    pack, grid, splits = _fwd_grid(q, k, t)
     dpad = p.head_dim_pad
     fwd = _launch(kernels._attn_fwd, grid + (splits,), (k, v), t.block_n,
                   dpad, GROUP=H // Hk, CAUSAL=_CAUSAL_CODE[program.causal], HEAD_DIM=D,
                   HEAD_DIM_PAD=dpad, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
                   PRECISION=_precision(q), SPLITS=splits, PACK=pack,
                   num_warps=t.num_warps, num_stages=t.num_stages)
-    ws, ws_ints = _ws_launch(q, k, v, program) if splits == 1 else (None, ())
+    ws, ws_ints = _ws_launch(q, k, v, program) if splits == 1 and _ws_fwd_takes(q, k, v, program) else (None, ())
     combine = None
     if splits > 1:
         combine = _launch(kernels._attn_fwd_combine, (triton_cdiv(Nq, t.block_m), B * H), SPLITS=splits, HEAD_DIM=D,
@@ -478,16 +477,38 @@ def _forward_call(q, k, v, operands, program: ScoreProgram, p: TilePlan) -> Call
     return call
 
 
-def _ws_launch(q, k, v, program: ScoreProgram) -> tuple["_Kernel | None", tuple]:
-    """The warp-specialized forward's launch for this signature (codegen.hopper) and the
-    integers that follow its tensors, when it covers the program and the copy engine can read
-    q, k, v and the output; else (None, ())."""
+def _fwd_grid(q, k, t) -> tuple[bool, tuple, int]:
+    """(GQA heads packed into tiles, grid, key-range parts) of the generated forward with tiles t."""
+    B, H, Nq, _ = q.shape
+    Hk, Nk = k.shape[1], k.shape[2]
+    pack = packs(H // Hk, Nq, t.block_m)
+    grid = (triton_cdiv(H // Hk * Nq, t.block_m), B * Hk) if pack else (triton_cdiv(Nq, t.block_m), B * H)
+    return pack, grid, forward_splits(grid[0] * grid[1], Nk, t.block_n, q.device)
+
+
+def _ws_fwd_takes(q, k, v, program: ScoreProgram) -> bool:
+    """Whether the warp-specialized forward covers this signature (its aligned calls, when the
+    key range is not split): it covers the program, and the copy engine can read q, k, v and
+    the output."""
     B, H, Nq, D = q.shape
     if ws_forward(program, q.dtype, q.device, D, Nq, k.shape[2], B * H) is not None:
-        return None, ()
+        return False
+    return all(_tma_layout_ok(t) for t in (q, k, v, torch.empty_like(q, device="meta")))
+
+
+def _generated_fwd(q, k, v, program: ScoreProgram, operands) -> tuple[str, ...]:
+    """("fwd",) unless the warp-specialized forward runs this signature's aligned calls at the
+    planner's tiles (no split key range): then every tile candidate would time that kernel."""
+    if not _ws_fwd_takes(q, k, v, program):
+        return ("fwd",)
+    return () if _fwd_grid(q, k, tiling.for_call(q, k, program, operands).fwd)[2] == 1 else ("fwd",)
+
+
+def _ws_launch(q, k, v, program: ScoreProgram) -> tuple["_Kernel | None", tuple]:
+    """The warp-specialized forward's launch for this signature (codegen.hopper) and the
+    integers that follow its tensors (see _ws_fwd_takes, which must hold)."""
+    B, H, Nq, D = q.shape
     out = torch.empty_like(q, device="meta")
-    if not all(_tma_layout_ok(t) for t in (q, k, v, out)):
-        return None, ()
     Hk, Nk = k.shape[1], k.shape[2]
     descs = _row_boxes(hopper.attn_fwd, D, QDesc=(q, hopper.BLOCK_M), KDesc=(k, hopper.BLOCK_N),
                        VDesc=(v, hopper.BLOCK_N), ODesc=(out, hopper.BLOCK_M))

@@ -171,6 +171,23 @@ def test_the_backward_tunes_only_the_generated_kernels_that_run(monkeypatch):
         assert calls[-1][1] == tuned
 
 
+def test_the_forward_tunes_its_tiles_only_where_the_generated_forward_runs(monkeypatch):
+    # where the warp-specialized forward takes the signature (no split key range at the
+    # planner's tiles), every candidate would time it; a split forward is the generated one
+    calls = _planning_calls(monkeypatch)
+    gpu.forward(*_qkvd(0)[:3], [], PROG)
+    assert calls[-1][1] == ("fwd",)  # the interpreter: no Gluon kernel
+    monkeypatch.setattr(gpu, "_ws_fwd_takes", lambda *args: True)
+    monkeypatch.setattr(gpu, "_ws_launch", lambda *args: (None, ()))  # as if it fell back per call
+    for n, splits, tuned in ((41, None, ()), (42, 2, ("fwd",))):
+        monkeypatch.setattr(gpu, "FWD_SPLITS", splits)
+        q, k, v, _ = _qkvd(1, n=n)
+        out, _ = gpu.forward(q, k, v, [], PROG)
+        assert calls[-1][1] == tuned
+        ref = reference_attention(*(x.double() for x in (q, k, v)), [], PROG)
+        assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-5
+
+
 def test_autotuned_programs_tune_once_then_reuse_the_launches(monkeypatch, tmp_path):
     # the first call tunes (measuring each candidate); later calls of the signature launch the
     # winner as kept, with no planning or cache lookup on the way
