@@ -234,6 +234,17 @@ def plot(rows: list[dict], path: str, env: str | None = None) -> None:
     plots.save(fig, ax, "host µs per fwd+bwd", path, env)
 
 
+def save(rows: list[dict], name: str) -> tuple[str, dict]:
+    """Writes the rows and the GPU and versions as `name` under $OUT (else benchmarks/out)."""
+    out_dir = os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "out")
+    os.makedirs(out_dir, exist_ok=True)
+    env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+               triton=__import__("triton").__version__)
+    with open(os.path.join(out_dir, name), "w") as f:
+        json.dump(dict(env=env, rows=rows), f, indent=1)
+    return out_dir, env
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="2:12:4096:64,8:12:1024:64", help="B:H:N:D, comma-separated")
@@ -247,12 +258,7 @@ def main(argv=None) -> int:
     rows = []
     for spec in args.shapes.split(","):
         rows += measure(*(int(x) for x in spec.split(":")))
-    out_dir = os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "out")
-    os.makedirs(out_dir, exist_ok=True)
-    env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
-               triton=__import__("triton").__version__)
-    with open(os.path.join(out_dir, "host_overhead.json"), "w") as f:
-        json.dump(dict(env=env, rows=rows), f, indent=1)
+    out_dir, env = save(rows, "host_overhead.json")
     plot(rows, os.path.join(out_dir, "host_overhead.png"), plots.env_line(**env))
     print(f"\n{env['gpu']}, torch {env['torch']}, triton {env['triton']}")
     print("| shape | reads | " + " | ".join(f"{p} host µs" for p in PARTS) + " | wall µs (direct) |")
@@ -269,12 +275,7 @@ def main_steps(specs: str) -> int:
     for spec in specs.split(","):
         parts = spec.split(":")
         rows += measure_steps(*(int(x) for x in parts[:4]), causal=parts[4:] == ["causal"])
-    out_dir = os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "out")
-    os.makedirs(out_dir, exist_ok=True)
-    env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
-               triton=__import__("triton").__version__)
-    with open(os.path.join(out_dir, "host_steps.json"), "w") as f:
-        json.dump(dict(env=env, rows=rows), f, indent=1)
+    _, env = save(rows, "host_steps.json")
     print(f"\n{env['gpu']}, torch {env['torch']}, triton {env['triton']}")
     print("| shape | variant | busy host µs | free host µs | wall µs |")
     print("|---|---|---|---|---|")
