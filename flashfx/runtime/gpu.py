@@ -329,8 +329,9 @@ DIRECT_LAUNCH = True
 # layer of a model whose attention has the same shapes, and the caching allocator gives each
 # layer's tensors the same addresses step after step: a model needs layers × descriptors entries
 # (GPT-2: 12 × 6). A cap below that clears the cache within every step, and each descriptor is
-# then built and encoded again (tens of µs of host time each).
-ENCODINGS_MAX = 4096
+# then built and encoded again (tens of µs of host time each). 1024 covers 170 layers of six
+# descriptors, and bounds the host memory a launcher keeps (an entry is a few hundred bytes).
+ENCODINGS_MAX = 1024
 # Kept binaries go to Triton 3.6's compiled launcher directly, descriptors encoded once per
 # address (see _Kernel); False calls the binary's `run`, which encodes them on every launch.
 DIRECT_LAUNCH_RAW = True
