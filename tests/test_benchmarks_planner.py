@@ -213,3 +213,15 @@ def test_failing_configs_are_counted_not_fatal(monkeypatch):
     assert result["timed"] == 1 and result["failed"] == 2 and result["best"] == [16, 16, 4, 1]
     status = {tuple(r["cfg"]): r["status"] for r in unit["configs"]}
     assert status == {(16, 16, 4, 1): "ok", bad: "error", known_bad: "out_of_resources"}
+
+
+def test_the_warp_specialized_fit_reproduces_the_constants_in_the_cost_model(capsys, tmp_path):
+    from benchmarks import planner_ws_fit
+    from flashfx.planner import cost
+
+    assert planner_ws_fit.main(["--doc", str(tmp_path / "ws.md")]) == 0
+    out = capsys.readouterr().out
+    for (kernel, d), cal in cost.WS_CALIBRATION.items():  # cost.py holds what the fit finds
+        assert f"({kernel!r}, {d}): WsCalibration(step_cycles={cal.step_cycles}, unit_cycles={cal.unit_cycles})" in out
+    assert "39 points" in out and "faster kernel agrees at" in out
+    assert (tmp_path / "ws.md").read_text().startswith("## The warp-specialized kernels in the cost model")

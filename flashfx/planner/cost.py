@@ -458,3 +458,136 @@ def predict(kernel: str, shape: Shape, gpu: GPU, block_m: int, block_n: int, war
     time = max(compute_s, memory_s) + cal.launch_s if sram <= gpu.smem_per_block else math.inf
     return Prediction(kernel, block_m, block_n, warps, stages, sram, regs, occ, time,
                       evaluate(kernel, "flops", **per_head) * shape.batch_heads, tile, hbm, lb, fits, keys_down)
+
+
+# ---------------------------------------------------------------------------------------------
+# The warp-specialized Gluon kernels (sm_90; codegen/hopper.py, codegen/hopper_bwd.py)
+# ---------------------------------------------------------------------------------------------
+#
+# Their tiles are fixed, so the model predicts their time rather than ranking tiles. One program
+# holds 128 rows in two consumer warpgroups of 64 and takes every register of an SM (with its
+# producer warp), so one program runs on an SM at a time. A producer warp keeps `stages` blocks
+# in flight, so a step's loads do not show (the generated kernels' load-issue and latency terms
+# drop out), and the two warpgroups take turns on the tensor cores, so that one's exp2 and
+# softmax run under the other's products: a step costs about the larger of the two, plus a
+# fixed cost. What is left is fitted per kernel and head dim to H200 measurements
+# (benchmarks/planner_ws_fit.py, docs/planner_ws.json):
+#
+#     time = launch + (steps · step_cycles + units · unit_cycles) / clock
+#
+# where `steps` and `units` are those of the SM that finishes last: a unit is a pair of one
+# head's query tiles (the persistent forward hands them out round-robin, `hopper.schedule`) or
+# a program (dK/dV: 128 keys; dQ: 128 query rows, placed on SMs as they free up), and a step is
+# one streamed block visited. On the 39 measured points the predictions are within 2% at the
+# median (21% at most, on a 59 µs forward); fitted without the point itself, 3.3% and 22%.
+#
+# The runtime does not choose between these kernels and the generated ones by this model: the
+# generated kernels' constants are fitted to rank tiles, and their predicted times are off by up
+# to 2x (dQ at head dim 64), so the comparison would reverse 7 of the 33 measured choices
+# (docs/planner_ws.md). Those choices stay the measured rules of hopper.supports and
+# hopper_bwd.dq_supports; the model's prediction is what `explain` reports for the Gluon kernels.
+
+
+@dataclass(frozen=True)
+class WsKernel:
+    name: str
+    held: int  # rows a program holds (two warpgroups)
+    block: int  # rows of a streamed block
+    stages: int
+    sram_rows: int  # rows of d elements in shared memory (held, output staging, stages)
+    sram_fixed: int  # barriers and row statistics, bytes
+    persistent: bool
+
+
+WS_KERNELS = {
+    # Q 128 + O staging 128 + K, V 2 stages x 128
+    "fwd": WsKernel("fwd", 128, 128, 2, 128 + 128 + 2 * 2 * 128, 392, True),
+    # K, V 128 each + Q, dO 2 stages x 64 (and their row statistics)
+    "dkdv": WsKernel("dkdv", 128, 64, 2, 2 * 128 + 2 * 2 * 64, 1392, False),
+    # Q, dO 128 each + K, V 3 stages x 64
+    "dq": WsKernel("dq", 128, 64, 3, 2 * 128 + 3 * 2 * 64, 600, False),
+}
+
+
+@dataclass(frozen=True)
+class WsCalibration:
+    step_cycles: float  # one streamed block of one program
+    unit_cycles: float  # one unit's start and end (held tiles in, results out)
+
+
+# Fitted by benchmarks/planner_ws_fit.py to docs/planner_ws.json: {(kernel, head dim): constants}
+WS_CALIBRATION = {
+    ("fwd", 64): WsCalibration(step_cycles=2282.1, unit_cycles=5632.9),
+    ("fwd", 128): WsCalibration(step_cycles=3139.8, unit_cycles=6739.2),
+    ("dkdv", 64): WsCalibration(step_cycles=1558.1, unit_cycles=9204.3),
+    ("dkdv", 128): WsCalibration(step_cycles=2890.7, unit_cycles=6311.6),
+    ("dq", 64): WsCalibration(step_cycles=1244.9, unit_cycles=5832.1),
+    ("dq", 128): WsCalibration(step_cycles=1978.4, unit_cycles=4883.8),
+}
+
+
+def _visited(rows: int, n_rows: int, n_other: int, block: int, causal: bool, keys_held: bool) -> list[int]:
+    """Blocks each held tile visits (tile i holds rows i·rows ...; causal: top-left when the two
+    lengths are equal, bottom-right aligned when there are more keys than queries)."""
+    tiles = -(-n_rows // rows)
+    blocks = -(-n_other // block)
+    if not causal:
+        return [blocks] * tiles
+    if keys_held:  # keys held, queries streamed: a query sees keys up to its row + diag
+        n_q, n_k = n_other, n_rows
+        diag = max(n_k - n_q, 0)
+        return [blocks - min(blocks, max(i * rows - diag, 0) // block) for i in range(tiles)]
+    diag = max(n_other - n_rows, 0)
+    return [min(blocks, -(-min(n_other, (i + 1) * rows + diag) // block)) for i in range(tiles)]
+
+
+def ws_work(kernel: str, shape: Shape, sm_count: int) -> tuple[float, int]:
+    """(steps, units) of the SM that finishes last, for a warp-specialized kernel's call."""
+    k = WS_KERNELS[kernel]
+    if kernel == "fwd":
+        per_tile = _visited(k.held, shape.n_q, shape.n_k, k.block, shape.causal, False)
+        tiles = len(per_tile)
+        pairs = [per_tile[m] + (per_tile[tiles - 1 - m] if tiles - 1 - m != m else 0)
+                 for m in range(-(-tiles // 2))]
+        items = pairs * shape.batch_heads  # round-robin over min(items, SMs) programs
+        programs = min(len(items), sm_count)
+        loads = [(sum(items[s::programs]), len(items[s::programs])) for s in range(programs)]
+        return max(loads)
+    keys_held = kernel == "dkdv"
+    n_rows, n_other = (shape.n_k, shape.n_q) if keys_held else (shape.n_q, shape.n_k)
+    per_program = _visited(k.held, n_rows, n_other, k.block, shape.causal, keys_held)
+    heads = max(shape.batch_heads // shape.group, 1) if keys_held else shape.batch_heads
+    repeat = shape.group if keys_held else 1  # dK/dV walks its group's query heads
+    steps = [s * repeat for s in per_program] * heads
+    # programs start in grid order on the SM that frees first (a unit counts as 2 steps here)
+    import heapq
+
+    free = [(0.0, 0, 0, s) for s in range(min(sm_count, len(steps)))]
+    for s in steps:
+        t, n, u, sm = heapq.heappop(free)
+        heapq.heappush(free, (t + s + 2, n + s, u + 1, sm))
+    _, n, u, _ = max(free)
+    return float(n), u
+
+
+def predict_ws(kernel: str, shape: Shape, gpu: GPU) -> Prediction:
+    """Predicted resources and time of the warp-specialized `kernel` ("fwd", "dkdv", "dq") at
+    head dim 64 or 128 with 16-bit inputs (the calls it takes)."""
+    k = WS_KERNELS[kernel]
+    cal = WS_CALIBRATION.get((kernel, shape.head_dim))
+    if cal is None:
+        raise ValueError(f"flashfx: no warp-specialized {kernel} at head dim {shape.head_dim}")
+    sram = shape.elt * shape.head_dim * k.sram_rows + k.sram_fixed
+    steps, units = ws_work(kernel, shape, gpu.sm_count)
+    time = CALIBRATION.launch_s + (steps * cal.step_cycles + units * cal.unit_cycles) / gpu.clock_hz
+    model = {"fwd": FWD, "dkdv": DKDV, "dq": DQ}[kernel]
+    bm, bn = (k.block, k.held) if kernel == "dkdv" else (k.held, k.block)
+    r = density(shape.n_q, shape.n_k, bm, bn, shape.causal)
+    per_head = dict(Nq=shape.n_q, Nk=shape.n_k, d=shape.head_dim, BM=bm, BN=bn, e=shape.elt, rho=r,
+                    G=shape.group, S=k.stages, T=256, X=0, M=gpu.smem_per_sm / shape.elt)
+    tile = evaluate(model.name, "tile_bytes", **per_head) * shape.batch_heads
+    comp = evaluate(model.name, "compulsory", **per_head) * shape.batch_heads
+    lb = evaluate(model.name, "lower_bound", **per_head) * shape.batch_heads
+    flops = evaluate(model.name, "flops", **per_head) * shape.batch_heads
+    return Prediction(kernel, bm, bn, 8, k.stages, sram, 240, 1, time, flops, tile, comp, lb,
+                      sram <= gpu.smem_per_block)
