@@ -15,6 +15,7 @@ import torch
 from flashfx.codegen import hopper, hopper_bwd
 from flashfx.ir import ScoreProgram
 from flashfx.passes import pipeline
+from flashfx.planner import cost
 from flashfx.runtime import gpu, ops
 from flashfx.runtime import tiles as tiling
 
@@ -111,6 +112,7 @@ def _plan_text(site) -> str | None:
         if dev.type == "cuda" and not tiling.interpreting():
             text += _bucket_note(*shapes)
         (B, H, Nq, _), Nk = shapes[0], shapes[1][2]
+        ws_time = _ws_time(shapes, site.dtype, program, dev)
         programs = -(-Nq // plan.fwd.block_m) * B * H
         parts = gpu.forward_splits(programs, Nk, plan.fwd.block_n, dev)
         if parts > 1:
@@ -119,18 +121,33 @@ def _plan_text(site) -> str | None:
         elif gpu.ws_forward(program, site.dtype, dev, int(site.q_shape[-1]), Nq, Nk, B * H) is None:
             text += (f"; fwd: warp-specialized Gluon kernel (persistent, one program an SM; tiles of "
                      f"{2 * hopper.BLOCK_M} query rows in two warpgroups, {hopper.BLOCK_N}-key blocks, "
-                     f"{hopper.STAGES} stages) where the copy engine can read the tensors, the fwd tiles above "
+                     f"{hopper.STAGES} stages{ws_time('fwd')}) where the copy engine can read the tensors, the fwd tiles above "
                      f"elsewhere")
         if gpu.ws_dq(program, site.dtype, dev, int(site.q_shape[-1]), Nq, Nk) is None:
             text += (f"; bwd dQ: warp-specialized Gluon kernel ({2 * hopper_bwd.DQ_BLOCK_M} query rows a program in "
-                     f"two warpgroups, {hopper_bwd.DQ_BLOCK_N}-key blocks, {hopper_bwd.DQ_STAGES} stages) where the "
+                     f"two warpgroups, {hopper_bwd.DQ_BLOCK_N}-key blocks, {hopper_bwd.DQ_STAGES} stages{ws_time('dq')}) "
+                     f"where the "
                      f"copy engine can read the tensors, the dq tiles above elsewhere")
         if gpu.ws_backward(program, site.dtype, dev, int(site.q_shape[-1]), Nq, Nk) is None:
             text += (f"; bwd dK/dV: warp-specialized Gluon kernel ({2 * hopper_bwd.BLOCK_K} keys a program in two "
-                     f"warpgroups, {hopper_bwd.BLOCK_M}-query blocks, {hopper_bwd.STAGES} stages) where the copy "
+                     f"warpgroups, {hopper_bwd.BLOCK_M}-query blocks, {hopper_bwd.STAGES} stages{ws_time('dkdv')}) "
+                     f"where the copy "
                      f"engine can read the tensors, the dkdv tiles above elsewhere")
         return text
     return "CPU chunked path (Rabe-Staats: query and key chunks, running max and sum)"
+
+
+def _ws_time(shapes, dtype, program: ScoreProgram, dev):
+    """kernel -> ", N us": a warp-specialized kernel's time at this call on the GPU, as the cost
+    model predicts it (cost.predict_ws); no time for a device that is not a GPU."""
+    (B, H, Nq, D), (_, Hk, Nk, _) = shapes
+    shape = cost.Shape(Nq, Nk, D, torch.finfo(dtype).bits // 8, program.causal is not None, H // Hk, B * H)
+
+    def text(kernel: str) -> str:
+        if dev.type != "cuda":
+            return ""
+        return f", {cost.predict_ws(kernel, shape, tiling.gpu_of(dev)).time_s * 1e6:.0f} us"
+    return text
 
 
 def explain(fn, *args, **kwargs) -> Report:
