@@ -71,6 +71,7 @@ roofline; the constants are calibrated in `Calibration`.
 
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass
 from functools import lru_cache
@@ -560,8 +561,6 @@ def ws_work(kernel: str, shape: Shape, sm_count: int) -> tuple[float, int]:
     repeat = shape.group if keys_held else 1  # dK/dV walks its group's query heads
     steps = [s * repeat for s in per_program] * heads
     # programs start in grid order on the SM that frees first (a unit counts as 2 steps here)
-    import heapq
-
     free = [(0.0, 0, 0, s) for s in range(min(sm_count, len(steps)))]
     for s in steps:
         t, n, u, sm = heapq.heappop(free)
@@ -589,5 +588,6 @@ def predict_ws(kernel: str, shape: Shape, gpu: GPU) -> Prediction:
     comp = evaluate(model.name, "compulsory", **per_head) * shape.batch_heads
     lb = evaluate(model.name, "lower_bound", **per_head) * shape.batch_heads
     flops = evaluate(model.name, "flops", **per_head) * shape.batch_heads
+    # 8 warps in two consumer warpgroups at 240 registers a thread (setmaxnreg), one program an SM
     return Prediction(kernel, bm, bn, 8, k.stages, sram, 240, 1, time, flops, tile, comp, lb,
                       sram <= gpu.smem_per_block)

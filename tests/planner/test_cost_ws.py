@@ -30,6 +30,15 @@ def test_shared_memory_is_what_the_compiler_allocates(kernel, head_dim):
     assert p.sram_bytes == COMPILED_SMEM[kernel, head_dim] and p.fits
 
 
+def test_the_model_has_the_kernels_tiles():
+    from flashfx.codegen import hopper, hopper_bwd
+
+    fwd, dkdv, dq = (cost.WS_KERNELS[k] for k in ("fwd", "dkdv", "dq"))
+    assert (fwd.held, fwd.block, fwd.stages) == (2 * hopper.BLOCK_M, hopper.BLOCK_N, hopper.STAGES)
+    assert (dkdv.held, dkdv.block, dkdv.stages) == (2 * hopper_bwd.BLOCK_K, hopper_bwd.BLOCK_M, hopper_bwd.STAGES)
+    assert (dq.held, dq.block, dq.stages) == (2 * hopper_bwd.DQ_BLOCK_M, hopper_bwd.DQ_BLOCK_N, hopper_bwd.DQ_STAGES)
+
+
 def test_the_persistent_forward_walks_pairs_round_robin():
     # 8 query tiles a head make 4 pairs; under a causal mask every pair visits 8 + 1 key blocks
     steps, units = cost.ws_work("fwd", _shape(1024, 128, causal=True, batch_heads=33), 132)
