@@ -67,6 +67,8 @@ Time. See `predict`: per-iteration compute terms (tensor cores, exp2 on the spec
 units, fp32 ALU work on the score tile), per-iteration and per-program overheads, SRAM
 occupancy, load latency against pipeline depth, waves of programs over the SMs, and the HBM
 roofline; the constants are calibrated in `Calibration`.
+
+The warp-specialized Gluon kernels (sm_90), whose tiles are fixed: `predict_ws`, at the end.
 """
 
 from __future__ import annotations
