@@ -55,14 +55,7 @@ def fit(points: list[dict], gpu) -> cost.WsCalibration:
 
 
 def predicted_us(p: dict, gpu, cal: cost.WsCalibration | None = None) -> float:
-    saved = dict(cost.WS_CALIBRATION)
-    try:
-        if cal is not None:
-            cost.WS_CALIBRATION[(p["kernel"], p["D"])] = cal
-        return cost.predict_ws(p["kernel"], shape_of(p), gpu).time_s * 1e6
-    finally:
-        cost.WS_CALIBRATION.clear()
-        cost.WS_CALIBRATION.update(saved)
+    return cost.predict_ws(p["kernel"], shape_of(p), gpu, cal).time_s * 1e6
 
 
 def generated_us(p: dict, gpu) -> float:

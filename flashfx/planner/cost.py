@@ -472,9 +472,9 @@ def predict(kernel: str, shape: Shape, gpu: GPU, block_m: int, block_n: int, war
 # producer warp), so one program runs on an SM at a time. A producer warp keeps `stages` blocks
 # in flight, so a step's loads do not show (the generated kernels' load-issue and latency terms
 # drop out), and the two warpgroups take turns on the tensor cores, so that one's exp2 and
-# softmax run under the other's products: a step costs about the larger of the two, plus a
-# fixed cost. What is left is fitted per kernel and head dim to H200 measurements
-# (benchmarks/planner_ws_fit.py, docs/planner_ws.json):
+# softmax run under the other's products. With tiles, occupancy and overlap fixed, a step's
+# cost depends on the kernel and head dim alone, and so does a unit's: both are fitted to H200
+# measurements (benchmarks/planner_ws_fit.py, docs/planner_ws.json):
 #
 #     time = launch + (steps · step_cycles + units · unit_cycles) / clock
 #
@@ -493,22 +493,21 @@ def predict(kernel: str, shape: Shape, gpu: GPU, block_m: int, block_n: int, war
 
 @dataclass(frozen=True)
 class WsKernel:
-    name: str
     held: int  # rows a program holds (two warpgroups)
     block: int  # rows of a streamed block
     stages: int
     sram_rows: int  # rows of d elements in shared memory (held, output staging, stages)
     sram_fixed: int  # barriers and row statistics, bytes
-    persistent: bool
+    persistent: bool  # one program an SM walking pairs of query tiles; else a program a held tile
 
 
 WS_KERNELS = {
     # Q 128 + O staging 128 + K, V 2 stages x 128
-    "fwd": WsKernel("fwd", 128, 128, 2, 128 + 128 + 2 * 2 * 128, 392, True),
+    "fwd": WsKernel(128, 128, 2, 128 + 128 + 2 * 2 * 128, 392, True),
     # K, V 128 each + Q, dO 2 stages x 64 (and their row statistics)
-    "dkdv": WsKernel("dkdv", 128, 64, 2, 2 * 128 + 2 * 2 * 64, 1392, False),
+    "dkdv": WsKernel(128, 64, 2, 2 * 128 + 2 * 2 * 64, 1392, False),
     # Q, dO 128 each + K, V 3 stages x 64
-    "dq": WsKernel("dq", 128, 64, 3, 2 * 128 + 3 * 2 * 64, 600, False),
+    "dq": WsKernel(128, 64, 3, 2 * 128 + 3 * 2 * 64, 600, False),
 }
 
 
@@ -544,10 +543,10 @@ def _visited(rows: int, n_rows: int, n_other: int, block: int, causal: bool, key
     return [min(blocks, -(-min(n_other, (i + 1) * rows + diag) // block)) for i in range(tiles)]
 
 
-def ws_work(kernel: str, shape: Shape, sm_count: int) -> tuple[float, int]:
+def ws_work(kernel: str, shape: Shape, sm_count: int) -> tuple[int, int]:
     """(steps, units) of the SM that finishes last, for a warp-specialized kernel's call."""
     k = WS_KERNELS[kernel]
-    if kernel == "fwd":
+    if k.persistent:
         per_tile = _visited(k.held, shape.n_q, shape.n_k, k.block, shape.causal, False)
         tiles = len(per_tile)
         pairs = [per_tile[m] + (per_tile[tiles - 1 - m] if tiles - 1 - m != m else 0)
@@ -568,28 +567,28 @@ def ws_work(kernel: str, shape: Shape, sm_count: int) -> tuple[float, int]:
         t, n, u, sm = heapq.heappop(free)
         heapq.heappush(free, (t + s + 2, n + s, u + 1, sm))
     _, n, u, _ = max(free)
-    return float(n), u
+    return n, u
 
 
-def predict_ws(kernel: str, shape: Shape, gpu: GPU) -> Prediction:
+def predict_ws(kernel: str, shape: Shape, gpu: GPU, cal: WsCalibration | None = None) -> Prediction:
     """Predicted resources and time of the warp-specialized `kernel` ("fwd", "dkdv", "dq") at
-    head dim 64 or 128 with 16-bit inputs (the calls it takes)."""
+    head dim 64 or 128 with 16-bit inputs (the calls it takes); `cal` replaces the fitted
+    constants of that kernel and head dim."""
     k = WS_KERNELS[kernel]
-    cal = WS_CALIBRATION.get((kernel, shape.head_dim))
+    cal = cal or WS_CALIBRATION.get((kernel, shape.head_dim))
     if cal is None:
         raise ValueError(f"flashfx: no warp-specialized {kernel} at head dim {shape.head_dim}")
     sram = shape.elt * shape.head_dim * k.sram_rows + k.sram_fixed
     steps, units = ws_work(kernel, shape, gpu.sm_count)
     time = CALIBRATION.launch_s + (steps * cal.step_cycles + units * cal.unit_cycles) / gpu.clock_hz
-    model = {"fwd": FWD, "dkdv": DKDV, "dq": DQ}[kernel]
     bm, bn = (k.block, k.held) if kernel == "dkdv" else (k.held, k.block)
     r = density(shape.n_q, shape.n_k, bm, bn, shape.causal)
     per_head = dict(Nq=shape.n_q, Nk=shape.n_k, d=shape.head_dim, BM=bm, BN=bn, e=shape.elt, rho=r,
                     G=shape.group, S=k.stages, T=256, X=0, M=gpu.smem_per_sm / shape.elt)
-    tile = evaluate(model.name, "tile_bytes", **per_head) * shape.batch_heads
-    comp = evaluate(model.name, "compulsory", **per_head) * shape.batch_heads
-    lb = evaluate(model.name, "lower_bound", **per_head) * shape.batch_heads
-    flops = evaluate(model.name, "flops", **per_head) * shape.batch_heads
+    tile = evaluate(kernel, "tile_bytes", **per_head) * shape.batch_heads
+    comp = evaluate(kernel, "compulsory", **per_head) * shape.batch_heads
+    lb = evaluate(kernel, "lower_bound", **per_head) * shape.batch_heads
+    flops = evaluate(kernel, "flops", **per_head) * shape.batch_heads
     # 8 warps in two consumer warpgroups at 240 registers a thread (setmaxnreg), one program an SM
     return Prediction(kernel, bm, bn, 8, k.stages, sram, 240, 1, time, flops, tile, comp, lb,
                       sram <= gpu.smem_per_block)
