@@ -144,36 +144,18 @@ def measure(B: int, H: int, N: int, D: int) -> list[dict]:
 STEP_VARIANTS = ("flashfx", "flashfx-inductor", "flex", "cudnn")
 
 
-def step_variants():
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+def step_variants() -> dict:
+    """{name: fn(q, k, v, causal)}: the attention table's runners (benchmarks/attention.py), and
+    flashfx with options={"inner": "inductor"} beside them."""
+    from benchmarks.attention import make_variants, naive_attention
 
-    from benchmarks.attention import naive_attention
-
-    flex = torch.compile(flex_attention)
-
-    def flex_run(q, k, v, causal):
-        n = q.shape[-2]
-        bm = create_block_mask(lambda b, h, i, j: i >= j, None, None, n, n, device=q.device) if causal else None
-        return lambda: flex(q, k, v, block_mask=bm)
-
-    def cudnn(q, k, v, causal):
-        def run():
-            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        return run
-
-    # two lambdas, not one made twice: Dynamo keeps compiled code by code object
-    def flashfx_run(q, k, v, causal):
-        f = torch.compile(lambda q, k, v: naive_attention(q, k, v, causal), backend="flashfx")
-        return lambda: f(q, k, v)
-
-    def flashfx_inductor(q, k, v, causal):
-        f = torch.compile(lambda q, k, v: naive_attention(q, k, v, causal), backend="flashfx",
-                          options={"inner": "inductor"})
-        return lambda: f(q, k, v)
-
-    return dict(zip(STEP_VARIANTS, (flashfx_run, flashfx_inductor, flex_run, cudnn)))
+    table = make_variants("flashfx")
+    # its own lambda: Dynamo keeps compiled code by code object, and the table's is compiled
+    # without options
+    inductor = {c: torch.compile(lambda q, k, v, c=c: naive_attention(q, k, v, c), backend="flashfx",
+                                 options={"inner": "inductor"}) for c in (False, True)}
+    table["flashfx-inductor"] = lambda q, k, v, causal: inductor[causal](q, k, v)
+    return {name: table[name] for name in STEP_VARIANTS}
 
 
 def measure_steps(B: int, H: int, N: int, D: int, causal: bool, n: int = 20, rounds: int = 5) -> list[dict]:
@@ -188,12 +170,10 @@ def measure_steps(B: int, H: int, N: int, D: int, causal: bool, n: int = 20, rou
     q, k, v, do = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4))
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     steps = {}
-    for name, make in step_variants().items():
-        fwd = make(q, k, v, causal)
-
-        def step(fwd=fwd):
+    for name, fn in step_variants().items():
+        def step(fn=fn):
             q.grad = k.grad = v.grad = None
-            fwd().backward(do)
+            fn(q, k, v, causal).backward(do)
 
         for _ in range(5):  # the first compiles
             step()
