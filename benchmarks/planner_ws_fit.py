@@ -40,9 +40,16 @@ def shape_of(p: dict) -> cost.Shape:
     return cost.Shape(p["N"], p["N"], p["D"], 2, p["causal"], p["H"] // p["Hk"], p["B"] * p["H"])
 
 
+def heads_first(p: dict) -> bool:
+    """The program order the point was measured with (points from before the order was chosen
+    were measured with the kernels' grids head by head)."""
+    return p.get("heads_first", False)
+
+
 def fit(points: list[dict], gpu) -> cost.WsCalibration:
     """Least squares of (steps, units) against measured cycles, coefficients kept >= 0."""
-    a = np.array([cost.ws_work(p["kernel"], shape_of(p), gpu.sm_count) for p in points], dtype=float)
+    a = np.array([cost.ws_work(p["kernel"], shape_of(p), gpu.sm_count, heads_first(p)) for p in points],
+                 dtype=float)
     y = np.array([(p["us"] * 1e-6 - cost.CALIBRATION.launch_s) * gpu.clock_hz for p in points])
     coef, *_ = np.linalg.lstsq(a, y, rcond=None)
     for i in range(2):
@@ -55,7 +62,7 @@ def fit(points: list[dict], gpu) -> cost.WsCalibration:
 
 
 def predicted_us(p: dict, gpu, cal: cost.WsCalibration | None = None) -> float:
-    return cost.predict_ws(p["kernel"], shape_of(p), gpu, cal).time_s * 1e6
+    return cost.predict_ws(p["kernel"], shape_of(p), gpu, cal, heads_first(p)).time_s * 1e6
 
 
 def generated_us(p: dict, gpu) -> float:

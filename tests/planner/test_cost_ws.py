@@ -73,7 +73,8 @@ def test_predictions_match_the_measurements_they_were_fitted_to():
     ratios = []
     for p in points:
         shape = cost.Shape(p["N"], p["N"], p["D"], 2, p["causal"], p["H"] // p["Hk"], p["B"] * p["H"])
-        ratios.append(cost.predict_ws(p["kernel"], shape, H200).time_s * 1e6 / p["us"])
+        order = p.get("heads_first", False)  # the order the point was measured with
+        ratios.append(cost.predict_ws(p["kernel"], shape, H200, order=order).time_s * 1e6 / p["us"])
     assert {p["kernel"] for p in points} == {"fwd", "dkdv", "dq"} and len(points) >= 30
     assert statistics.median(abs(r - 1) for r in ratios) < 0.04
     assert all(0.75 < r < 1.25 for r in ratios), ratios
@@ -98,3 +99,39 @@ def test_explain_gives_the_predicted_time_on_a_gpu(monkeypatch):
     want = cost.predict_ws("dkdv", _shape(4096, 128, causal=True, batch_heads=64), H200).time_s * 1e6
     assert text("dkdv") == f", {want:.0f} us"
     assert explain._ws_time(shapes, torch.bfloat16, causal, torch.device("cpu"))("dkdv") == ""
+
+
+def test_heads_first_starts_every_heads_longest_program_first():
+    # dK/dV, causal: 4 key tiles of 8, 6, 4, 2 query blocks, 3 heads, 4 SMs. Head by head, the
+    # third head's 8 starts after the SMs have taken 8, 6, 4, 2, 8, 6, 4, 2 and finishes last
+    # (18 blocks and 3 units); heads first, the three 8s start together (16 and 3)
+    def finish(work):
+        steps, units = work
+        return steps + 2 * units  # a unit counts as 2 steps in ws_work
+
+    shape = _shape(512, 128, causal=True, batch_heads=3)
+    assert cost.ws_work("dkdv", shape, 4) == (18, 3)
+    assert cost.ws_work("dkdv", shape, 4, heads_first=True) == (16, 3)
+    assert finish(cost.ws_work("dkdv", _shape(4096, 64, causal=True, batch_heads=24), 132, heads_first=True)) < \
+        finish(cost.ws_work("dkdv", _shape(4096, 64, causal=True, batch_heads=24), 132))
+    # without a mask every program is as long: the order changes nothing
+    full = _shape(512, 128, batch_heads=2)
+    assert cost.ws_work("dkdv", full, 2) == cost.ws_work("dkdv", full, 2, heads_first=True)
+    # dQ starts a head's last (longest) query tile first in both orders
+    assert cost.ws_work("dq", _shape(512, 128, causal=True, batch_heads=1), 1) == (20, 4)
+
+
+@pytest.mark.parametrize("kernel, n, d, batch_heads, group, causal, want", [
+    ("dkdv", 4096, 64, 24, 1, True, True),     # GPT-2 small's layer at seq 4096: Q, dO 25 MB
+    ("dq", 1024, 64, 96, 1, True, True),       # and at seq 1024
+    ("dkdv", 4096, 128, 64, 1, True, False),   # Q, dO of 64 heads: 134 MB, more than L2 holds
+    ("dq", 4096, 128, 64, 4, True, True),      # dQ streams K, V: 16 K/V heads, 34 MB
+    ("dkdv", 4096, 64, 24, 1, False, False),   # no mask: programs alike, order kept for L2
+    ("fwd", 4096, 64, 24, 1, True, False),     # the forward has its own schedule
+])
+def test_heads_first_where_the_streamed_tensors_fit_in_l2(kernel, n, d, batch_heads, group, causal, want):
+    shape = _shape(n, d, causal=causal, group=group, batch_heads=batch_heads)
+    assert cost.heads_first(kernel, shape, H200) is want
+    if want:  # where it is taken, the model predicts it faster
+        assert (cost.predict_ws(kernel, shape, H200, order=True).time_s
+                < cost.predict_ws(kernel, shape, H200, order=False).time_s)
