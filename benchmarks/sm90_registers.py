@@ -57,7 +57,7 @@ def compile_sm90(kernel: str, program: str, head_dim: int, bm: int, bn: int, war
     causal = {None: 0, "top_left": 1, "bottom_right": 2}[ScoreProgram.decode(program).causal]
     constexprs = dict(GROUP=1, CAUSAL=causal, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim, BLOCK_M=bm, BLOCK_N=bn,
                       PRECISION=precision, TMA=tma, FLAT=False, SPLITS=1, PACK=False,
-                      KEYS_DOWN=keys_down)
+                      KEYS_DOWN=keys_down, HEADS_FIRST=False)
     constexprs.update({n: 1 for n in names if n.startswith("stride") and n.endswith("d")})  # unit inner strides
     constexprs = {n: v for n, v in constexprs.items() if n in names}
     fp32 = {"Stats", "Delta", "PartO", "PartStats"}
@@ -152,7 +152,7 @@ def compile_ws_forward(head_dim: int = 128, causal: int = 1) -> dict:
     return _compile_gluon(hopper.attn_fwd, descs, hopper.constexprs(head_dim, causal), {"Stats": "*fp32"})
 
 
-def compile_ws_dkdv(head_dim: int = 128, causal: int = 1) -> dict:
+def compile_ws_dkdv(head_dim: int = 128, causal: int = 1, heads_first: bool = False) -> dict:
     """The warp-specialized Gluon dK/dV (flashfx/codegen/hopper_bwd.py) compiled for sm_90a as the
     runtime launches it, as compile_ws_forward does the forward."""
     import torch
@@ -163,17 +163,17 @@ def compile_ws_dkdv(head_dim: int = 128, causal: int = 1) -> dict:
     rows_of = torch.empty((8, 1024), dtype=torch.float32)  # the row statistics as [B·H, Nq]
     for n in ("LseDesc", "DeltaDesc"):
         descs[n] = hb.describe(rows_of, list(rows_of.shape), list(rows_of.stride()), [1, hb.BLOCK_M])
-    return _compile_gluon(hb.attn_bwd_dkdv, descs, hb.constexprs(head_dim, causal), {"dK": "*bf16", "dV": "*bf16"})
+    return _compile_gluon(hb.attn_bwd_dkdv, descs, hb.constexprs(head_dim, causal, heads_first), {"dK": "*bf16", "dV": "*bf16"})
 
 
-def compile_ws_dq(head_dim: int = 128, causal: int = 1) -> dict:
+def compile_ws_dq(head_dim: int = 128, causal: int = 1, heads_first: bool = False) -> dict:
     """The warp-specialized Gluon dQ (flashfx/codegen/hopper_bwd.py) compiled for sm_90a as the
     runtime launches it, as compile_ws_forward does the forward."""
     from flashfx.codegen import hopper_bwd as hb
 
     descs = _boxes(hb.describe, head_dim, QDesc=hb.DQ_BLOCK_M, KDesc=hb.DQ_BLOCK_N, VDesc=hb.DQ_BLOCK_N,
                    dODesc=hb.DQ_BLOCK_M)
-    return _compile_gluon(hb.attn_bwd_dq, descs, hb.dq_constexprs(head_dim, causal),
+    return _compile_gluon(hb.attn_bwd_dq, descs, hb.dq_constexprs(head_dim, causal, heads_first),
                           {"Out": "*bf16", "dQ": "*bf16", "Lse": "*fp32", "Delta": "*fp32"})
 
 

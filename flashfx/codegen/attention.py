@@ -7,6 +7,7 @@
                        writes Δ = rowsum(dO ∘ O) of its rows
       _attn_bwd_dkdv   dK, dV: holds a K/V block, streams Q blocks       grid (Nk/BN, B·Hk)
                        (launched after dQ: reads its Δ)
+      (the backward's grids transposed, heads first, where cost.heads_first says so)
 
 FLOPs: fwd 4·Nq·Nk·D per head; bwd 2.5× fwd (dV, dP, dK, dQ: 4 matmuls, + QKᵀ recompute
 twice, once in each backward kernel) — no N×N tensor is ever written to memory.
@@ -591,11 +592,18 @@ def _attn_bwd_dkdv(
     TMA: tl.constexpr,            # Q, dO tiles through QDesc, dODesc
     FLAT: tl.constexpr,           # one loop over (group head, query block) pairs, else nested loops
     KEYS_DOWN: tl.constexpr,      # tiles [BN, BM] (K·Qᵀ), else [BM, BN] (Q·Kᵀ): see _bwd_scores
+    HEADS_FIRST: tl.constexpr,    # the grid is (B·Hk, key blocks), else (key blocks, B·Hk)
 ):
     # One program owns keys n0..n0+BN of one K/V head and sums over every query head of its
     # group and every query block: dK and dV are written once, no atomics (deterministic).
-    pid_n = tl.program_id(0)
-    pid_bhk = tl.program_id(1)
+    # Programs start in grid order, first axis fastest: heads first, every head's first key
+    # block (under a causal mask, the one that sees the most queries) starts before any second.
+    if HEADS_FIRST:
+        pid_n = tl.program_id(1)
+        pid_bhk = tl.program_id(0)
+    else:
+        pid_n = tl.program_id(0)
+        pid_bhk = tl.program_id(1)
     Hk = H // GROUP
     b = pid_bhk // Hk
     hk = pid_bhk % Hk
@@ -654,11 +662,18 @@ def _attn_bwd_dq(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
     TMA: tl.constexpr,            # K, V tiles through KDesc, VDesc
+    HEADS_FIRST: tl.constexpr,    # the grid is (B·H, query blocks), else (query blocks, B·H)
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    if HEADS_FIRST:  # as in dK/dV: every head's longest tile starts before any head's second
+        pid_m = tl.program_id(1)
+        pid_bh = tl.program_id(0)
+        tiles = tl.num_programs(1)
+    else:
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        tiles = tl.num_programs(0)
     if CAUSAL != 0:  # the longest query tiles first, as in the forward
-        pid_m = tl.num_programs(0) - 1 - pid_m
+        pid_m = tiles - 1 - pid_m
     b = pid_bh // H
     h = pid_bh % H
     hk = h // GROUP

@@ -82,25 +82,34 @@ def dq_supports(program: ScoreProgram, dtype: torch.dtype, device: torch.device,
     return why
 
 
-def constexprs(head_dim: int, causal_code: int) -> dict:
+def constexprs(head_dim: int, causal_code: int, heads_first: bool = False) -> dict:
     """The kernel's compile-time arguments and launch options for a head dim and causal code
-    (0 none, 1 top left, 2 bottom right)."""
-    return dict(BM=BLOCK_M, BK=BLOCK_K, D=head_dim, STAGES=STAGES, CAUSAL=causal_code,
+    (0 none, 1 top left, 2 bottom right); heads_first: the program order of `grid`."""
+    return dict(BM=BLOCK_M, BK=BLOCK_K, D=head_dim, STAGES=STAGES, CAUSAL=causal_code, HEADS_FIRST=heads_first,
                 CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS, num_warps=4, maxnreg=MAXNREG)
 
 
-def grid(n_k: int, batch_kv_heads: int) -> tuple[int, int]:
-    return (-(-n_k // (2 * BLOCK_K)), batch_kv_heads)
+def grid(n_k: int, batch_kv_heads: int, heads_first: bool = False) -> tuple[int, int]:
+    """Programs of 2·BLOCK_K keys of each batch and K/V head. The GPU starts them in grid order,
+    the first axis fastest: by default a head's key blocks in turn, then the next head's;
+    heads_first (cost.heads_first), every head's first key block, then every head's second,
+    so that under a causal mask the longest programs start first (see the kernels' `_keys`)."""
+    blocks = -(-n_k // (2 * BLOCK_K))
+    return (batch_kv_heads, blocks) if heads_first else (blocks, batch_kv_heads)
 
 
-def dq_constexprs(head_dim: int, causal_code: int) -> dict:
+def dq_constexprs(head_dim: int, causal_code: int, heads_first: bool = False) -> dict:
     """attn_bwd_dq's compile-time arguments and launch options (see constexprs)."""
     return dict(BM=DQ_BLOCK_M, BN=DQ_BLOCK_N, D=head_dim, STAGES=DQ_STAGES, CAUSAL=causal_code,
-                CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS, num_warps=4, maxnreg=MAXNREG)
+                HEADS_FIRST=heads_first, CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS, num_warps=4,
+                maxnreg=MAXNREG)
 
 
-def dq_grid(n_q: int, batch_heads: int) -> tuple[int, int]:
-    return (-(-n_q // (2 * DQ_BLOCK_M)), batch_heads)
+def dq_grid(n_q: int, batch_heads: int, heads_first: bool = False) -> tuple[int, int]:
+    """Programs of 2·DQ_BLOCK_M query rows of each batch and head, in the order `grid` describes
+    (a causal mask's longest tiles are the last rows: the kernel walks them from the end)."""
+    tiles = -(-n_q // (2 * DQ_BLOCK_M))
+    return (batch_heads, tiles) if heads_first else (tiles, batch_heads)
 
 
 def row_layout():
@@ -119,10 +128,16 @@ def describe(t: torch.Tensor, shape: list, strides: list, box: list):
 if gluon is not None:
 
     @gluon.jit
-    def _keys(H, GROUP, BK: gl.constexpr):
-        """This program's batch, K/V head and first key."""
+    def _keys(H, GROUP, BK: gl.constexpr, HEADS_FIRST: gl.constexpr):
+        """This program's batch, K/V head and first key (see `grid` for the order)."""
         Hk = H // GROUP
-        return gl.program_id(1) // Hk, gl.program_id(1) % Hk, gl.program_id(0) * (2 * BK)
+        if HEADS_FIRST:
+            bhk = gl.program_id(0)
+            n0 = gl.program_id(1) * (2 * BK)
+        else:
+            bhk = gl.program_id(1)
+            n0 = gl.program_id(0) * (2 * BK)
+        return bhk // Hk, bhk % Hk, n0
 
     @gluon.jit
     def _runs(n0, n_q, offset, BM: gl.constexpr, BK: gl.constexpr, CAUSAL: gl.constexpr):
@@ -138,11 +153,11 @@ if gluon is not None:
 
     @gluon.jit
     def _producer(a, BM: gl.constexpr, BK: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
-                  CAUSAL: gl.constexpr):
+                  CAUSAL: gl.constexpr, HEADS_FIRST: gl.constexpr):
         (q_desc, k_desc, v_desc, do_desc, lse_desc, delta_desc, dk_ptr, dv_ptr, k_smem, v_smem, q_smem, do_smem,
          lse_smem, delta_smem, kv_bar, ready, empty, H, GROUP, n_q, n_k, offset, qk_scale, sm_scale,
          s_dkb, s_dkh, s_dkn, s_dvb, s_dvh, s_dvn) = a
-        b, hk, n0 = _keys(H, GROUP, BK)
+        b, hk, n0 = _keys(H, GROUP, BK, HEADS_FIRST)
         mbarrier.expect(kv_bar, 2 * k_desc.block_type.nbytes + 2 * v_desc.block_type.nbytes)
         for i in gl.static_range(2):
             _tma_load(k_desc, [b, hk, n0 + i * BK, 0], kv_bar, k_smem.index(i))
@@ -202,7 +217,7 @@ if gluon is not None:
 
     @gluon.jit
     def _consumer(a, WG: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr, D: gl.constexpr,
-                  STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+                  STAGES: gl.constexpr, CAUSAL: gl.constexpr, HEADS_FIRST: gl.constexpr):
         (q_desc, k_desc, v_desc, do_desc, lse_desc, delta_desc, dk_ptr, dv_ptr, k_smem, v_smem, q_smem, do_smem,
          lse_smem, delta_smem, kv_bar, ready, empty, H, GROUP, n_q, n_k, offset, qk_scale, sm_scale,
          s_dkb, s_dkh, s_dkn, s_dvb, s_dvh, s_dvn) = a
@@ -211,7 +226,7 @@ if gluon is not None:
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                              instr_shape=[16, D, 16])
         op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
-        b, hk, n0 = _keys(H, GROUP, BK)
+        b, hk, n0 = _keys(H, GROUP, BK, HEADS_FIRST)
         n0w = n0 + WG * BK
         k_w = k_smem.index(WG).reshape([BK, D])
         v_w = v_smem.index(WG).reshape([BK, D])
@@ -246,20 +261,20 @@ if gluon is not None:
 
     @gluon.jit
     def _consumer0(a, BM: gl.constexpr, BK: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
-                   CAUSAL: gl.constexpr):
-        _consumer(a, 0, BM, BK, D, STAGES, CAUSAL)
+                   CAUSAL: gl.constexpr, HEADS_FIRST: gl.constexpr):
+        _consumer(a, 0, BM, BK, D, STAGES, CAUSAL, HEADS_FIRST)
 
     @gluon.jit
     def _consumer1(a, BM: gl.constexpr, BK: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
-                   CAUSAL: gl.constexpr):
-        _consumer(a, 1, BM, BK, D, STAGES, CAUSAL)
+                   CAUSAL: gl.constexpr, HEADS_FIRST: gl.constexpr):
+        _consumer(a, 1, BM, BK, D, STAGES, CAUSAL, HEADS_FIRST)
 
     @gluon.jit
     def attn_bwd_dkdv(QDesc, KDesc, VDesc, dODesc, LseDesc, DeltaDesc, dK, dV,
                       s_dkb, s_dkh, s_dkn, s_dvb, s_dvh, s_dvn, H, GROUP, N_Q, N_K, qk_scale, sm_scale,
                       BM: gl.constexpr, BK: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
-                      CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-                      num_warps: gl.constexpr):
+                      CAUSAL: gl.constexpr, HEADS_FIRST: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                      PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):
         offset = N_K - N_Q if CAUSAL == 2 else 0  # bottom right: row r sees keys up to r + Nk - Nq
         k_smem = gl.allocate_shared_memory(KDesc.dtype, [2, 1, 1, BK, D], KDesc.layout)
         v_smem = gl.allocate_shared_memory(VDesc.dtype, [2, 1, 1, BK, D], VDesc.layout)
@@ -278,20 +293,28 @@ if gluon is not None:
         a = (QDesc, KDesc, VDesc, dODesc, LseDesc, DeltaDesc, dK, dV, k_smem, v_smem, q_smem, do_smem, lse_smem,
              delta_smem, kv_bar, ready, empty, H, GROUP, N_Q, N_K, offset, qk_scale, sm_scale,
              s_dkb, s_dkh, s_dkn, s_dvb, s_dvh, s_dvn)
-        gl.warp_specialize([(_consumer0, (a, BM, BK, D, STAGES, CAUSAL)),
-                            (_consumer1, (a, BM, BK, D, STAGES, CAUSAL)),
-                            (_producer, (a, BM, BK, D, STAGES, CAUSAL))],
+        gl.warp_specialize([(_consumer0, (a, BM, BK, D, STAGES, CAUSAL, HEADS_FIRST)),
+                            (_consumer1, (a, BM, BK, D, STAGES, CAUSAL, HEADS_FIRST)),
+                            (_producer, (a, BM, BK, D, STAGES, CAUSAL, HEADS_FIRST))],
                            [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
     # ---- dQ and Δ ---------------------------------------------------------------------------
 
     @gluon.jit
-    def _dq_tile(H, BM: gl.constexpr, CAUSAL: gl.constexpr):
-        """This program's batch, head and first query row (causal: the longest tiles first)."""
-        t = gl.program_id(0)
+    def _dq_tile(H, BM: gl.constexpr, CAUSAL: gl.constexpr, HEADS_FIRST: gl.constexpr):
+        """This program's batch, head and first query row (causal: the longest tiles first; see
+        `dq_grid` for the order)."""
+        if HEADS_FIRST:
+            bh = gl.program_id(0)
+            t = gl.program_id(1)
+            tiles = gl.num_programs(1)
+        else:
+            bh = gl.program_id(1)
+            t = gl.program_id(0)
+            tiles = gl.num_programs(0)
         if CAUSAL:
-            t = gl.num_programs(0) - 1 - t
-        return gl.program_id(1) // H, gl.program_id(1) % H, t * (2 * BM)
+            t = tiles - 1 - t
+        return bh // H, bh % H, t * (2 * BM)
 
     @gluon.jit
     def _dq_blocks(r0, rows, n_q, n_k, offset, BN: gl.constexpr, CAUSAL: gl.constexpr):
@@ -307,11 +330,11 @@ if gluon is not None:
 
     @gluon.jit
     def _dq_producer(a, BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
-                     CAUSAL: gl.constexpr):
+                     CAUSAL: gl.constexpr, HEADS_FIRST: gl.constexpr):
         (q_desc, k_desc, v_desc, do_desc, out_ptr, lse_ptr, delta_ptr, dq_ptr, q_smem, do_smem, k_smem, v_smem,
          q_bar, ready, empty, H, GROUP, n_q, n_k, offset, qk_scale, sm_scale, s_ob, s_oh, s_om, s_dqb, s_dqh,
          s_dqm) = a
-        b, h, m0 = _dq_tile(H, BM, CAUSAL)
+        b, h, m0 = _dq_tile(H, BM, CAUSAL, HEADS_FIRST)
         hk = h // GROUP
         for i in gl.static_range(2):
             mbarrier.expect(q_bar.index(i), q_desc.block_type.nbytes + do_desc.block_type.nbytes)
@@ -355,7 +378,7 @@ if gluon is not None:
 
     @gluon.jit
     def _dq_consumer(a, WG: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr,
-                     STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+                     STAGES: gl.constexpr, CAUSAL: gl.constexpr, HEADS_FIRST: gl.constexpr):
         (q_desc, k_desc, v_desc, do_desc, out_ptr, lse_ptr, delta_ptr, dq_ptr, q_smem, do_smem, k_smem, v_smem,
          q_bar, ready, empty, H, GROUP, n_q, n_k, offset, qk_scale, sm_scale, s_ob, s_oh, s_om, s_dqb, s_dqh,
          s_dqm) = a
@@ -365,7 +388,7 @@ if gluon is not None:
                                                              instr_shape=[16, D, 16])
         op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
         row_io: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-        b, h, m0 = _dq_tile(H, BM, CAUSAL)
+        b, h, m0 = _dq_tile(H, BM, CAUSAL, HEADS_FIRST)
         bh = b * H + h
         r0 = m0 + WG * BM
         _, n_blocks = _dq_blocks(m0, 2 * BM, n_q, n_k, offset, BN, CAUSAL)
@@ -405,20 +428,20 @@ if gluon is not None:
 
     @gluon.jit
     def _dq_consumer0(a, BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
-                      CAUSAL: gl.constexpr):
-        _dq_consumer(a, 0, BM, BN, D, STAGES, CAUSAL)
+                      CAUSAL: gl.constexpr, HEADS_FIRST: gl.constexpr):
+        _dq_consumer(a, 0, BM, BN, D, STAGES, CAUSAL, HEADS_FIRST)
 
     @gluon.jit
     def _dq_consumer1(a, BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
-                      CAUSAL: gl.constexpr):
-        _dq_consumer(a, 1, BM, BN, D, STAGES, CAUSAL)
+                      CAUSAL: gl.constexpr, HEADS_FIRST: gl.constexpr):
+        _dq_consumer(a, 1, BM, BN, D, STAGES, CAUSAL, HEADS_FIRST)
 
     @gluon.jit
     def attn_bwd_dq(QDesc, KDesc, VDesc, dODesc, Out, Lse, Delta, dQ, s_ob, s_oh, s_om, s_dqb, s_dqh, s_dqm,
                     H, GROUP, N_Q, N_K, qk_scale, sm_scale,
                     BM: gl.constexpr, BN: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr,
-                    CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-                    num_warps: gl.constexpr):
+                    CAUSAL: gl.constexpr, HEADS_FIRST: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                    PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):
         offset = N_K - N_Q if CAUSAL == 2 else 0
         q_smem = gl.allocate_shared_memory(QDesc.dtype, [2, 1, 1, BM, D], QDesc.layout)
         do_smem = gl.allocate_shared_memory(dODesc.dtype, [2, 1, 1, BM, D], dODesc.layout)
@@ -435,7 +458,7 @@ if gluon is not None:
         fence_async_shared()
         a = (QDesc, KDesc, VDesc, dODesc, Out, Lse, Delta, dQ, q_smem, do_smem, k_smem, v_smem, q_bar, ready, empty,
              H, GROUP, N_Q, N_K, offset, qk_scale, sm_scale, s_ob, s_oh, s_om, s_dqb, s_dqh, s_dqm)
-        gl.warp_specialize([(_dq_consumer0, (a, BM, BN, D, STAGES, CAUSAL)),
-                            (_dq_consumer1, (a, BM, BN, D, STAGES, CAUSAL)),
-                            (_dq_producer, (a, BM, BN, D, STAGES, CAUSAL))],
+        gl.warp_specialize([(_dq_consumer0, (a, BM, BN, D, STAGES, CAUSAL, HEADS_FIRST)),
+                            (_dq_consumer1, (a, BM, BN, D, STAGES, CAUSAL, HEADS_FIRST)),
+                            (_dq_producer, (a, BM, BN, D, STAGES, CAUSAL, HEADS_FIRST))],
                            [4, 1], [CONSUMER_REGS, PRODUCER_REGS])

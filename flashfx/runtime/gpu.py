@@ -12,7 +12,7 @@ from flashfx import config
 from flashfx.codegen import attention as codegen
 from flashfx.codegen import hopper, hopper_bwd
 from flashfx.ir import ScoreProgram
-from flashfx.planner import hardware
+from flashfx.planner import cost, hardware
 from flashfx.planner.plan import TilePlan, kv_splits
 from flashfx.runtime import tiles as tiling
 from flashfx.runtime.tiles import interpreting  # noqa: F401 - re-exported
@@ -381,7 +381,7 @@ def _signature(kind: str, program: ScoreProgram, tensors, operands, extra=()) ->
     q = tensors[0]
     dtype = q.dtype
     key = (kind, program, extra, dtype, q.device, tiling._margins_version, hardware.chosen_by_user(),
-           TMA, FLAT_DKDV, DIRECT_LAUNCH, DIRECT_LAUNCH_RAW, GQA_PACK, config.getenv("FLASHFX_TMA"),
+           TMA, FLAT_DKDV, DIRECT_LAUNCH, DIRECT_LAUNCH_RAW, GQA_PACK, HEADS_FIRST, config.getenv("FLASHFX_TMA"),
            WS_FORWARD, config.getenv("FLASHFX_WS_FORWARD"), WS_BACKWARD, config.getenv("FLASHFX_WS_BACKWARD"),
            config.getenv("TRITON_INTERPRET"), dtype is torch.float32 and _precision(q))
     for t in tensors:
@@ -572,15 +572,16 @@ def _backward_call(dout, q, k, v, out, stats, operands, program: ScoreProgram, w
     kernels = _kernels(program, wanted)
     common = dict(GROUP=H // Hk, CAUSAL=_CAUSAL_CODE[program.causal], HEAD_DIM=D,
                   HEAD_DIM_PAD=p.head_dim_pad, PRECISION=_precision(q))
+    first_dkdv, first_dq = (heads_first(kern, q, k, program) for kern in ("dkdv", "dq"))
     t = p.bwd_dkdv
-    l_dkdv = _launch(kernels._attn_bwd_dkdv, (triton_cdiv(Nk, t.block_n), B * Hk), (q, dout), t.block_m,
-                     p.head_dim_pad, **common, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+    l_dkdv = _launch(kernels._attn_bwd_dkdv, _order((triton_cdiv(Nk, t.block_n), B * Hk), first_dkdv), (q, dout),
+                     t.block_m, p.head_dim_pad, **common, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
                      FLAT=_flat_dkdv(p.head_dim_pad, program.causal is not None, H // Hk, t.keys_down),
-                     KEYS_DOWN=t.keys_down,
+                     KEYS_DOWN=t.keys_down, HEADS_FIRST=first_dkdv,
                      num_warps=t.num_warps, num_stages=t.num_stages)
     t = p.bwd_dq
-    l_dq = _launch(kernels._attn_bwd_dq, (triton_cdiv(Nq, t.block_m), B * H), (k, v), t.block_n,
-                   p.head_dim_pad, **common, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+    l_dq = _launch(kernels._attn_bwd_dq, _order((triton_cdiv(Nq, t.block_m), B * H), first_dq), (k, v), t.block_n,
+                   p.head_dim_pad, **common, BLOCK_M=t.block_m, BLOCK_N=t.block_n, HEADS_FIRST=first_dq,
                    num_warps=t.num_warps, num_stages=t.num_stages)
     # dq, dk, dv are empty_like(q, k, v): the strides the fake implementation promises
     dq_s, dk_s, dv_s = (torch.empty_like(x, device="meta").stride() for x in (q, k, v))
@@ -591,10 +592,10 @@ def _backward_call(dout, q, k, v, out, stats, operands, program: ScoreProgram, w
     device = q.device
     ws, ws_ints = None, ()
     if _ws_dkdv_takes(q, k, v, dout, program, wanted):
-        ws, ws_ints = _ws_dkdv_launch(q, k, v, dout, program, dk_s, dv_s)
+        ws, ws_ints = _ws_dkdv_launch(q, k, v, dout, program, dk_s, dv_s, first_dkdv)
     ws_dq_, ws_dq_ints = None, ()
     if _ws_dq_takes(q, k, v, dout, out, program, wanted):
-        ws_dq_, ws_dq_ints = _ws_dq_launch(q, k, v, dout, out, program, dq_s)
+        ws_dq_, ws_dq_ints = _ws_dq_launch(q, k, v, dout, out, program, dq_s, first_dq)
 
     def call(dout, q, k, v, out, stats, operands, seed):
         d_bufs = [torch.zeros((B, H, Nq, Nk), device=device, dtype=torch.float32) for _ in wanted]
@@ -640,7 +641,8 @@ def _ws_dq_takes(q, k, v, dout, out, program: ScoreProgram, wanted: tuple) -> bo
             and all(_tma_layout_ok(t) for t in (q, k, v, dout)))
 
 
-def _ws_dq_launch(q, k, v, dout, out, program: ScoreProgram, dq_strides) -> tuple["_Kernel", tuple]:
+def _ws_dq_launch(q, k, v, dout, out, program: ScoreProgram, dq_strides,
+                  first: bool = False) -> tuple["_Kernel", tuple]:
     """The warp-specialized dQ's launch for this signature (codegen.hopper_bwd.attn_bwd_dq) and
     the integers that follow its tensors (see _ws_dq_takes). It reads O and the log-sum-exp
     plane through pointers and writes Δ as [B·H, Nq] rows."""
@@ -651,8 +653,9 @@ def _ws_dq_launch(q, k, v, dout, out, program: ScoreProgram, dq_strides) -> tupl
                        KDesc=(k, hopper_bwd.DQ_BLOCK_N), VDesc=(v, hopper_bwd.DQ_BLOCK_N),
                        dODesc=(dout, hopper_bwd.DQ_BLOCK_M))
     scale = program.ops[0].const
-    return (_Kernel(hopper_bwd.attn_bwd_dq, hopper_bwd.dq_grid(Nq, B * H),
-                    hopper_bwd.dq_constexprs(D, _CAUSAL_CODE[program.causal]), descs, describe=hopper_bwd.describe),
+    return (_Kernel(hopper_bwd.attn_bwd_dq, hopper_bwd.dq_grid(Nq, B * H, first),
+                    hopper_bwd.dq_constexprs(D, _CAUSAL_CODE[program.causal], first), descs,
+                    describe=hopper_bwd.describe),
             (*out.stride()[:3], *dq_strides[:3], H, H // Hk, Nq, Nk, scale * codegen.LOG2E, scale))
 
 
@@ -665,7 +668,8 @@ def _ws_dkdv_takes(q, k, v, dout, program: ScoreProgram, wanted: tuple) -> bool:
             and all(_tma_layout_ok(t) for t in (q, k, v, dout)))
 
 
-def _ws_dkdv_launch(q, k, v, dout, program: ScoreProgram, dk_strides, dv_strides) -> tuple["_Kernel", tuple]:
+def _ws_dkdv_launch(q, k, v, dout, program: ScoreProgram, dk_strides, dv_strides,
+                    first: bool = False) -> tuple["_Kernel", tuple]:
     """The warp-specialized dK/dV's launch for this signature (codegen.hopper_bwd) and the
     integers that follow its tensors (see _ws_dkdv_takes). Its row statistics, the forward's
     log-sum-exp plane and Δ, are read as [B·H, Nq] rows."""
@@ -678,9 +682,31 @@ def _ws_dkdv_launch(q, k, v, dout, program: ScoreProgram, dk_strides, dv_strides
     descs += tuple((kernel.arg_names.index(n), [B * H, Nq], [Nq, 1], [1, hopper_bwd.BLOCK_M])
                    for n in ("LseDesc", "DeltaDesc"))
     scale = program.ops[0].const
-    return (_Kernel(kernel, hopper_bwd.grid(Nk, B * Hk),
-                    hopper_bwd.constexprs(D, _CAUSAL_CODE[program.causal]), descs, describe=hopper_bwd.describe),
+    return (_Kernel(kernel, hopper_bwd.grid(Nk, B * Hk, first),
+                    hopper_bwd.constexprs(D, _CAUSAL_CODE[program.causal], first), descs,
+                    describe=hopper_bwd.describe),
             (*dk_strides[:3], *dv_strides[:3], H, H // Hk, Nq, Nk, scale * codegen.LOG2E, scale))
+
+
+# The backward's program order: None chooses (cost.heads_first, on CUDA); True or False forces.
+HEADS_FIRST: bool | None = None
+
+
+def heads_first(kernel: str, q: torch.Tensor, k: torch.Tensor, program: ScoreProgram) -> bool:
+    """Whether the backward `kernel` ("dkdv" or "dq") of a call like this one starts its programs
+    heads first (cost.heads_first: under a causal mask, where the streamed tensors fit in L2)."""
+    if HEADS_FIRST is not None:
+        return HEADS_FIRST
+    if q.device.type != "cuda" or tiling.interpreting():
+        return False
+    B, H, Nq, D = q.shape
+    shape = cost.Shape(Nq, k.shape[2], D, q.element_size(), program.causal is not None, H // k.shape[1], B * H)
+    return cost.heads_first(kernel, shape, tiling.gpu_of(q.device))
+
+
+def _order(grid: tuple[int, int], first: bool) -> tuple[int, int]:
+    """A backward grid (blocks, heads) as launched: (heads, blocks) when heads first."""
+    return grid[::-1] if first else grid
 
 
 def packs(group: int, n_q: int, block_m: int) -> bool:

@@ -85,14 +85,15 @@ def test_row_statistics_are_read_as_rows_of_batch_heads():
 
 
 @gluon_only
-@pytest.mark.parametrize("head_dim, causal", [(128, 1), (128, 0), (64, 2)])
-def test_the_kernel_compiles_for_sm90_without_spills(head_dim, causal):
+@pytest.mark.parametrize("head_dim, causal, heads_first", [(128, 1, False), (128, 0, False), (64, 2, False),
+                                                       (64, 1, True)])
+def test_the_kernel_compiles_for_sm90_without_spills(head_dim, causal, heads_first):
     # with the row terms held in registers through the products, ptxas spilled 164-352 bytes a
     # thread at head dim 128; they now ride in the accumulators
     from tests.compiled import in_child
 
     for kernel in ("compile_ws_dkdv", "compile_ws_dq"):
-        row = in_child(f"benchmarks.sm90_registers:{kernel}", head_dim, causal)
+        row = in_child(f"benchmarks.sm90_registers:{kernel}", head_dim, causal, heads_first)
         assert row["spill"] == 0 and row["regs"] == hopper_bwd.MAXNREG, (kernel, row)
         assert row["setmaxnreg"] > 0 and 0 < row["smem"] <= 227 * 1024, (kernel, row)
 
@@ -145,6 +146,35 @@ def test_ws_backward_matches_float64(shape_q, shape_kv, causal, views, dtype):
     assert _rel(dk3, dk.double().cpu()) < 4e-3  # bf16 roundings of sums a few ulps apart
     assert torch.equal(dv3, dv)  # dV does not read Δ
     assert _rel(dq3, q64.grad) < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape_q, shape_kv, causal, views", [
+    ((2, 12, 1024, 64), None, "top_left", True),                   # GPT-2's layer: generated dQ
+    ((2, 8, 384, 128), (2, 2, 384, 128), "top_left", False),       # GQA, the Gluon dQ
+    ((2, 2, 200, 128), (2, 2, 456, 128), "bottom_right", False),   # ragged, diagonal offset
+])
+def test_heads_first_changes_no_bit_of_the_backward(monkeypatch, shape_q, shape_kv, causal, views):
+    _needs_sm90()
+    d = shape_q[-1]
+    prog = ScoreProgram((ScoreOp("scale", None, 1 / math.sqrt(d)),), causal)
+    q, k, v = _case(shape_q, shape_kv or shape_q, torch.bfloat16, seed=shape_q[2], views=views)
+    out, stats = gpu.forward(q, k, v, [], prog)
+    do = torch.randn_like(q)
+    # causal and small enough for L2: the default order is heads first
+    assert gpu.heads_first("dkdv", q, k, prog) and gpu.heads_first("dq", q, k, prog)
+    grads = {}
+    for first in (False, True):
+        monkeypatch.setattr(gpu, "HEADS_FIRST", first)
+        call = gpu._backward_call(do, q, k, v, out, stats, [], prog, (), gpu.tile_plan(q, k, prog))
+        assert call.warp_specialized_dkdv and call.warp_specialized_dq == (d == 128)
+        grads[first] = call(do, q, k, v, out, stats, [], None)[:3]
+    for a, b in zip(grads[False], grads[True]):
+        assert torch.equal(a, b)  # each element is one program's sum, whatever the order
+    q64, k64, v64 = (x.detach().cpu().double().requires_grad_() for x in (q, k, v))
+    reference_attention(q64, k64, v64, [], prog).backward(do.cpu().double())
+    for got, want in zip(grads[True], (q64.grad, k64.grad, v64.grad)):
+        assert _rel(got, want) < 2e-2
 
 
 @pytest.mark.gpu

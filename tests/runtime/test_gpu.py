@@ -98,7 +98,61 @@ def test_settings_that_steer_launches_are_part_of_the_signature(monkeypatch):
     _check(*_qkvd(4))
     monkeypatch.setenv("FLASHFX_TMA", "0")  # read per call (config.getenv)
     _check(*_qkvd(5))
-    assert len(calls) == 12
+    monkeypatch.setattr(gpu, "HEADS_FIRST", True)  # the backward's program order
+    _check(*_qkvd(6))
+    assert len(calls) == 14
+
+
+@pytest.mark.parametrize("causal, n_q, n_k, heads, kv_heads", [
+    ("top_left", 37, 37, 3, 3), ("bottom_right", 21, 45, 4, 2), ("top_left", 45, 21, 2, 1), (None, 29, 29, 2, 2)])
+def test_heads_first_backward_launches_transposed_grids_with_the_same_gradients(
+        monkeypatch, causal, n_q, n_k, heads, kv_heads):
+    # each gradient element is one program's sum: the order programs start in changes no bit
+    grids = []
+    real = gpu._launch
+
+    def spy(kernel, grid, *a, **kw):
+        if "HEADS_FIRST" in kw:
+            grids.append((kernel.fn.__name__, grid, kw["HEADS_FIRST"]))
+        return real(kernel, grid, *a, **kw)
+
+    monkeypatch.setattr(gpu, "_launch", spy)
+    prog = ScoreProgram((ScoreOp("scale", None, 0.25),), causal)
+    g = torch.Generator().manual_seed(n_q + n_k)
+    q, do = (torch.randn(2, heads, n_q, 16, generator=g) for _ in range(2))
+    k, v = (torch.randn(2, kv_heads, n_k, 16, generator=g) for _ in range(2))
+    out, stats = gpu.forward(q, k, v, [], prog)
+    grads = {}
+    for first in (False, True):
+        monkeypatch.setattr(gpu, "HEADS_FIRST", first)
+        grads[first] = gpu.backward(do, q, k, v, out, stats, [], prog)
+    for a, b in zip(grads[False], grads[True]):
+        assert torch.equal(a, b)
+    q64, k64, v64 = (x.double().requires_grad_() for x in (q, k, v))
+    reference_attention(q64, k64, v64, [], prog).backward(do.double())
+    for got, want in zip(grads[True], (q64.grad, k64.grad, v64.grad)):
+        assert ((got.double() - want).norm() / want.norm()).item() < 1e-5
+    # (blocks, batch·heads) by default, (batch·heads, blocks) heads first
+    by = {(name, first): grid for name, grid, first in grids}
+    assert by[("_attn_bwd_dkdv", True)] == by[("_attn_bwd_dkdv", False)][::-1]
+    assert by[("_attn_bwd_dq", True)] == by[("_attn_bwd_dq", False)][::-1]
+    assert by[("_attn_bwd_dkdv", True)][0] == 2 * kv_heads and by[("_attn_bwd_dq", True)][0] == 2 * heads
+
+
+def test_the_order_is_the_cost_models_choice_on_a_gpu(monkeypatch):
+    from flashfx.planner import cost
+
+    asked = []
+    monkeypatch.setattr(cost, "heads_first", lambda kernel, shape, g: asked.append((kernel, shape)) or True)
+    q = torch.empty(2, 12, 4096, 64, dtype=torch.bfloat16, device="meta")
+    assert not gpu.heads_first("dkdv", q, q, PROG)  # not a CUDA tensor (meta; under the interpreter CPU)
+    monkeypatch.setattr(gpu.tiling, "interpreting", lambda: False)
+    monkeypatch.setattr(gpu.tiling, "gpu_of", lambda device: hardware.KNOWN["H200"])
+    monkeypatch.setattr(torch.Tensor, "device", property(lambda self: torch.device("cuda", 0)))
+    assert gpu.heads_first("dq", q, q[:, :4], PROG)
+    assert asked == [("dq", cost.Shape(4096, 4096, 64, 2, True, 3, 24))]
+    monkeypatch.setattr(gpu, "HEADS_FIRST", False)
+    assert not gpu.heads_first("dq", q, q, PROG)
 
 
 @pytest.mark.parametrize("d, causal, group, flat", [
