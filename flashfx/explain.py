@@ -133,8 +133,19 @@ def _plan_text(site) -> str | None:
                      f"warpgroups, {hopper_bwd.BLOCK_M}-query blocks, {hopper_bwd.STAGES} stages{ws_time('dkdv')}) "
                      f"where the copy "
                      f"engine can read the tensors, the dkdv tiles above elsewhere")
-        return text
+        return text + _order_note(shapes, site.dtype, program, dev)
     return "CPU chunked path (Rabe-Staats: query and key chunks, running max and sum)"
+
+
+def _order_note(shapes, dtype, program: ScoreProgram, dev) -> str:
+    """Which backward kernels start their programs heads first at this call (gpu.heads_first)."""
+    (B, H, Nq, D), (_, Hk, Nk, _) = shapes
+    shape = cost.Shape(Nq, Nk, D, torch.finfo(dtype).bits // 8, program.causal is not None, H // Hk, B * H)
+    first = [name for name, kernel in (("dQ", "dq"), ("dK/dV", "dkdv")) if gpu.heads_first_for(kernel, shape, dev)]
+    if not first:
+        return ""
+    return (f"; bwd {' and '.join(first)} programs start heads first (every head's longest before any "
+            f"head's second: causal, and the tensors they stream fit in L2)")
 
 
 def _ws_time(shapes, dtype, program: ScoreProgram, dev):

@@ -695,13 +695,18 @@ HEADS_FIRST: bool | None = None
 def heads_first(kernel: str, q: torch.Tensor, k: torch.Tensor, program: ScoreProgram) -> bool:
     """Whether the backward `kernel` ("dkdv" or "dq") of a call like this one starts its programs
     heads first (cost.heads_first: under a causal mask, where the streamed tensors fit in L2)."""
-    if HEADS_FIRST is not None:
-        return HEADS_FIRST
-    if q.device.type != "cuda" or tiling.interpreting():
-        return False
     B, H, Nq, D = q.shape
     shape = cost.Shape(Nq, k.shape[2], D, q.element_size(), program.causal is not None, H // k.shape[1], B * H)
-    return cost.heads_first(kernel, shape, tiling.gpu_of(q.device))
+    return heads_first_for(kernel, shape, q.device)
+
+
+def heads_first_for(kernel: str, shape: cost.Shape, device: torch.device) -> bool:
+    """heads_first for a call of this shape on `device` (what explain reports)."""
+    if HEADS_FIRST is not None:
+        return HEADS_FIRST
+    if device.type != "cuda" or tiling.interpreting():
+        return False
+    return cost.heads_first(kernel, shape, tiling.gpu_of(device))
 
 
 def _order(grid: tuple[int, int], first: bool) -> tuple[int, int]:

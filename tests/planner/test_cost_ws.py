@@ -135,3 +135,26 @@ def test_heads_first_where_the_streamed_tensors_fit_in_l2(kernel, n, d, batch_he
     if want:  # where it is taken, the model predicts it faster
         assert (cost.predict_ws(kernel, shape, H200, order=True).time_s
                 < cost.predict_ws(kernel, shape, H200, order=False).time_s)
+
+
+def test_explain_says_which_backward_kernels_start_heads_first(monkeypatch):
+    import importlib
+
+    from flashfx.ir import ScoreProgram
+    from flashfx.runtime import gpu
+    from flashfx.runtime import tiles as tiling
+
+    explain = importlib.import_module("flashfx.explain")
+    monkeypatch.setattr(tiling, "gpu_of", lambda device: H200)
+    monkeypatch.setattr(tiling, "interpreting", lambda: False)
+    cuda = torch.device("cuda")
+    gpt2 = [(2, 12, 4096, 64), (2, 12, 4096, 64)]
+    causal = ScoreProgram(causal="top_left")
+    note = explain._order_note(gpt2, torch.bfloat16, causal, cuda)
+    assert "bwd dQ and dK/dV programs start heads first" in note
+    assert explain._order_note(gpt2, torch.bfloat16, ScoreProgram(), cuda) == ""  # no mask
+    big = [(4, 16, 4096, 128), (4, 16, 4096, 128)]  # Q and dO of 64 heads: 134 MB
+    assert explain._order_note(big, torch.bfloat16, causal, cuda) == ""
+    assert explain._order_note(gpt2, torch.bfloat16, causal, torch.device("cpu")) == ""
+    monkeypatch.setattr(gpu, "HEADS_FIRST", False)
+    assert explain._order_note(gpt2, torch.bfloat16, causal, cuda) == ""
