@@ -112,7 +112,8 @@ def _plan_text(site) -> str | None:
         if dev.type == "cuda" and not tiling.interpreting():
             text += _bucket_note(*shapes)
         (B, H, Nq, _), Nk = shapes[0], shapes[1][2]
-        ws_time = _ws_time(shapes, site.dtype, program, dev)
+        shape = gpu.call_shape(*shapes, torch.finfo(site.dtype).bits // 8, program)
+        ws_time = _ws_time(shape, dev)
         programs = -(-Nq // plan.fwd.block_m) * B * H
         parts = gpu.forward_splits(programs, Nk, plan.fwd.block_n, dev)
         if parts > 1:
@@ -133,26 +134,24 @@ def _plan_text(site) -> str | None:
                      f"warpgroups, {hopper_bwd.BLOCK_M}-query blocks, {hopper_bwd.STAGES} stages{ws_time('dkdv')}) "
                      f"where the copy "
                      f"engine can read the tensors, the dkdv tiles above elsewhere")
-        return text + _order_note(shapes, site.dtype, program, dev)
+        return text + _order_note(shape, dev)
     return "CPU chunked path (Rabe-Staats: query and key chunks, running max and sum)"
 
 
-def _order_note(shapes, dtype, program: ScoreProgram, dev) -> str:
+def _order_note(shape: cost.Shape, dev) -> str:
     """Which backward kernels start their programs heads first at this call (gpu.heads_first)."""
-    (B, H, Nq, D), (_, Hk, Nk, _) = shapes
-    shape = cost.Shape(Nq, Nk, D, torch.finfo(dtype).bits // 8, program.causal is not None, H // Hk, B * H)
     first = [name for name, kernel in (("dQ", "dq"), ("dK/dV", "dkdv")) if gpu.heads_first_for(kernel, shape, dev)]
     if not first:
         return ""
+    why = ("gpu.HEADS_FIRST" if gpu.HEADS_FIRST is not None
+           else "causal, and the tensors they stream fit in L2")
     return (f"; bwd {' and '.join(first)} programs start heads first (every head's longest before any "
-            f"head's second: causal, and the tensors they stream fit in L2)")
+            f"head's second: {why})")
 
 
-def _ws_time(shapes, dtype, program: ScoreProgram, dev):
+def _ws_time(shape: cost.Shape, dev):
     """kernel -> ", N us": a warp-specialized kernel's time at this call on the GPU, as the cost
     model predicts it (cost.predict_ws); no time for a device that is not a GPU."""
-    (B, H, Nq, D), (_, Hk, Nk, _) = shapes
-    shape = cost.Shape(Nq, Nk, D, torch.finfo(dtype).bits // 8, program.causal is not None, H // Hk, B * H)
 
     def text(kernel: str) -> str:
         if dev.type != "cuda":

@@ -89,13 +89,10 @@ def constexprs(head_dim: int, causal_code: int, heads_first: bool = False) -> di
                 CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS, num_warps=4, maxnreg=MAXNREG)
 
 
-def grid(n_k: int, batch_kv_heads: int, heads_first: bool = False) -> tuple[int, int]:
-    """Programs of 2·BLOCK_K keys of each batch and K/V head. The GPU starts them in grid order,
-    the first axis fastest: by default a head's key blocks in turn, then the next head's;
-    heads_first (cost.heads_first), every head's first key block, then every head's second,
-    so that under a causal mask the longest programs start first (see the kernels' `_keys`)."""
-    blocks = -(-n_k // (2 * BLOCK_K))
-    return (batch_kv_heads, blocks) if heads_first else (blocks, batch_kv_heads)
+def grid(n_k: int, batch_kv_heads: int) -> tuple[int, int]:
+    """Programs of 2·BLOCK_K keys of each batch and K/V head: (blocks, heads), launched
+    transposed when heads first (gpu._order, and the kernel's HEADS_FIRST)."""
+    return (-(-n_k // (2 * BLOCK_K)), batch_kv_heads)
 
 
 def dq_constexprs(head_dim: int, causal_code: int, heads_first: bool = False) -> dict:
@@ -105,11 +102,10 @@ def dq_constexprs(head_dim: int, causal_code: int, heads_first: bool = False) ->
                 maxnreg=MAXNREG)
 
 
-def dq_grid(n_q: int, batch_heads: int, heads_first: bool = False) -> tuple[int, int]:
-    """Programs of 2·DQ_BLOCK_M query rows of each batch and head, in the order `grid` describes
-    (a causal mask's longest tiles are the last rows: the kernel walks them from the end)."""
-    tiles = -(-n_q // (2 * DQ_BLOCK_M))
-    return (batch_heads, tiles) if heads_first else (tiles, batch_heads)
+def dq_grid(n_q: int, batch_heads: int) -> tuple[int, int]:
+    """Programs of 2·DQ_BLOCK_M query rows of each batch and head, as `grid` (a causal mask's
+    longest tiles are the last rows: the kernel walks them from the end)."""
+    return (-(-n_q // (2 * DQ_BLOCK_M)), batch_heads)
 
 
 def row_layout():
@@ -129,7 +125,7 @@ if gluon is not None:
 
     @gluon.jit
     def _keys(H, GROUP, BK: gl.constexpr, HEADS_FIRST: gl.constexpr):
-        """This program's batch, K/V head and first key (see `grid` for the order)."""
+        """This program's batch, K/V head and first key (see gpu._order for the order)."""
         Hk = H // GROUP
         if HEADS_FIRST:
             bhk = gl.program_id(0)
@@ -303,7 +299,7 @@ if gluon is not None:
     @gluon.jit
     def _dq_tile(H, BM: gl.constexpr, CAUSAL: gl.constexpr, HEADS_FIRST: gl.constexpr):
         """This program's batch, head and first query row (causal: the longest tiles first; see
-        `dq_grid` for the order)."""
+        gpu._order for the order)."""
         if HEADS_FIRST:
             bh = gl.program_id(0)
             t = gl.program_id(1)

@@ -481,8 +481,8 @@ def predict(kernel: str, shape: Shape, gpu: GPU, block_m: int, block_n: int, war
 # where `steps` and `units` are those of the SM that finishes last: a unit is a pair of one
 # head's query tiles (the persistent forward hands them out round-robin, `hopper.schedule`) or
 # a program (dK/dV: 128 keys; dQ: 128 query rows, placed on SMs as they free up), and a step is
-# one streamed block visited. On the 39 measured points the predictions are within 2% at the
-# median (21% at most, on a 59 µs forward); fitted without the point itself, 3.3% and 22%.
+# one streamed block visited. On the 39 measured points the predictions are within 1.8% at the
+# median (21% at most, on a 59 µs forward); fitted without the point itself, 2.4% and 22%.
 #
 # The runtime does not choose between these kernels and the generated ones by this model: the
 # generated kernels' constants are fitted to rank tiles, and their predicted times are off by up

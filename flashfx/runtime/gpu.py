@@ -653,7 +653,7 @@ def _ws_dq_launch(q, k, v, dout, out, program: ScoreProgram, dq_strides,
                        KDesc=(k, hopper_bwd.DQ_BLOCK_N), VDesc=(v, hopper_bwd.DQ_BLOCK_N),
                        dODesc=(dout, hopper_bwd.DQ_BLOCK_M))
     scale = program.ops[0].const
-    return (_Kernel(hopper_bwd.attn_bwd_dq, hopper_bwd.dq_grid(Nq, B * H, first),
+    return (_Kernel(hopper_bwd.attn_bwd_dq, _order(hopper_bwd.dq_grid(Nq, B * H), first),
                     hopper_bwd.dq_constexprs(D, _CAUSAL_CODE[program.causal], first), descs,
                     describe=hopper_bwd.describe),
             (*out.stride()[:3], *dq_strides[:3], H, H // Hk, Nq, Nk, scale * codegen.LOG2E, scale))
@@ -682,7 +682,7 @@ def _ws_dkdv_launch(q, k, v, dout, program: ScoreProgram, dk_strides, dv_strides
     descs += tuple((kernel.arg_names.index(n), [B * H, Nq], [Nq, 1], [1, hopper_bwd.BLOCK_M])
                    for n in ("LseDesc", "DeltaDesc"))
     scale = program.ops[0].const
-    return (_Kernel(kernel, hopper_bwd.grid(Nk, B * Hk, first),
+    return (_Kernel(kernel, _order(hopper_bwd.grid(Nk, B * Hk), first),
                     hopper_bwd.constexprs(D, _CAUSAL_CODE[program.causal], first), descs,
                     describe=hopper_bwd.describe),
             (*dk_strides[:3], *dv_strides[:3], H, H // Hk, Nq, Nk, scale * codegen.LOG2E, scale))
@@ -695,9 +695,14 @@ HEADS_FIRST: bool | None = None
 def heads_first(kernel: str, q: torch.Tensor, k: torch.Tensor, program: ScoreProgram) -> bool:
     """Whether the backward `kernel` ("dkdv" or "dq") of a call like this one starts its programs
     heads first (cost.heads_first: under a causal mask, where the streamed tensors fit in L2)."""
-    B, H, Nq, D = q.shape
-    shape = cost.Shape(Nq, k.shape[2], D, q.element_size(), program.causal is not None, H // k.shape[1], B * H)
-    return heads_first_for(kernel, shape, q.device)
+    return heads_first_for(kernel, call_shape(q.shape, k.shape, q.element_size(), program), q.device)
+
+
+def call_shape(q_shape, k_shape, elt: int, program: ScoreProgram) -> cost.Shape:
+    """The cost model's shape of a call with these q and k shapes (the exact head dim: the
+    warp-specialized kernels' model and the backward's order take it unpadded)."""
+    (B, H, Nq, D), (_, Hk, Nk, _) = q_shape, k_shape
+    return cost.Shape(Nq, Nk, D, elt, program.causal is not None, H // Hk, B * H)
 
 
 def heads_first_for(kernel: str, shape: cost.Shape, device: torch.device) -> bool:
@@ -710,7 +715,11 @@ def heads_first_for(kernel: str, shape: cost.Shape, device: torch.device) -> boo
 
 
 def _order(grid: tuple[int, int], first: bool) -> tuple[int, int]:
-    """A backward grid (blocks, heads) as launched: (heads, blocks) when heads first."""
+    """A backward grid (blocks, heads) as launched. The GPU starts programs in grid order, the
+    first axis fastest: (blocks, heads) starts a head's blocks in turn, then the next head's;
+    heads first, (heads, blocks), every head's first block, then every head's second, so that
+    under a causal mask the longest programs start first (the kernels read the axes by their
+    HEADS_FIRST constexpr)."""
     return grid[::-1] if first else grid
 
 

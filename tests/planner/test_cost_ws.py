@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from flashfx.planner import cost, hardware
+from flashfx.runtime import gpu
 
 H200 = hardware.KNOWN["H200"]
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "planner_ws.json")
@@ -95,10 +96,10 @@ def test_explain_gives_the_predicted_time_on_a_gpu(monkeypatch):
     monkeypatch.setattr(tiling, "gpu_of", lambda device: H200)
     shapes = [(4, 16, 4096, 128), (4, 16, 4096, 128)]
     causal = ScoreProgram(causal="top_left")
-    text = explain._ws_time(shapes, torch.bfloat16, causal, torch.device("cuda"))
+    text = explain._ws_time(gpu.call_shape(*shapes, 2, causal), torch.device("cuda"))
     want = cost.predict_ws("dkdv", _shape(4096, 128, causal=True, batch_heads=64), H200).time_s * 1e6
     assert text("dkdv") == f", {want:.0f} us"
-    assert explain._ws_time(shapes, torch.bfloat16, causal, torch.device("cpu"))("dkdv") == ""
+    assert explain._ws_time(gpu.call_shape(*shapes, 2, causal), torch.device("cpu"))("dkdv") == ""
 
 
 def test_heads_first_starts_every_heads_longest_program_first():
@@ -141,7 +142,6 @@ def test_explain_says_which_backward_kernels_start_heads_first(monkeypatch):
     import importlib
 
     from flashfx.ir import ScoreProgram
-    from flashfx.runtime import gpu
     from flashfx.runtime import tiles as tiling
 
     explain = importlib.import_module("flashfx.explain")
@@ -150,11 +150,11 @@ def test_explain_says_which_backward_kernels_start_heads_first(monkeypatch):
     cuda = torch.device("cuda")
     gpt2 = [(2, 12, 4096, 64), (2, 12, 4096, 64)]
     causal = ScoreProgram(causal="top_left")
-    note = explain._order_note(gpt2, torch.bfloat16, causal, cuda)
+    note = explain._order_note(gpu.call_shape(*gpt2, 2, causal), cuda)
     assert "bwd dQ and dK/dV programs start heads first" in note
-    assert explain._order_note(gpt2, torch.bfloat16, ScoreProgram(), cuda) == ""  # no mask
+    assert explain._order_note(gpu.call_shape(*gpt2, 2, ScoreProgram()), cuda) == ""  # no mask
     big = [(4, 16, 4096, 128), (4, 16, 4096, 128)]  # Q and dO of 64 heads: 134 MB
-    assert explain._order_note(big, torch.bfloat16, causal, cuda) == ""
-    assert explain._order_note(gpt2, torch.bfloat16, causal, torch.device("cpu")) == ""
+    assert explain._order_note(gpu.call_shape(*big, 2, causal), cuda) == ""
+    assert explain._order_note(gpu.call_shape(*gpt2, 2, causal), torch.device("cpu")) == ""
     monkeypatch.setattr(gpu, "HEADS_FIRST", False)
-    assert explain._order_note(gpt2, torch.bfloat16, causal, cuda) == ""
+    assert explain._order_note(gpu.call_shape(*gpt2, 2, causal), cuda) == ""
